@@ -1,0 +1,215 @@
+"""Open any checkpoint lazily: list names, shapes and dtypes without reading data; read one tensor at a time.
+
+Sources: a folder (safetensors single or sharded with an index, PyTorch .bin single or sharded, a PEFT adapter),
+a single .safetensors/.bin/.pt file, or a hub id found in the local huggingface-hub cache.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+
+from ..errors import QtoolError
+from .safetensors_header import read_header
+from .pickled import PickledFile
+
+INDEX_SUFFIX = ".index.json"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+# Files in a model folder that are weights or their indexes: never copied as "extra" files.
+_SKIP_DIRS = {".git", ".cache", ".huggingface"}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    file: Path
+    nbytes: int
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+class SafetensorsFile:
+    """One checked safetensors file; reads a tensor straight into a fresh torch buffer."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.entries, self.metadata, _ = read_header(path)
+
+    def infos(self) -> Iterator[TensorInfo]:
+        for name, e in self.entries.items():
+            yield TensorInfo(name, e["shape"], e["dtype"], self.path, e["nbytes"])
+
+    def get(self, name: str) -> torch.Tensor:
+        e = self.entries[name]
+        out = torch.empty(e["shape"], dtype=e["dtype"])
+        if e["nbytes"]:
+            view = out.reshape(-1).view(torch.uint8).numpy()
+            with open(self.path, "rb", buffering=0) as f:
+                f.seek(e["start"])
+                got = f.readinto(view)
+            if got != e["nbytes"]:
+                raise QtoolError(self.path, f"tensor {name!r}: file ended early (read {got} of {e['nbytes']} bytes)")
+        return out
+
+
+class Checkpoint:
+    """A lazily opened checkpoint: `tensors` (name → TensorInfo, sorted), `get(name)`, `config`."""
+
+    def __init__(self, path: Path, root: Path, files: list[Path], weight_map: dict[str, str] | None = None):
+        self.path = path          # what the user named (after hub resolution)
+        self.root = root          # the folder holding it (a single file's parent)
+        self.is_folder = path.is_dir()
+        self.files = files
+        self._handles = {}
+        tensors: dict[str, TensorInfo] = {}
+        for f in files:
+            handle = _open_weight_file(f)
+            self._handles[f] = handle
+            for info in handle.infos():
+                if weight_map is not None and weight_map.get(info.name) != os.path.relpath(f, root).replace(os.sep, "/"):
+                    continue  # the index is the allow-list: a tensor it does not map to this shard is not ours
+                if info.name in tensors:
+                    raise QtoolError(f, f"tensor {info.name!r} is also in {tensors[info.name].file.name}")
+                tensors[info.name] = info
+        if weight_map is not None:
+            for name, shard in weight_map.items():
+                if name not in tensors:
+                    raise QtoolError(root / shard, f"tensor {name!r} is listed in the index but missing from the shard")
+        self.tensors: dict[str, TensorInfo] = dict(sorted(tensors.items()))
+        self.config = self._read_json("config.json")
+        self.adapter_config = self._read_json("adapter_config.json")
+
+    @property
+    def kind(self) -> str:
+        """safetensors | pytorch, plus what the folder is: a model, a quantized model or a LoRA adapter."""
+        fmt = "safetensors" if all(f.suffix == ".safetensors" for f in self.files) else "pytorch"
+        if self.adapter_config is not None:
+            return f"peft-adapter ({fmt})"
+        q = (self.config or {}).get("quantization_config") or {}
+        if q.get("quant_method") == "compressed-tensors":
+            return f"compressed-tensors {q.get('format', '')} ({fmt})".replace("  ", " ")
+        return fmt + (f", {len(self.files)} shards" if len(self.files) > 1 else "")
+
+    def _read_json(self, name: str) -> dict | None:
+        p = self.root / name
+        if not self.is_folder or not p.is_file():
+            return None
+        try:
+            data = json.loads(p.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise QtoolError(p, f"not valid JSON ({e})") from None
+        if not isinstance(data, dict):
+            raise QtoolError(p, "not a JSON object")
+        return data
+
+    def get(self, name: str) -> torch.Tensor:
+        info = self.tensors.get(name)
+        if info is None:
+            raise QtoolError(self.path, f"no tensor named {name!r}")
+        return self._handles[info.file].get(name)
+
+    def iter(self, names: Iterable[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        for name in (self.tensors if names is None else names):
+            yield name, self.get(name)
+
+    def shard_of(self, name: str) -> str:
+        return os.path.relpath(self.tensors[name].file, self.root).replace(os.sep, "/")
+
+    def extra_files(self) -> list[Path]:
+        """Non-weight files of a folder source (config, tokenizer, generation config, ...), to copy beside outputs."""
+        if not self.is_folder:
+            return []
+        skip = {f.resolve() for f in self.files}
+        out = []
+        for dirpath, dirnames, filenames in os.walk(self.root):
+            dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS)
+            for fn in sorted(filenames):
+                p = Path(dirpath) / fn
+                if p.resolve() in skip or fn.endswith(INDEX_SUFFIX) or fn.endswith(WEIGHT_SUFFIXES):
+                    continue
+                out.append(p)
+        return out
+
+    def __repr__(self):
+        return f"Checkpoint({str(self.path)!r}, {len(self.tensors)} tensors, {self.kind})"
+
+
+def _open_weight_file(path: Path):
+    if not path.is_file():
+        raise QtoolError(path, "missing file")
+    if path.suffix == ".safetensors":
+        return SafetensorsFile(path)
+    return PickledFile(path)
+
+
+def _index_files(root: Path, index_path: Path) -> tuple[list[Path], dict[str, str]]:
+    try:
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise QtoolError(index_path, f"not a valid index ({e})") from None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+        raise QtoolError(index_path, "not a valid index: no weight_map of tensor names to shard files")
+    real_root = root.resolve()
+    shards = []
+    for shard in sorted(set(weight_map.values())):
+        p = Path(shard)
+        if p.is_absolute() or ".." in p.parts or not (root / p).resolve().is_relative_to(real_root):
+            raise QtoolError(index_path, f"shard {shard!r} lies outside the checkpoint folder")
+        if not (root / p).is_file():
+            raise QtoolError(root / p, f"shard listed in {index_path.name} is missing")
+        shards.append(root / p)
+    return shards, {k: str(Path(v).as_posix()) for k, v in weight_map.items()}
+
+
+def _open_folder(root: Path) -> Checkpoint:
+    # Preference order: the names transformers and PEFT write, then any weights that are there.
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if (root / index_name).is_file():
+            files, weight_map = _index_files(root, root / index_name)
+            return Checkpoint(root, root, files, weight_map)
+    for single in ("model.safetensors", "adapter_model.safetensors", "pytorch_model.bin", "adapter_model.bin"):
+        if (root / single).is_file():
+            return Checkpoint(root, root, [root / single])
+    indexes = sorted(root.glob("*" + INDEX_SUFFIX))
+    if len(indexes) == 1:
+        files, weight_map = _index_files(root, indexes[0])
+        return Checkpoint(root, root, files, weight_map)
+    for suffixes in ((".safetensors",), (".bin", ".pt", ".pth")):
+        files = sorted(p for p in root.iterdir() if p.suffix in suffixes and p.is_file())
+        if files:
+            return Checkpoint(root, root, files)
+    raise QtoolError(root, "not a checkpoint: no .safetensors, .bin or .pt weights found")
+
+
+def looks_like_hub_id(source: str) -> bool:
+    parts = source.split("/")
+    return len(parts) == 2 and all(parts) and not source.startswith((".", "~")) and "\\" not in source
+
+
+def open_checkpoint(source: str | os.PathLike, revision: str | None = None) -> Checkpoint:
+    """Open a checkpoint from a path or a hub id in the local cache. Reads headers only."""
+    path = Path(source)
+    if not path.exists():
+        if isinstance(source, str) and looks_like_hub_id(source):
+            from .hub import resolve_cached
+            path = resolve_cached(source, revision)
+        else:
+            raise QtoolError(source, "no such file or folder")
+    if path.is_dir():
+        return _open_folder(path)
+    if path.suffix in WEIGHT_SUFFIXES:
+        return Checkpoint(path, path.parent, [path])
+    if path.name.endswith(INDEX_SUFFIX):
+        files, weight_map = _index_files(path.parent, path)
+        return Checkpoint(path.parent, path.parent, files, weight_map)
+    raise QtoolError(path, "not a checkpoint: expected a folder, a .safetensors, .bin or .pt file, or an index")

@@ -1,0 +1,102 @@
+"""Read and check a safetensors header without trusting the file.
+
+A safetensors file is: 8 bytes little-endian header length N, N bytes of JSON, then the data buffer.
+Every entry must name a known dtype, a shape, and offsets that tile the data buffer exactly (no holes,
+no overlaps, nothing past the end): the same rules the safetensors library enforces, checked here first so
+that a bad file gives a one-line error naming it instead of a library traceback.
+"""
+from __future__ import annotations
+
+import json
+import math
+import struct
+from pathlib import Path
+
+import torch
+
+from ..errors import QtoolError
+
+# safetensors dtype code → torch dtype (only those this torch build has).
+DTYPES: dict[str, torch.dtype] = {
+    name: getattr(torch, attr)
+    for name, attr in {
+        "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+        "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8",
+        "U64": "uint64", "U32": "uint32", "U16": "uint16", "U8": "uint8", "BOOL": "bool",
+        "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+    }.items()
+    if hasattr(torch, attr)
+}
+DTYPE_CODES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+
+MAX_HEADER = 100 * 1024 * 1024  # the safetensors library's own limit
+
+
+def read_header(path: Path) -> tuple[dict[str, dict], dict[str, str], int]:
+    """Return (entries, metadata, data_start) of a checked safetensors file.
+
+    entries: name → {"dtype": torch.dtype, "shape": tuple, "start": abs offset, "nbytes": int}.
+    """
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise QtoolError(path, "not a safetensors file: shorter than its 8-byte header length")
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER:
+                raise QtoolError(path, f"corrupt safetensors header: header length {n} is implausibly large")
+            if 8 + n > size:
+                raise QtoolError(path, f"truncated safetensors file: header length {n} runs past the end of the file ({size} bytes)")
+            raw = f.read(n)
+    except OSError as e:
+        raise QtoolError(path, f"cannot read: {e.strerror or e}") from None
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise QtoolError(path, f"corrupt safetensors header: not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise QtoolError(path, "corrupt safetensors header: not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise QtoolError(path, "corrupt safetensors header: __metadata__ must map strings to strings")
+
+    data_start = 8 + n
+    data_size = size - data_start
+    entries: dict[str, dict] = {}
+    spans = []
+    for name, e in header.items():
+        if not isinstance(e, dict):
+            raise QtoolError(path, f"corrupt safetensors header: entry {name!r} is not an object")
+        code = e.get("dtype")
+        if code not in DTYPES:
+            raise QtoolError(path, f"tensor {name!r} has an unknown dtype {code!r}")
+        shape = e.get("shape")
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+            raise QtoolError(path, f"tensor {name!r} has an invalid shape {shape!r}")
+        offs = e.get("data_offsets")
+        if (not isinstance(offs, list) or len(offs) != 2
+                or not all(isinstance(o, int) and not isinstance(o, bool) for o in offs)
+                or not 0 <= offs[0] <= offs[1]):
+            raise QtoolError(path, f"tensor {name!r} has invalid data offsets {offs!r}")
+        if offs[1] > data_size:
+            raise QtoolError(path, f"tensor {name!r} has data offsets {offs} past the end of the data ({data_size} bytes): the file is truncated or corrupt")
+        dtype = DTYPES[code]
+        nbytes = math.prod(shape) * dtype.itemsize
+        if nbytes != offs[1] - offs[0]:
+            raise QtoolError(path, f"tensor {name!r} has shape {shape} ({code}, {nbytes} bytes) but its data offsets span {offs[1] - offs[0]} bytes")
+        entries[name] = {"dtype": dtype, "shape": tuple(shape), "start": data_start + offs[0], "nbytes": nbytes}
+        spans.append((offs[0], offs[1], name))
+
+    # The tensors must tile the buffer: sorted by start, each begins where the previous ended.
+    spans.sort()
+    pos, prev = 0, None
+    for begin, end, name in spans:
+        if begin < pos:
+            raise QtoolError(path, f"corrupt safetensors header: tensors {prev!r} and {name!r} overlap")
+        if begin > pos:
+            raise QtoolError(path, f"corrupt safetensors header: {begin - pos} bytes before tensor {name!r} belong to no tensor")
+        pos, prev = end, name
+    if pos != data_size:
+        raise QtoolError(path, f"corrupt safetensors file: {data_size - pos} bytes after the last tensor belong to no tensor")
+    return dict(sorted(entries.items())), metadata, data_start

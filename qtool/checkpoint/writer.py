@@ -1,0 +1,252 @@
+"""Write a checkpoint folder atomically, streaming tensors straight into their shard files.
+
+The caller plans every output tensor (name, shape, dtype) up front, so each shard's header is known before
+its data: tensors are then written in place as they come (a background thread does the file writes, so
+computing the next tensor overlaps writing this one) and nothing larger than the tensors in flight is held.
+Everything goes into a temporary folder beside OUT that is renamed into place only when complete.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+import queue
+import shutil
+import struct
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+from ..errors import QtoolError
+from .safetensors_header import DTYPE_CODES
+
+DEFAULT_MAX_SHARD_BYTES = 5_000_000_000  # transformers' long-standing default shard size
+
+
+@dataclass(frozen=True)
+class _Planned:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+def safetensors_header(specs: list[_Planned], metadata: dict[str, str] | None = None) -> bytes:
+    """Deterministic header: data in the given order, keys sorted, padded with spaces to 8 bytes."""
+    entries, pos = {}, 0
+    for s in specs:
+        entries[s.name] = {"dtype": DTYPE_CODES[s.dtype], "shape": list(s.shape), "data_offsets": [pos, pos + s.nbytes]}
+        pos += s.nbytes
+    header = {"__metadata__": dict(metadata or {"format": "pt"}), **dict(sorted(entries.items()))}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def shard_names(n: int, basename: str = "model") -> list[str]:
+    if n == 1:
+        return [f"{basename}.safetensors"]
+    return [f"{basename}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+
+
+class CheckpointWriter:
+    """`with CheckpointWriter(out) as w: w.plan(specs); w.write(name, t); ...` → OUT appears only on success."""
+
+    def __init__(self, out: str | os.PathLike, overwrite: bool = False, basename: str = "model",
+                 metadata: dict[str, str] | None = None):
+        self.out = Path(out)
+        self.overwrite = overwrite
+        self.basename = basename
+        self.metadata = metadata
+        self.tmp: Path | None = None
+        self._order: list[tuple[str, _Planned]] = []   # (shard file, spec) in file order
+        self._specs: dict[str, tuple[str, _Planned]] = {}
+        self._pending: dict[str, torch.Tensor] = {}
+        self._next = 0
+        self._index: dict | None = None
+        self._queue: queue.Queue = queue.Queue(maxsize=3)
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    # -- set-up -------------------------------------------------------------------------------------------
+    def __enter__(self) -> "CheckpointWriter":
+        if self.out.exists() and not self.overwrite:
+            raise QtoolError(self.out, "already exists; pass --overwrite to replace it")
+        parent = self.out.parent
+        if not parent.is_dir():
+            raise QtoolError(parent, "output folder's parent does not exist")
+        try:
+            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.", suffix=".qtool-tmp", dir=parent))
+        except OSError as e:
+            raise QtoolError(parent, f"cannot write here: {e.strerror or e}") from None
+        return self
+
+    def plan(self, specs: Iterable, shards: dict[str, str] | None = None, max_shard_bytes: int | None = None,
+             index: bool | None = None) -> None:
+        """Fix every output tensor, in the order the caller will produce them (that is the order of the data in
+        each file; headers list names sorted). `shards` maps names to shard files (to mirror a source's layout);
+        otherwise the sequence is cut into shards of at most `max_shard_bytes`."""
+        planned = [_Planned(s[0], tuple(int(d) for d in s[1]), s[2]) for s in specs]
+        if len({p.name for p in planned}) != len(planned):
+            raise ValueError("duplicate tensor names in the plan")
+        by_shard: dict[str, list[_Planned]] = {}
+        if shards is not None:
+            for p in planned:
+                by_shard.setdefault(shards[p.name], []).append(p)
+            by_shard = dict(sorted(by_shard.items()))
+        else:
+            limit = max_shard_bytes or DEFAULT_MAX_SHARD_BYTES
+            groups: list[list[_Planned]] = [[]]
+            size = 0
+            for p in planned:
+                if groups[-1] and size + p.nbytes > limit:
+                    groups.append([])
+                    size = 0
+                groups[-1].append(p)
+                size += p.nbytes
+            by_shard = dict(zip(shard_names(len(groups), self.basename), groups))
+        for shard, group in by_shard.items():
+            for p in group:
+                self._order.append((shard, p))
+                self._specs[p.name] = (shard, p)
+        if index if index is not None else len(by_shard) > 1:
+            self._index = {
+                "metadata": {"total_size": sum(p.nbytes for _, p in self._order)},
+                "weight_map": {p.name: shard for shard, p in sorted(self._order, key=lambda sp: sp[1].name)},
+            }
+        self._shards = by_shard
+        self._thread = threading.Thread(target=self._drain, name="qtool-writer", daemon=True)
+        self._thread.start()
+
+    # -- writing ------------------------------------------------------------------------------------------
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        if self._error:
+            self._raise()
+        shard, spec = self._specs[name]
+        if tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
+            raise ValueError(f"{name}: planned {spec.shape} {spec.dtype}, got {tuple(tensor.shape)} {tensor.dtype}")
+        self._pending[name] = tensor.detach().to("cpu").contiguous()
+        # Hand tensors to the file thread in file order; early arrivals wait here.
+        while self._next < len(self._order) and self._order[self._next][1].name in self._pending:
+            n = self._order[self._next][1].name
+            self._put((self._order[self._next][0], self._pending.pop(n)))
+            self._next += 1
+
+    def _put(self, item) -> None:
+        while True:
+            if self._error:
+                self._raise()
+            try:
+                self._queue.put(item, timeout=0.2)
+                return
+            except queue.Full:
+                continue
+
+    def _drain(self) -> None:
+        current, f = None, None
+        try:
+            remaining = {s: len(g) for s, g in self._shards.items()}
+            for shard, group in self._shards.items():
+                if not group:  # a planned shard with no tensors still needs a valid file
+                    (self.tmp / shard).parent.mkdir(parents=True, exist_ok=True)
+                    (self.tmp / shard).write_bytes(safetensors_header([], self.metadata))
+            while True:
+                item = self._queue.get()
+                if item is None:
+                    break
+                shard, t = item
+                if shard != current:
+                    (self.tmp / shard).parent.mkdir(parents=True, exist_ok=True)
+                    f = open(self.tmp / shard, "wb")
+                    f.write(safetensors_header(self._shards[shard], self.metadata))
+                    current = shard
+                if t.numel():
+                    f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+                remaining[shard] -= 1
+                if remaining[shard] == 0:
+                    f.close()
+                    f, current = None, None
+        except BaseException as e:  # surfaced to the caller on its next call
+            self._error = e
+            while True:  # unblock a producer waiting on a full queue
+                try:
+                    if self._queue.get_nowait() is None:
+                        break
+                except queue.Empty:
+                    break
+        finally:
+            if f is not None:
+                f.close()
+
+    def _raise(self):
+        e = self._error
+        if isinstance(e, OSError):
+            if e.errno == errno.ENOSPC:
+                raise QtoolError(self.out, "no space left on device while writing; nothing was written") from None
+            raise QtoolError(self.out, f"cannot write: {e.strerror or e}") from None
+        raise e
+
+    def copy_file(self, src: str | os.PathLike, name: str | None = None) -> None:
+        dst = self.tmp / (name or Path(src).name)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            shutil.copyfile(src, dst)
+        except OSError as e:
+            self._error = e
+            self._raise()
+
+    def write_json(self, name: str, obj) -> None:
+        try:
+            (self.tmp / name).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        except OSError as e:
+            self._error = e
+            self._raise()
+
+    # -- finishing ----------------------------------------------------------------------------------------
+    def _finish(self) -> None:
+        if self._thread is not None:
+            if self._next < len(self._order):
+                missing = self._order[self._next][1].name
+                raise RuntimeError(f"tensor {missing!r} was planned but never written")
+            self._put(None)
+            self._thread.join()
+            if self._error:
+                self._raise()
+        if self._index is not None:
+            self.write_json(f"{self.basename}.safetensors.index.json", self._index)
+        old = None
+        if self.out.exists():
+            old = self.out.with_name(self.tmp.name + ".old")
+            os.replace(self.out, old)
+        os.replace(self.tmp, self.out)
+        if old is not None:
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+
+    def _abort(self) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            self._error = self._error or RuntimeError("aborted")
+            try:
+                self._queue.put_nowait(None)
+            except queue.Full:
+                pass
+            self._thread.join(timeout=10)
+        if self.tmp is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            try:
+                self._finish()
+                return
+            except BaseException:
+                self._abort()
+                raise
+        self._abort()

@@ -1,0 +1,235 @@
+"""The `qtool` command line: parse, call the pipeline, render. Nothing else lives here."""
+from __future__ import annotations
+
+import functools
+import sys
+
+import click
+
+from . import __version__
+from .errors import GateFailed, QtoolError
+
+DTYPES = click.Choice(["float16", "bfloat16", "float32"])
+
+
+def _fail(message: str, code: int = 1):
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+def handle_errors(fn):
+    """Map user-caused failures to one line on stderr and their exit code; never a traceback."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except QtoolError as e:
+            _fail(str(e), e.exit_code)
+        except MemoryError:
+            _fail("out of memory")
+        except KeyboardInterrupt:
+            _fail("interrupted; no output was written", 130)
+        except OSError as e:
+            _fail(f"{e.filename or 'I/O'}: {e.strerror or e}")
+    return wrapper
+
+
+def _emit(report: dict, as_json: bool, top: int = 10) -> None:
+    from .report.render import render, to_json
+    if as_json:
+        click.echo(to_json(report), nl=False)
+    else:
+        render(report, top=top)
+
+
+def _finish(report: dict, as_json: bool, quiet: bool = False, top: int = 10) -> None:
+    if as_json or not quiet:
+        _emit(report, as_json, top)
+    g = report.get("gate")
+    if g and not g["passed"]:
+        raise GateFailed(report["source"], f"quality gate failed: {len(g['failed'])} tensors over max rel_error "
+                                           f"{g['max_rel_error']} (first: {g['failed'][0]})") from None
+
+
+revision_option = click.option("--revision", default=None, help="Revision of a hub id (branch, tag or commit), from the local cache.")
+overwrite_option = click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+device_option = click.option("--device", default="auto", show_default=True,
+                             help="auto (cuda when available, else cpu), cpu, cuda or cuda:N.")
+report_option = click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None,
+                             help="Write the JSON report to this file.")
+json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of tables.")
+quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress bars and no summary table.")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(__version__, prog_name="qtool")
+def main():
+    """Quantize checkpoints to int8/int4 (compressed-tensors), merge LoRA adapters, report sizes and errors.
+
+    SOURCE is a model folder (safetensors or PyTorch .bin, single or sharded), a single .safetensors/.bin/.pt
+    file, or a hub id (org/name) already in the local Hugging Face cache. Exit codes: 0 success, 1 error,
+    2 usage error, 3 quality gate failed.
+    """
+
+
+@main.command()
+@click.argument("source")
+@json_option
+@click.option("--against", default=None, metavar="REFERENCE", help="Per-tensor errors of SOURCE against this checkpoint.")
+@click.option("--base", default=None, help="Base model of an adapter SOURCE (default: adapter_config's base path).")
+@click.option("--top", default=10, show_default=True, type=click.IntRange(min=0), help="Rows in the largest/worst tensor tables.")
+@click.option("--max-rel-error", type=float, default=None, help="With --against: exit 3 when any quantized tensor's rel_error exceeds X.")
+@revision_option
+@handle_errors
+def inspect(source, as_json, against, base, top, max_rel_error, revision):
+    """Size report of SOURCE: parameters, bytes by dtype, bits per parameter, size at other widths.
+
+    \b
+    qtool inspect samples/tiny-llama
+    qtool inspect out/tiny-llama-int4 --against samples/tiny-llama --json
+    qtool inspect samples/tiny-llama-lora --base samples/tiny-llama
+    """
+    from .jobs.inspect import inspect as run
+    report = run(source, against=against, base=base, revision=revision, max_rel_error=max_rel_error)
+    _finish(report, as_json, top=top)
+
+
+@main.command()
+@click.argument("source")
+@click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@click.option("--bits", type=click.Choice(["4", "8"]), default="4", show_default=True)
+@click.option("--symmetric/--asymmetric", default=True, show_default=True, help="Zero point 0, or a zero point per group.")
+@click.option("--group-size", type=int, default=None,
+              help="N>0: groups of N input columns; -1: per output channel; 0: per tensor. Default: 128 for int4, -1 for int8.")
+@click.option("--method", type=click.Choice(["rtn", "mse", "gptq"]), default="mse", show_default=True,
+              help="rtn: min-max, byte-identical to llm-compressor; mse: clipping search; gptq: error compensation (needs --calib).")
+@click.option("--calib", default=None, metavar="DATA|STATS",
+              help="Calibration text (.txt, one sample per line), .jsonl (text field), token ids (.safetensors), or a stats file from `qtool calibrate`.")
+@click.option("--calib-samples", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--seq-len", type=click.IntRange(min=1), default=512, show_default=True)
+@click.option("--damp", type=click.FloatRange(min=0, min_open=True), default=0.01, show_default=True, help="GPTQ damping, a fraction of the mean Hessian diagonal.")
+@device_option
+@click.option("--include", multiple=True, metavar="GLOB", help="Also quantize tensors/modules matching GLOB (repeatable).")
+@click.option("--exclude", multiple=True, metavar="GLOB", help="Keep tensors/modules matching GLOB unquantized; wins over --include.")
+@report_option
+@click.option("--max-rel-error", type=float, default=None, help="Quality gate: exit 3 when any quantized tensor's rel_error exceeds X.")
+@click.option("--allow-nonfinite", is_flag=True, help="Keep tensors with NaN/Inf unquantized instead of failing.")
+@click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard, e.g. 500MB, 2GB.")
+@overwrite_option
+@quiet_option
+@json_option
+@revision_option
+@handle_errors
+def quantize(source, out, bits, symmetric, group_size, method, calib, calib_samples, seq_len, damp, device, include,
+             exclude, report_path, max_rel_error, allow_nonfinite, max_shard_size, overwrite, quiet, as_json, revision):
+    """Quantize SOURCE's linear weights to int4/int8 in the compressed-tensors pack-quantized format.
+
+    \b
+    qtool quantize samples/tiny-llama -o out/int4                         # int4, symmetric, group 128, mse
+    qtool quantize samples/tiny-llama -o out/int8 --bits 8                # int8, per channel
+    qtool quantize samples/tiny-llama -o out/rtn --method rtn --asymmetric
+    qtool quantize samples/tiny-llama -o out/gptq --method gptq --calib samples/calib.txt
+    qtool quantize MODEL -o OUT --exclude 'model.layers.0.*' --report report.json --max-rel-error 0.15
+    """
+    from .jobs.quantize import quantize as run
+    from .progress import make_progress
+    from .quant.spec import QuantSpec
+    b = int(bits)
+    if group_size is None:
+        group_size = QuantSpec.default(b).group_size
+    if group_size < -1:
+        raise click.BadParameter("must be N > 0, -1 (per channel) or 0 (per tensor)", param_hint="--group-size")
+    spec = QuantSpec(bits=b, symmetric=symmetric, group_size=group_size, method=method)
+    with make_progress(quiet or as_json) as progress:
+        report = run(source, out, spec, include=include, exclude=exclude, calib=calib, calib_samples=calib_samples,
+                     seq_len=seq_len, damp=damp, device=device, report_path=report_path, max_rel_error=max_rel_error,
+                     allow_nonfinite=allow_nonfinite, max_shard_bytes=parse_size(max_shard_size), overwrite=overwrite,
+                     revision=revision, progress=progress)
+    _finish(report, as_json, quiet)
+
+
+@main.command()
+@click.argument("source")
+@click.option("--calib", required=True, metavar="DATA", help="Calibration text (.txt), .jsonl (text field) or token ids (.safetensors).")
+@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="Statistics file (.safetensors).")
+@click.option("--calib-samples", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--seq-len", type=click.IntRange(min=1), default=512, show_default=True)
+@device_option
+@overwrite_option
+@quiet_option
+@revision_option
+@handle_errors
+def calibrate(source, calib, out, calib_samples, seq_len, device, overwrite, quiet, revision):
+    """Run calibration data through SOURCE and save per-channel input statistics of every linear layer.
+
+    The file feeds `qtool quantize --method mse --calib STATS.safetensors` (compute once on a GPU, reuse).
+    """
+    from .jobs.calibrate import calibrate as run
+    from .progress import make_progress
+    with make_progress(quiet) as progress:
+        summary = run(source, calib, out, calib_samples=calib_samples, seq_len=seq_len, device=device,
+                      overwrite=overwrite, revision=revision, progress=progress)
+    if not quiet:
+        click.echo(f"wrote statistics of {summary['layers']} linear layers from {summary['tokens']} tokens to {out}")
+
+
+@main.command()
+@click.argument("source")
+@click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@click.option("--dtype", type=DTYPES, default=None, help="Dense dtype (default: the scales' dtype).")
+@overwrite_option
+@quiet_option
+@json_option
+@revision_option
+@handle_errors
+def dequantize(source, out, dtype, overwrite, quiet, as_json, revision):
+    """Turn a pack-quantized checkpoint (qtool's or compressed-tensors') back into a dense one."""
+    from .jobs.dequantize import dequantize as run
+    from .progress import make_progress
+    with make_progress(quiet or as_json) as progress:
+        report = run(source, out, dtype=dtype, overwrite=overwrite, revision=revision, progress=progress)
+    _finish(report, as_json, quiet)
+
+
+@main.command("merge-lora")
+@click.argument("base")
+@click.argument("adapters", nargs=-1, required=True)
+@click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@click.option("--weight", "weights", multiple=True, type=float, help="Weight of each adapter, in order (default 1.0 each).")
+@click.option("--dtype", type=DTYPES, default=None, help="Output dtype of merged tensors (default: the base's).")
+@report_option
+@overwrite_option
+@quiet_option
+@json_option
+@revision_option
+@handle_errors
+def merge_lora(base, adapters, out, weights, dtype, report_path, overwrite, quiet, as_json, revision):
+    """Merge PEFT LoRA adapters into BASE's weights, exactly as PEFT would, one tensor at a time.
+
+    \b
+    qtool merge-lora samples/tiny-llama samples/tiny-llama-lora -o out/merged
+    qtool merge-lora BASE A1 A2 --weight 0.7 --weight 0.3 -o OUT --report merge.json
+    """
+    from .jobs.merge import merge_lora as run
+    from .progress import make_progress
+    if weights and len(weights) != len(adapters):
+        raise click.BadParameter(f"got {len(weights)} weights for {len(adapters)} adapters", param_hint="--weight")
+    with make_progress(quiet or as_json) as progress:
+        report = run(base, list(adapters), out, weights=list(weights) or None, dtype=dtype, overwrite=overwrite,
+                     revision=revision, progress=progress, report_path=report_path)
+    _finish(report, as_json, quiet)
+
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_size(text: str) -> int:
+    import re
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", text)
+    if not m or m.group(2).upper() not in _UNITS:
+        raise click.BadParameter(f"{text!r} is not a size like 500MB or 2GB", param_hint="--max-shard-size")
+    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+
+
+if __name__ == "__main__":
+    main()

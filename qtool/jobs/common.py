@@ -1,0 +1,50 @@
+"""Small pieces every pipeline shares: prefetching reads, copying a source's side files, timing."""
+from __future__ import annotations
+
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from typing import Iterable, Iterator
+
+import torch
+
+from ..checkpoint import Checkpoint, CheckpointWriter
+
+PREFETCH_BYTES = 512 * 2**20  # read ahead at most this much while the current tensor is processed
+
+
+def prefetch(read, names: Iterable[str], sizes: dict[str, int]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, read(name)) in order, reading the next tensors on a thread while the caller works."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="qtool-read") as pool:
+        pending: deque = deque()
+        ahead = 0
+        it = iter(names)
+        exhausted = False
+        while True:
+            # Keep at least one read in flight, more while they fit the read-ahead budget.
+            while not exhausted and (not pending or ahead < PREFETCH_BYTES):
+                name = next(it, None)
+                if name is None:
+                    exhausted = True
+                    break
+                pending.append((name, pool.submit(read, name)))
+                ahead += sizes.get(name, 0)
+            if not pending:
+                return
+            name, fut = pending.popleft()
+            ahead -= sizes.get(name, 0)
+            yield name, fut.result()
+
+
+def copy_side_files(ckpt: Checkpoint, writer: CheckpointWriter, skip: Iterable[str] = ("config.json",)) -> None:
+    """Copy the source's non-weight files (tokenizer, generation config, ...) except those rewritten."""
+    skip = set(skip)
+    for p in ckpt.extra_files():
+        rel = p.relative_to(ckpt.root).as_posix()
+        if rel not in skip:
+            writer.copy_file(p, rel)
+
+
+def timing(start: float, input_bytes: int) -> dict:
+    seconds = time.perf_counter() - start
+    return {"seconds": round(seconds, 3), "input_gb_per_s": round(input_bytes / 1e9 / seconds, 3) if seconds > 0 else None}

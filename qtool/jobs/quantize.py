@@ -1,0 +1,150 @@
+"""`qtool quantize`: open → plan → quantize each linear weight → pack → write, the report as a by-product.
+
+Tensors stream one at a time: a reader thread fetches the next tensor while this one is quantized, and the
+writer's thread puts finished bytes on disk. With calibration data the walk goes layer by layer instead
+(qtool.calib.layerwise), writing each layer's tensors as soon as they are quantized.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import CheckpointWriter, open_checkpoint
+from ..errors import QtoolError
+from ..formats import compressed_tensors as ct
+from ..plan import TensorPlan, plan_quantization
+from ..progress import NullProgress
+from ..quant import dequantize, error_stats, minmax_qparams, mse_qparams, quantize as quantize_tensor
+from ..quant.core import scale_dtype_for
+from ..quant.spec import QuantSpec
+from ..report.errors import gate, summarize
+from ..report.render import write_json
+from ..report.size import describe_scheme, size_report
+from .common import copy_side_files, prefetch, timing
+
+
+def _check_finite(name: str, w: torch.Tensor) -> None:
+    if not torch.isfinite(w).all():
+        bad = int((~torch.isfinite(w)).sum())
+        raise QtoolError(name, f"has {bad} NaN/Inf values; fix the source or pass --allow-nonfinite to keep it unquantized")
+
+
+def _output_specs(plan: TensorPlan, spec: QuantSpec) -> list[tuple]:
+    if plan.quantize:
+        return ct.compressed_specs(plan.module, plan.shape, scale_dtype_for(plan.dtype), spec)
+    return [(plan.name, plan.shape, plan.dtype)]
+
+
+def quantize_weight(w: torch.Tensor, spec: QuantSpec, importance: torch.Tensor | None = None):
+    """Scales by the spec's method (rtn or mse), then the integer codes. Returns (q, scale, zero_point)."""
+    if spec.method == "rtn":
+        scale, zp = minmax_qparams(w, spec)
+    else:
+        scale, zp = mse_qparams(w, spec, importance=importance)
+    return quantize_tensor(w, scale, zp, spec), scale, zp
+
+
+def quantize(source, out, spec: QuantSpec | None = None, *, include=(), exclude=(), calib=None, calib_samples=128,
+             seq_len=512, damp=0.01, device="auto", report_path=None, max_rel_error=None, allow_nonfinite=False,
+             max_shard_bytes=None, overwrite=False, revision=None, progress=None) -> dict:
+    """Quantize SOURCE into OUT (compressed-tensors pack-quantized); returns the report (design §7)."""
+    from ..calib.device import resolve_device
+
+    start = time.perf_counter()
+    spec = spec or QuantSpec.default(4)
+    progress = progress or NullProgress()
+    ckpt = open_checkpoint(source, revision)
+    if ((ckpt.config or {}).get("quantization_config") or {}).get("quant_method"):
+        raise QtoolError(ckpt.root / "config.json", "is already quantized; run `qtool dequantize` first")
+    if ckpt.adapter_config is not None:
+        raise QtoolError(source, "is a LoRA adapter; merge it first with `qtool merge-lora`")
+    dev = resolve_device(device)
+    plans = {p.name: p for p in plan_quantization(ckpt.tensors.values(), spec, ckpt.config, include, exclude)}
+
+    importance, calib_data = {}, None
+    if calib is not None:
+        from ..calib.stats import is_stats_file, load_stats
+        if is_stats_file(calib):
+            if spec.method != "mse":
+                raise QtoolError(calib, f"a statistics file feeds --method mse only; --method {spec.method} needs calibration data")
+            importance = load_stats(calib)
+        elif spec.method == "rtn":
+            raise QtoolError(calib, "--method rtn uses no calibration data; use --method mse or gptq")
+        else:
+            calib_data = calib
+    elif spec.method == "gptq":
+        raise QtoolError(source, "--method gptq needs calibration data: pass --calib DATA")
+
+    errors: dict[str, dict] = {}
+    extras: dict[str, dict] = {}
+
+    def emit(writer, name, w, q, scale, zp, extra=None):
+        p = plans[name]
+        _check_finite(name, w)
+        w_hat = dequantize(q, scale, zp, spec, dtype=w.dtype)
+        errors[name] = error_stats(w, w_hat)
+        if extra:
+            extras[name] = extra
+        for k, v in ct.compress(p.module, q.cpu(), scale.cpu(), None if zp is None else zp.cpu(), spec, p.shape).items():
+            writer.write(k, v)
+
+    if allow_nonfinite:
+        # Which weights hold NaN/Inf decides the output layout, so find them before planning the files.
+        for name, p in plans.items():
+            if p.quantize and not torch.isfinite(ckpt.get(name)).all():
+                plans[name] = TensorPlan(p.name, p.shape, p.dtype, False, "kept unquantized: holds NaN/Inf (--allow-nonfinite)", p.linear)
+
+    if calib_data is not None:
+        # Dense tensors first, straight from the source; then quantized weights in the order the walk emits them.
+        from ..calib.layerwise import layer_order
+        order = [n for n in ckpt.tensors if not plans[n].quantize] + [n for n in layer_order(ckpt) if plans[n].quantize]
+    else:
+        order = list(ckpt.tensors)
+    with CheckpointWriter(out, overwrite=overwrite) as writer:
+        writer.plan([s for name in order for s in _output_specs(plans[name], spec)], max_shard_bytes=max_shard_bytes)
+        if calib_data is not None:
+            from ..calib.layerwise import quantize_layerwise
+
+            dense = [n for n in order if not plans[n].quantize]
+            for name, t in prefetch(ckpt.get, dense, {n: ckpt.tensors[n].nbytes for n in dense}):
+                writer.write(name, t)
+            quantize_layerwise(ckpt, list(plans.values()), spec, calib_data, samples=calib_samples, seq_len=seq_len,
+                               damp=damp, device=dev, progress=progress,
+                               emit=lambda name, w, q, scale, zp, extra=None: emit(writer, name, w, q, scale, zp, extra))
+        else:
+            progress.start("quantizing", total=sum(ckpt.tensors[n].nbytes for n in order))
+            for name, t in prefetch(ckpt.get, order, {n: i.nbytes for n, i in ckpt.tensors.items()}):
+                p = plans[name]
+                if p.quantize:
+                    _check_finite(name, t)
+                    w = t.to(dev)
+                    q, scale, zp = quantize_weight(w, spec, importance.get(p.module))
+                    emit(writer, name, w, q, scale, zp)
+                else:
+                    writer.write(name, t)
+                progress.advance(ckpt.tensors[name].nbytes, description=name)
+        ignore = sorted(p.module for p in plans.values() if p.linear and not p.quantize)
+        config = dict(ckpt.config or {})
+        config["quantization_config"] = ct.quantization_config(spec, ignore)
+        writer.write_json("config.json", config)
+        copy_side_files(ckpt, writer)
+
+    report = size_report(open_checkpoint(out), source=str(source))
+    report["estimates"] = size_report(ckpt)["estimates"]  # what the source would weigh: about the model, not this file
+    for row in report["layers"]:
+        p = plans.get(row["name"])
+        if p is not None:
+            row["reason"] = describe_scheme(spec) + f", {spec.method}" if p.quantize else p.reason
+        row["error"] = errors.get(row["name"])
+        if row["name"] in extras:
+            row.update(extras[row["name"]])
+    report["quantization"]["method"] = spec.method
+    report["summary"] = summarize(report["layers"])
+    report["gate"] = gate(report["layers"], max_rel_error)
+    report["timing"] = timing(start, sum(i.nbytes for i in ckpt.tensors.values()))
+    report["output"] = str(out)
+    if report_path is not None:
+        write_json(report, report_path)
+    return report

@@ -1,0 +1,113 @@
+"""Render a report: rich tables for people, one JSON document for machines."""
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+from rich.console import Console
+from rich.table import Table
+
+
+def human_bytes(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+def _num(x, fmt="{:.4g}") -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float) and math.isinf(x):
+        return "inf"
+    return fmt.format(x)
+
+
+def to_json(report: dict) -> str:
+    return json.dumps(report, indent=2, sort_keys=False, allow_nan=False, default=str) + "\n"
+
+
+def write_json(report: dict, path) -> None:
+    from pathlib import Path
+    from ..errors import QtoolError
+    try:
+        Path(path).write_text(to_json(report), encoding="utf-8")
+    except OSError as e:
+        raise QtoolError(path, f"cannot write the report: {e.strerror or e}") from None
+
+
+def render(report: dict, top: int = 10, console: Console | None = None) -> None:
+    """Print the summary tables of any report (inspect, quantize, merge-lora)."""
+    console = console or Console(file=sys.stdout, soft_wrap=True)
+    head = Table(title=f"qtool {report['qtool_version']}: {report['source']}", show_header=False, title_justify="left")
+    head.add_column(style="bold")
+    head.add_column()
+    head.add_row("format", str(report["format"]))
+    head.add_row("tensors", f"{report['tensors']:,}")
+    head.add_row("parameters", f"{report['parameters']:,}")
+    head.add_row("size", f"{human_bytes(report['bytes'])} ({report['bytes']:,} bytes)")
+    head.add_row("bits per parameter", _num(report["bits_per_parameter"], "{:.3f}"))
+    q = report.get("quantization")
+    if q:
+        head.add_row("quantization", f"int{q['bits']} {'symmetric' if q['symmetric'] else 'asymmetric'}, "
+                     f"group size {q['group_size']}, {q.get('format')}" + (f", method {q['method']}" if q.get("method") else ""))
+        if q.get("bits_per_weight") is not None:
+            head.add_row("bits per quantized weight", f"{q['bits_per_weight']:.3f} ({q.get('quantized_tensors')} tensors)")
+        if q.get("vllm_servable") is False:
+            head.add_row("note", "per-tensor scales: valid compressed-tensors, but vLLM will not serve it")
+    lora = report.get("lora")
+    if lora:
+        head.add_row("LoRA", f"rank {lora['rank']}, alpha {lora['alpha']}, scaling {_num(lora.get('scaling'))}")
+        head.add_row("LoRA targets", ", ".join(lora["targets"]))
+        frac = lora.get("fraction_of_base")
+        head.add_row("adapter parameters", f"{lora['parameters']:,}" + (f" ({100 * frac:.3f}% of the base)" if frac is not None else ""))
+    t = report.get("timing")
+    if t:
+        head.add_row("time", f"{t['seconds']:.2f} s ({_num(t.get('input_gb_per_s'), '{:.2f}')} GB/s of input)")
+    console.print(head)
+
+    dt = Table(title="by dtype", title_justify="left")
+    for c in ("dtype", "tensors", "parameters", "bytes"):
+        dt.add_column(c, justify="left" if c == "dtype" else "right")
+    for name, d in report["dtypes"].items():
+        dt.add_row(name, f"{d['tensors']:,}", f"{d['parameters']:,}", human_bytes(d["bytes"]))
+    console.print(dt)
+
+    est = Table(title="the same model at other widths", title_justify="left")
+    for c in report["estimates"]:
+        est.add_column(c, justify="right")
+    est.add_row(*(human_bytes(v) for v in report["estimates"].values()))
+    console.print(est)
+
+    layers = report["layers"]
+    with_error = [r for r in layers if r.get("error")]
+    if with_error:
+        worst = sorted(with_error, key=lambda r: -r["error"]["rel_error"])[:top]
+        et = Table(title=f"worst {len(worst)} of {len(with_error)} tensors by relative error", title_justify="left")
+        for c in ("tensor", "shape", "rel_error", "SQNR dB", "max |err|", "cosine"):
+            et.add_column(c, justify="left" if c == "tensor" else "right")
+        for r in worst:
+            e = r["error"]
+            et.add_row(r["name"], "×".join(map(str, r["shape"])), _num(e["rel_error"]), _num(e["sqnr_db"], "{:.2f}"),
+                       _num(e["max_abs"]), _num(e["cosine"], "{:.6f}"))
+        console.print(et)
+        s = report.get("summary") or {}
+        if s:
+            console.print(f"rel_error mean {_num(s.get('rel_error_mean'))}, max {_num(s.get('rel_error_max'))}; "
+                          f"SQNR min {_num(s.get('sqnr_db_min'), '{:.2f}')} dB")
+    else:
+        big = sorted(layers, key=lambda r: -r["bytes"])[:top]
+        lt = Table(title=f"largest {len(big)} of {len(layers)} tensors", title_justify="left")
+        for c in ("tensor", "shape", "dtype", "bytes"):
+            lt.add_column(c, justify="right" if c == "bytes" else "left")
+        for r in big:
+            lt.add_row(r["name"], "×".join(map(str, r["shape"])), r["dtype"], human_bytes(r["bytes"]))
+        console.print(lt)
+    g = report.get("gate")
+    if g:
+        verdict = "[green]passed[/]" if g["passed"] else f"[red]FAILED[/] ({len(g['failed'])} tensors: {', '.join(g['failed'][:5])}{'…' if len(g['failed']) > 5 else ''})"
+        console.print(f"quality gate max_rel_error {g['max_rel_error']}: {verdict}")

@@ -1,0 +1,88 @@
+"""Shared fixtures: tiny checkpoints made here with fixed seeds, and a CLI runner."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import save_file
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLES = ROOT / "samples"
+
+
+@dataclass
+class Result:
+    exit_code: int
+    stdout: str
+    stderr: str
+
+
+def run_cli(*args: str) -> Result:
+    from qtool.cli import main
+    r = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    return Result(r.exit_code, r.stdout, r.stderr)
+
+
+def llama_state(hidden=128, inter=256, layers=2, vocab=96, dtype=torch.bfloat16, seed=0) -> dict[str, torch.Tensor]:
+    """A Llama-shaped state dict with random weights (names as transformers writes them)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape):
+        return (torch.randn(*shape, generator=g) * 0.02).to(dtype)
+
+    sd = {"model.embed_tokens.weight": rnd(vocab, hidden), "model.norm.weight": torch.ones(hidden, dtype=dtype),
+          "lm_head.weight": rnd(vocab, hidden)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            sd[p + f"self_attn.{proj}.weight"] = rnd(hidden, hidden)
+        sd[p + "mlp.gate_proj.weight"] = rnd(inter, hidden)
+        sd[p + "mlp.up_proj.weight"] = rnd(inter, hidden)
+        sd[p + "mlp.down_proj.weight"] = rnd(hidden, inter)
+        sd[p + "input_layernorm.weight"] = torch.ones(hidden, dtype=dtype)
+        sd[p + "post_attention_layernorm.weight"] = torch.ones(hidden, dtype=dtype)
+    return sd
+
+
+def llama_config(hidden=128, inter=256, layers=2, vocab=96, dtype="bfloat16") -> dict:
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
+            "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "vocab_size": vocab, "tie_word_embeddings": False, "torch_dtype": dtype,
+            "rms_norm_eps": 1e-6, "max_position_embeddings": 128, "head_dim": hidden // 4}
+
+
+def write_folder(path: Path, sd: dict, config: dict | None = None, shards: int = 1) -> Path:
+    """A model folder as transformers writes it: one file, or `shards` files with an index."""
+    path.mkdir(parents=True, exist_ok=True)
+    names = sorted(sd)
+    if shards == 1:
+        save_file(sd, path / "model.safetensors", metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        per = -(-len(names) // shards)
+        for i in range(shards):
+            fn = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+            part = {n: sd[n] for n in names[i * per:(i + 1) * per]}
+            save_file(part, path / fn, metadata={"format": "pt"})
+            weight_map.update({n: fn for n in part})
+        total = sum(t.numel() * t.element_size() for t in sd.values())
+        (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    if config is not None:
+        (path / "config.json").write_text(json.dumps(config, indent=2))
+    return path
+
+
+@pytest.fixture
+def tiny_llama(tmp_path) -> Path:
+    return write_folder(tmp_path / "tiny", llama_state(), llama_config())
+
+
+@pytest.fixture
+def tiny_llama_sharded(tmp_path) -> Path:
+    p = write_folder(tmp_path / "tiny-sharded", llama_state(), llama_config(), shards=2)
+    (p / "tokenizer.json").write_text('{"version": "1.0"}')
+    return p

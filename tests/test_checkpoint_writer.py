@@ -1,0 +1,122 @@
+"""The writer: exact bytes readable by safetensors, atomic, deterministic, never clobbering."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from qtool.checkpoint import CheckpointWriter, open_checkpoint
+from qtool.errors import QtoolError
+
+
+def _tensors():
+    g = torch.Generator().manual_seed(1)
+    return {"b.weight": torch.randn(5, 3, generator=g).to(torch.bfloat16), "a.idx": torch.arange(7, dtype=torch.int32),
+            "c.bias": torch.randn(3, generator=g), "d.flag": torch.tensor([True, False])}
+
+
+def _write(out, ts, **plan_kw):
+    with CheckpointWriter(out, overwrite=plan_kw.pop("overwrite", False)) as w:
+        w.plan([(k, v.shape, v.dtype) for k, v in sorted(ts.items())], **plan_kw)
+        for k in reversed(sorted(ts)):  # out of order on purpose: the writer must put bytes in their place
+            w.write(k, ts[k])
+        w.write_json("config.json", {"z": 1, "a": 2})
+
+
+def _digest(folder):
+    return {p: hashlib.sha256((folder / p).read_bytes()).hexdigest() for p in sorted(os.listdir(folder))}
+
+
+def test_single_and_sharded_round_trip(tmp_path):
+    ts = _tensors()
+    _write(tmp_path / "one", ts)
+    assert sorted(os.listdir(tmp_path / "one")) == ["config.json", "model.safetensors"]
+    with safe_open(tmp_path / "one" / "model.safetensors", "pt") as f:
+        assert f.metadata() == {"format": "pt"}
+        for k in ts:
+            assert torch.equal(f.get_tensor(k), ts[k])
+    _write(tmp_path / "many", ts, max_shard_bytes=40)
+    index = json.loads((tmp_path / "many" / "model.safetensors.index.json").read_text())
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in ts.values())
+    assert sorted(index["weight_map"]) == sorted(ts) and len(set(index["weight_map"].values())) > 1
+    ckpt = open_checkpoint(tmp_path / "many")
+    for k in ts:
+        assert torch.equal(ckpt.get(k), ts[k])
+
+
+def test_deterministic_bytes(tmp_path):
+    ts = _tensors()
+    _write(tmp_path / "x", ts, max_shard_bytes=40)
+    _write(tmp_path / "y", ts, max_shard_bytes=40)
+    assert _digest(tmp_path / "x") == _digest(tmp_path / "y")
+    assert json.loads((tmp_path / "x" / "config.json").read_text()) == {"a": 2, "z": 1}
+
+
+def test_failure_leaves_nothing(tmp_path):
+    ts = _tensors()
+    with pytest.raises(RuntimeError, match="boom"):
+        with CheckpointWriter(tmp_path / "out") as w:
+            w.plan([(k, v.shape, v.dtype) for k, v in sorted(ts.items())])
+            w.write("a.idx", ts["a.idx"])
+            raise RuntimeError("boom")
+    assert os.listdir(tmp_path) == []
+
+
+def test_unwritten_planned_tensor_fails_and_leaves_nothing(tmp_path):
+    ts = _tensors()
+    with pytest.raises(RuntimeError, match="never written"):
+        with CheckpointWriter(tmp_path / "out") as w:
+            w.plan([(k, v.shape, v.dtype) for k, v in sorted(ts.items())])
+            w.write("a.idx", ts["a.idx"])
+    assert os.listdir(tmp_path) == []
+
+
+def test_existing_output_needs_overwrite(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    with pytest.raises(QtoolError, match="already exists; pass --overwrite"):
+        _write(tmp_path / "out", _tensors())
+    assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+    _write(tmp_path / "out", _tensors(), overwrite=True)
+    assert sorted(os.listdir(tmp_path / "out")) == ["config.json", "model.safetensors"]
+    assert sorted(os.listdir(tmp_path)) == ["out"]
+
+
+def test_read_only_destination(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        if os.access(ro, os.W_OK):
+            pytest.skip("running as a user that ignores permissions")
+        with pytest.raises(QtoolError, match="cannot write here"):
+            _write(ro / "out", _tensors())
+    finally:
+        ro.chmod(0o700)
+
+
+def test_disk_full_is_an_error_and_leaves_nothing(tmp_path, monkeypatch):
+    """ENOSPC in the middle of a shard: a one-line error and no output (simulated: no small tmpfs here)."""
+    import errno
+    import qtool.checkpoint.writer as wmod
+
+    real_open = open
+    class Full:
+        def __init__(self, f):
+            self.f = f
+            self.n = 0
+        def write(self, b):
+            self.n += 1
+            if self.n > 1:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.f.write(b)
+        def close(self):
+            self.f.close()
+    monkeypatch.setattr(wmod, "open", lambda p, m="r", *a, **k: Full(real_open(p, m, *a, **k)), raising=False)
+    with pytest.raises(QtoolError, match="no space left on device"):
+        _write(tmp_path / "out", _tensors())
+    assert os.listdir(tmp_path) == []
