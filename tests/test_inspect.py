@@ -1,0 +1,95 @@
+"""`qtool inspect`: figures computed independently from the safetensors files themselves."""
+from __future__ import annotations
+
+import json
+import math
+
+import torch
+from safetensors import safe_open
+
+from .conftest import llama_config, llama_state, run_cli, write_folder
+
+LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _expected(folder):
+    tensors = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(f, "pt") as h:
+            for k in h.keys():
+                sl = h.get_slice(k)
+                tensors[k] = (tuple(sl.get_shape()), sl.get_dtype())
+    itemsize = {"BF16": 2, "F32": 4, "F16": 2}
+    params = sum(math.prod(s) for s, _ in tensors.values())
+    nbytes = sum(math.prod(s) * itemsize[d] for s, d in tensors.values())
+    est = {"float32": 4 * params, "float16": 2 * params, "int8": 0, "int4": 0}
+    for k, (s, _) in tensors.items():
+        if k.split(".")[-2] in LINEAR:
+            out, inp = s
+            est["int8"] += out * inp + 2 * out + 16                       # int8 in int32 words, fp16 scale per row
+            est["int4"] += out * inp // 2 + 2 * out * (inp // 128) + 16   # 8 nibbles a word, fp16 scale per 128
+        else:
+            est["int8"] += 2 * math.prod(s)
+            est["int4"] += 2 * math.prod(s)
+    return tensors, params, nbytes, est
+
+
+def test_inspect_json_figures_are_exact(tiny_llama_sharded):
+    r = run_cli("inspect", tiny_llama_sharded, "--json")
+    assert r.exit_code == 0, r.stderr
+    rep = json.loads(r.stdout)  # one JSON document and nothing else
+    tensors, params, nbytes, est = _expected(tiny_llama_sharded)
+    assert rep["tensors"] == len(tensors)
+    assert rep["parameters"] == params
+    assert rep["bytes"] == nbytes
+    assert rep["bits_per_parameter"] == 16.0
+    assert rep["dtypes"] == {"bfloat16": {"tensors": len(tensors), "parameters": params, "bytes": nbytes}}
+    assert rep["estimates"] == est
+    assert rep["quantization"] is None and rep["lora"] is None
+    assert [l["name"] for l in rep["layers"]] == sorted(tensors)
+    for key in ("qtool_version", "source", "format", "summary", "gate", "timing"):
+        assert key in rep
+
+
+def test_inspect_mixed_dtypes_and_pytorch_bin(tmp_path):
+    sd = {"a.weight": torch.zeros(256, 128, dtype=torch.float32), "b.weight": torch.zeros(64, 128, dtype=torch.float16),
+          "steps": torch.zeros(3, dtype=torch.int64)}
+    (tmp_path / "m").mkdir()
+    torch.save(sd, tmp_path / "m" / "pytorch_model.bin")
+    rep = json.loads(run_cli("inspect", tmp_path / "m", "--json").stdout)
+    assert rep["parameters"] == 256 * 128 + 64 * 128 + 3
+    assert rep["bytes"] == 256 * 128 * 4 + 64 * 128 * 2 + 24
+    assert rep["dtypes"]["float32"] == {"tensors": 1, "parameters": 256 * 128, "bytes": 256 * 128 * 4}
+    assert rep["dtypes"]["int64"] == {"tensors": 1, "parameters": 3, "bytes": 24}
+    assert rep["estimates"]["float32"] == (256 * 128 + 64 * 128) * 4 + 24
+    assert rep["estimates"]["int4"] == (256 * 128 // 2 + 2 * 256 + 16) + (64 * 128 // 2 + 2 * 64 + 16) + 24
+
+
+def test_inspect_table_and_top(tiny_llama):
+    r = run_cli("inspect", tiny_llama, "--top", "3")
+    assert r.exit_code == 0
+    assert "largest 3 of" in r.stdout and "bits per parameter" in r.stdout and "16.000" in r.stdout
+    assert "model.embed_tokens.weight" in r.stdout or "lm_head.weight" in r.stdout
+
+
+def test_inspect_adapter_with_base(tmp_path):
+    from safetensors.torch import save_file
+    base = write_folder(tmp_path / "base", llama_state(), llama_config())
+    a = tmp_path / "adapter"
+    a.mkdir()
+    sd = {}
+    for proj in ("q_proj", "v_proj"):
+        sd[f"base_model.model.model.layers.0.self_attn.{proj}.lora_A.weight"] = torch.zeros(8, 128)
+        sd[f"base_model.model.model.layers.0.self_attn.{proj}.lora_B.weight"] = torch.zeros(128, 8)
+    save_file(sd, a / "adapter_model.safetensors")
+    (a / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8, "lora_alpha": 32, "use_rslora": True,
+                                                       "target_modules": ["q_proj", "v_proj"], "base_model_name_or_path": "../base"}))
+    rep = json.loads(run_cli("inspect", a, "--json").stdout)
+    base_params = sum(t.numel() for t in llama_state().values())
+    lora = rep["lora"]
+    assert lora["rank"] == 8 and lora["alpha"] == 32 and lora["targets"] == ["q_proj", "v_proj"]
+    assert lora["scaling"] == 32 / math.sqrt(8)
+    assert lora["parameters"] == 4 * 8 * 128
+    assert lora["fraction_of_base"] == 4 * 8 * 128 / base_params
+    rep2 = json.loads(run_cli("inspect", a, "--json", "--base", base).stdout)
+    assert rep2["lora"]["fraction_of_base"] == lora["fraction_of_base"]
