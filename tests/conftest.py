@@ -38,8 +38,8 @@ def llama_state(hidden=128, inter=256, layers=2, vocab=96, dtype=torch.bfloat16,
           "lm_head.weight": rnd(vocab, hidden)}
     for i in range(layers):
         p = f"model.layers.{i}."
-        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            sd[p + f"self_attn.{proj}.weight"] = rnd(hidden, hidden)
+        for proj, rows in (("q_proj", hidden), ("k_proj", hidden // 2), ("v_proj", hidden // 2), ("o_proj", hidden)):
+            sd[p + f"self_attn.{proj}.weight"] = rnd(rows, hidden)  # 2 kv heads of 4: grouped-query attention
         sd[p + "mlp.gate_proj.weight"] = rnd(inter, hidden)
         sd[p + "mlp.up_proj.weight"] = rnd(inter, hidden)
         sd[p + "mlp.down_proj.weight"] = rnd(hidden, inter)

@@ -7,7 +7,7 @@ from pathlib import Path
 from ..checkpoint import Checkpoint, open_checkpoint
 from ..errors import QtoolError
 from ..formats.dense import DenseView
-from ..quant import error_stats
+from ..quant.core import error_stats
 from ..report.adapter import lora_block
 from ..report.errors import gate as gate_block, summarize
 from ..report.size import size_report

@@ -16,8 +16,8 @@ from ..errors import QtoolError
 from ..formats import compressed_tensors as ct
 from ..plan import TensorPlan, plan_quantization
 from ..progress import NullProgress
-from ..quant import dequantize, error_stats, minmax_qparams, mse_qparams, quantize as quantize_tensor
-from ..quant.core import scale_dtype_for
+from ..quant.core import dequantize, error_stats, minmax_qparams, quantize as quantize_tensor, scale_dtype_for
+from ..quant.search import mse_qparams
 from ..quant.spec import QuantSpec
 from ..report.errors import gate, summarize
 from ..report.render import write_json

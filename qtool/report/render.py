@@ -42,7 +42,8 @@ def write_json(report: dict, path) -> None:
 
 def render(report: dict, top: int = 10, console: Console | None = None) -> None:
     """Print the summary tables of any report (inspect, quantize, merge-lora)."""
-    console = console or Console(file=sys.stdout, soft_wrap=True)
+    # Logs are not terminals: give tables room so tensor names are never cut.
+    console = console or Console(file=sys.stdout, width=None if sys.stdout.isatty() else 200)
     head = Table(title=f"qtool {report['qtool_version']}: {report['source']}", show_header=False, title_justify="left")
     head.add_column(style="bold")
     head.add_column()
