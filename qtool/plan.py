@@ -20,7 +20,7 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _EMBEDDING_PARTS = {"wte", "wpe", "shared", "word_embeddings", "position_embeddings", "token_type_embeddings"}
 _HEAD_PARTS = {"lm_head", "embed_out", "output"}
 # GPT-2-style Conv1D modules store [in, out] weights and are not nn.Linear: compressed-tensors targets Linear.
-_CONV1D_MODEL_TYPES = {"gpt2", "gpt_bigcode", "openai-gpt", "decision_transformer"}
+_CONV1D_MODEL_TYPES = {"gpt2", "openai-gpt", "imagegpt", "decision_transformer", "clvp"}
 _CONV1D_PARTS = {"c_attn", "c_proj", "c_fc", "q_attn"}
 
 

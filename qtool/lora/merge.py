@@ -1,0 +1,96 @@
+"""The merge math of peft 0.21.2 (`tuners/lora/layer.py`, `variants.py`, `dora.py`), in float32.
+
+Each function takes the base tensor as stored and returns float32; the caller casts once to the output dtype.
+The float32 operations are the ones PEFT runs (same order, same operands), so for a float32 base and float32
+adapter the result is bit-identical to `merge_and_unload()`; for fp16/bf16 bases PEFT adds the fp32 delta into
+the low-precision weight (computed in fp32, rounded once), which is also what one cast here gives.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+KINDS = ("linear", "conv1d", "embedding")
+
+
+@dataclass(frozen=True)
+class LoraTerm:
+    """One adapter's low-rank update of one module (tensors already float32).
+
+    linear:    A [r, in], B [out, r], weight [out, in], ΔW = s·B@A
+    conv1d:    A [r, in], B [out, r], weight [in, out] (GPT-2 Conv1D), ΔW = (s·B@A)ᵀ
+    embedding: A [r, vocab], B [dim, r], weight [vocab, dim], ΔW = (s·B@A)ᵀ  (lora_embedding_A/B)
+    """
+
+    A: torch.Tensor
+    B: torch.Tensor
+    scaling: float
+    kind: str = "linear"
+    bias: torch.Tensor | None = None        # lora_B.bias [out] (lora_bias=True)
+    magnitude: torch.Tensor | None = None   # lora_magnitude_vector [out] (DoRA); [dim] for embeddings
+    weight: float = 1.0                     # the user's per-adapter weight wᵢ
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[0]
+
+
+def delta_weight(t: LoraTerm) -> torch.Tensor:
+    """wᵢ·sᵢ·Bᵢ@Aᵢ in the base weight's orientation (PEFT get_delta_weight; wᵢ = 1 leaves it bit-identical).
+
+    Scaled in place: one full-size temporary, not two (fresh pages cost more than the arithmetic here)."""
+    s = t.scaling if t.weight == 1.0 else t.scaling * t.weight
+    d = (t.B @ t.A).mul_(s)
+    return d if t.kind == "linear" else d.T
+
+
+def merge_weight(W: torch.Tensor, terms: list[LoraTerm], inplace: bool = False) -> tuple[torch.Tensor, float]:
+    """(W + Σ ΔWᵢ in float32, ‖W'−W‖/‖W‖); a DoRA term (always alone) rescales each output row to its magnitude.
+
+    inplace=True lets a float32 W be overwritten (the streaming job owns it); otherwise W is left alone.
+    """
+    D = delta_weight(terms[0])
+    for t in terms[1:]:
+        D = D + delta_weight(t)
+    W32 = W.float()
+    w_norm = float(torch.linalg.vector_norm(W32))
+    dora = terms[0].magnitude
+    if dora is None:
+        merged = W32.add_(D) if (inplace or W32 is not W) else W32 + D
+        return merged, _ratio(float(torch.linalg.vector_norm(D)), w_norm)
+    # DoRA: the norm is taken over the unmerged base weight + delta, per output row of the [out, in] matrix;
+    # Conv1D and embedding weights are stored transposed, so take it on the transposed view exactly as PEFT's
+    # get_weight_norm does (same layout, same reduction order).
+    merged = W32 + D
+    if terms[0].kind == "linear":
+        merged.mul_((dora / torch.linalg.norm(merged, dim=1)).view(-1, 1))
+    else:
+        merged.mul_((dora / torch.linalg.norm(merged.T, dim=1)).view(1, -1))
+    return merged, _ratio(float(torch.linalg.vector_norm(merged - W32)), w_norm)
+
+
+def merge_bias(b: torch.Tensor, terms: list[LoraTerm]) -> torch.Tensor:
+    """b + Σ wᵢ·sᵢ·lora_Bᵢ.bias (lora_bias=True) in float32."""
+    out = b.float().clone()
+    for t in terms:
+        if t.bias is not None:
+            out += t.bias * (t.scaling if t.weight == 1.0 else t.scaling * t.weight)
+    return out
+
+
+def relative_norm(delta: torch.Tensor, ref: torch.Tensor) -> float:
+    """‖delta‖_F / ‖ref‖_F (inf when ref is all zeros and delta is not)."""
+    return _ratio(float(torch.linalg.vector_norm(delta.float())), float(torch.linalg.vector_norm(ref.float())))
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """No NaN/Inf: a finite norm proves it without a full-size mask; only an infinite one needs the exact test."""
+    return math.isfinite(float(torch.linalg.vector_norm(t))) or bool(torch.isfinite(t).all())
+
+
+def _ratio(d: float, r: float) -> float:
+    if r == 0.0:
+        return 0.0 if d == 0.0 else float("inf")
+    return d / r
