@@ -1,0 +1,213 @@
+"""Min-max round-to-nearest quantization, matching compressed-tensors 0.20.1 byte for byte.
+
+Every function is pure and runs on the device of its inputs. The arithmetic mirrors CT's eager path
+(`quantization/utils/helpers.py::calculate_qparams`, `lifecycle/forward_helpers.py::_quantize/_dequantize`):
+scales are computed in the weight's dtype, `x / scale (+ zp)` is evaluated in the promoted dtype of
+`x` and `scale` (so bf16 weights round the quotient to bf16 before `round`), round is half-to-even, and
+divisions always take tensor operands (CUDA turns a division by a Python scalar into a multiplication
+by its reciprocal, which would change the last bit).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .spec import QuantSpec
+
+# Dtypes CT keeps for scales; any other weight dtype gets float16 scales (initialize_qparams step 2).
+SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# Elements per chunk in the streaming loops: big enough to amortise op overhead, small enough to stay
+# in cache and to avoid a fresh (page-faulting) full-size temporary per op.
+CHUNK_ELEMS = 1 << 19
+# sqnr_db reported for an exact reconstruction (keeps reports JSON-safe; no Infinity).
+SQNR_CAP_DB = 200.0
+
+
+def scale_dtype_for(dtype: torch.dtype) -> torch.dtype:
+    return dtype if dtype in SCALE_DTYPES else torch.float16
+
+
+def check_shape(w: torch.Tensor, spec: QuantSpec) -> None:
+    """Raise ValueError unless w is 2-D and, for groups, its columns split evenly into groups."""
+    if w.ndim != 2:
+        raise ValueError(f"expected a 2-D weight, got shape {tuple(w.shape)}")
+    if spec.group_size > 0 and w.shape[1] % spec.group_size:
+        raise ValueError(
+            f"{w.shape[1]} input columns are not divisible by the group size {spec.group_size}"
+        )
+
+
+def grouped(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """View [rows, in] as [rows, n_groups, width] (width = in for channel/tensor)."""
+    return x.view(x.shape[0], -1, spec.group_width(x.shape[1]))
+
+
+def as_groups(p: torch.Tensor, rows: int) -> torch.Tensor:
+    """A scale/zp of any strategy as [rows or 1, n_groups, 1] so it broadcasts over grouped(x)."""
+    if p.ndim == 1:  # tensor strategy: (1,)
+        return p.view(1, 1, 1)
+    return p.unsqueeze(-1)
+
+
+def rows_per_chunk(cols: int) -> int:
+    return max(1, CHUNK_ELEMS // max(cols, 1))
+
+
+def _range(spec: QuantSpec, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+    # CT builds the range as float32 0-dim tensors; mixed with `dtype` tensors they adopt `dtype`.
+    return (torch.tensor(float(spec.qmin), device=device), torch.tensor(float(spec.qmax), device=device))
+
+
+def qparams_from_minmax(
+    mn: torch.Tensor, mx: torch.Tensor, spec: QuantSpec
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """CT's calculate_qparams for INT args: scale in mn's dtype, zero point int8 (None if symmetric)."""
+    zeros = torch.zeros_like(mn)
+    mn = torch.minimum(mn, zeros)  # 0 must be representable
+    mx = torch.maximum(mx, zeros)
+    bit_min, bit_max = _range(spec, mn.dtype, mn.device)
+    bit_range = bit_max - bit_min
+    if spec.symmetric:
+        amax = torch.maximum(mn.abs(), mx.abs())
+        scale = amax / (bit_range.to(amax.dtype) / 2)
+        zp = None
+    else:
+        scale = (mx - mn) / bit_range.to(mx.dtype)
+        zp = torch.clamp(bit_min - mn / scale, bit_min, bit_max)
+    eps = torch.finfo(scale.dtype).eps
+    scale = torch.where(scale == 0, torch.tensor(eps, dtype=scale.dtype, device=scale.device), scale)
+    if zp is not None:
+        # an all-zero group gives 0/0 = nan here; CT's cast turns it into 0 on common hardware,
+        # we make that explicit so every device agrees
+        zp = torch.round(torch.clamp(torch.nan_to_num(zp, nan=0.0), -128, 127)).to(torch.int8)
+    return scale, zp
+
+
+def group_minmax(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group (min, max) of w in w's dtype: [rows, n_groups] (tensor strategy: (1,) each).
+
+    Symmetric schemes only need max|x| (= max(|min(mn,0)|, max(mx,0)) exactly), returned as (-amax, amax).
+    """
+    rows, cols = w.shape
+    if spec.strategy == "tensor":
+        if spec.symmetric:
+            a = w.abs().amax().reshape(1)
+            return -a, a
+        return w.amin().reshape(1), w.amax().reshape(1)
+    ng = spec.n_groups(cols)
+    mn = torch.empty((rows, ng), dtype=w.dtype, device=w.device)
+    mx = torch.empty_like(mn)
+    step = rows_per_chunk(cols)
+    for r0 in range(0, rows, step):
+        g = grouped(w[r0:r0 + step], spec)
+        if spec.symmetric:
+            torch.amax(g.abs(), dim=-1, out=mx[r0:r0 + step])
+        else:
+            torch.amin(g, dim=-1, out=mn[r0:r0 + step])
+            torch.amax(g, dim=-1, out=mx[r0:r0 + step])
+    if spec.symmetric:
+        torch.neg(mx, out=mn)
+    return mn, mx
+
+
+def minmax_qparams(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Min-max scales and zero points as CT/llm-compressor compute them for a 2-D [out, in] weight.
+
+    scale: tensor (1,), channel (out, 1), group (out, n_groups); dtype = w's dtype (fp16/bf16/fp32/fp64,
+    else fp16). zero_point: int8 of the same shape, or None when symmetric.
+    """
+    check_shape(w, spec)
+    w = w.to(scale_dtype_for(w.dtype))
+    mn, mx = group_minmax(w, spec)
+    return qparams_from_minmax(mn, mx, spec)
+
+
+def quantize(
+    w: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, spec: QuantSpec
+) -> torch.Tensor:
+    """q = clamp(round(w / scale + zp), qmin, qmax) as int8 [out, in], in CT's dtypes, row chunk by chunk."""
+    check_shape(w, spec)
+    rows, cols = w.shape
+    out = torch.empty((rows, cols), dtype=torch.int8, device=w.device)
+    s = as_groups(scale, rows)
+    z = None if zero_point is None else as_groups(zero_point, rows)
+    work_dtype = torch.result_type(w, scale)
+    step = rows_per_chunk(cols)
+    buf = None
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        x = grouped(w[r0:r1], spec)
+        if buf is None or buf.shape[0] != r1 - r0:
+            buf = torch.empty(x.shape, dtype=work_dtype, device=w.device)
+        sc = s if s.shape[0] == 1 else s[r0:r1]
+        torch.div(x, sc, out=buf)
+        if z is not None:
+            buf.add_((z if z.shape[0] == 1 else z[r0:r1]).to(w.dtype))
+        buf.clamp_(spec.qmin, spec.qmax).round_()
+        out[r0:r1].view(buf.shape).copy_(buf)
+    return out
+
+
+def dequantize(
+    q: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor | None,
+    spec: QuantSpec,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """x̂ = (q - zp) * scale computed in the scale's dtype (as CT does), then cast to `dtype`."""
+    check_shape(q, spec)
+    rows, cols = q.shape
+    s = as_groups(scale, rows)
+    z = None if zero_point is None else as_groups(zero_point, rows)
+    x = grouped(q, spec).to(scale.dtype)
+    if z is not None:
+        x.sub_(z.to(scale.dtype))
+    x.mul_(s)
+    x = x.view(rows, cols)
+    return x if dtype is None or dtype == x.dtype else x.to(dtype)
+
+
+def fake_quantize(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Min-max quantize then dequantize, in w's dtype."""
+    scale, zp = minmax_qparams(w, spec)
+    return dequantize(quantize(w, scale, zp, spec), scale, zp, spec, dtype=w.dtype)
+
+
+def error_stats(w: torch.Tensor, w_hat: torch.Tensor) -> dict:
+    """rel_error, sqnr_db, max_abs, mse, cosine of a reconstruction (float32 math, float64 sums).
+
+    sqnr_db is capped at SQNR_CAP_DB for an exact reconstruction so the dict stays JSON-safe.
+    """
+    if w.shape != w_hat.shape:
+        raise ValueError(f"shapes differ: {tuple(w.shape)} vs {tuple(w_hat.shape)}")
+    a = w.reshape(w.shape[0] if w.ndim > 1 else 1, -1)
+    b = w_hat.reshape(a.shape)
+    ss_w = ss_d = ss_h = dot = 0.0
+    max_abs = 0.0
+    step = rows_per_chunk(a.shape[1])
+    for r0 in range(0, a.shape[0], step):
+        x = a[r0:r0 + step].float()
+        y = b[r0:r0 + step].float()
+        d = x - y
+        buf = torch.empty_like(x)
+        # float32 products, cascade-summed by torch (float64 accumulation is ~10x slower on cpu)
+        ss_w += float(torch.mul(x, x, out=buf).sum())
+        ss_h += float(torch.mul(y, y, out=buf).sum())
+        dot += float(torch.mul(x, y, out=buf).sum())
+        ss_d += float(torch.mul(d, d, out=buf).sum())
+        if d.numel():
+            max_abs = max(max_abs, float(d.abs_().max()))
+    n = max(a.numel(), 1)
+    nw, nd, nh = math.sqrt(ss_w), math.sqrt(ss_d), math.sqrt(ss_h)
+    if nd == 0.0:
+        rel = 0.0
+    else:
+        rel = nd / nw if nw > 0 else float(torch.finfo(torch.float32).max)
+    sqnr = SQNR_CAP_DB if rel == 0.0 else min(SQNR_CAP_DB, -20.0 * math.log10(rel))
+    if nw > 0 and nh > 0:
+        cosine = max(-1.0, min(1.0, dot / (nw * nh)))
+    else:
+        cosine = 1.0 if nw == nh else 0.0
+    return {"rel_error": rel, "sqnr_db": sqnr, "max_abs": max_abs, "mse": ss_d / n, "cosine": cosine}

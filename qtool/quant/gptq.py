@@ -1,0 +1,170 @@
+"""GPTQ: quantize a weight column by column, pushing each column's error onto the columns not yet
+quantized through the inverse Hessian of the layer's inputs (H = XᵀX), in lazy blocks.
+
+Storable in compressed-tensors without g_idx: with act-order, columns are *processed* in descending
+order of diag(H), but group scales are computed up front ("static groups") on the original column
+order and the codes are written back in that order, so `x̂ = (q - zp)·scale` per original group holds.
+Matrix math is float32 (TF32 off on cuda) and deterministic for a given device.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from ..errors import QtoolError
+from .core import check_shape, minmax_qparams, scale_dtype_for
+from .search import mse_qparams
+from .spec import QuantSpec
+
+DAMP_RETRIES = 3  # damping is raised x10 this many times before giving up
+
+
+@contextlib.contextmanager
+def _no_tf32(device: torch.device):
+    if device.type != "cuda":
+        yield
+        return
+    old = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+def _inverse_cholesky(h: torch.Tensor, damp: float, name: str) -> torch.Tensor:
+    """Upper Cholesky factor of (H + λI)⁻¹ with λ = damp·mean(diag H), raising λ x10 on failure."""
+    mean_diag = torch.mean(torch.diagonal(h))
+    idx = torch.arange(h.shape[0], device=h.device)
+    d = damp
+    for _ in range(DAMP_RETRIES + 1):
+        hd = h.clone()
+        hd[idx, idx] += d * mean_diag
+        L, info = torch.linalg.cholesky_ex(hd)
+        if int(info) == 0:
+            hinv = torch.cholesky_inverse(L)
+            U, info = torch.linalg.cholesky_ex(hinv, upper=True)
+            if int(info) == 0 and bool(torch.isfinite(U).all()):
+                return U
+        d *= 10
+    raise QtoolError(
+        name or "weight",
+        f"hessian is not positive definite even with damping {d / 10:g}; "
+        "use more or more varied calibration data, or a larger --damp",
+    )
+
+
+def gptq_quantize(
+    w: torch.Tensor,
+    hessian: torch.Tensor,
+    spec: QuantSpec,
+    damp: float = 0.01,
+    block_size: int = 128,
+    name: str = "",
+    act_order: bool = True,
+    search: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """GPTQ codes for a 2-D [out, in] weight given H = XᵀX [in, in] of its inputs.
+
+    Returns (q int8 [out, in], scale, zero_point | None) with the shapes/dtypes of minmax_qparams.
+    Group scales: importance-weighted MSE search (importance = diag H) when `search`, else min-max.
+    Dead columns (diag H = 0) get H[i, i] = 1 so they are quantized on their own, without spreading error.
+    """
+    check_shape(w, spec)
+    rows, cols = w.shape
+    if hessian.shape != (cols, cols):
+        raise ValueError(f"hessian shape {tuple(hessian.shape)} does not match {cols} input columns")
+    device = w.device
+    sdt = scale_dtype_for(w.dtype)
+    with _no_tf32(device), torch.no_grad():
+        H = hessian.to(device=device, dtype=torch.float32).clone()
+        if not bool(torch.isfinite(H).all()):
+            raise QtoolError(name or "weight", "hessian has non-finite values")
+        diag = torch.diagonal(H)
+        dead = diag <= 0
+        H[dead, dead] = 1.0
+        importance = torch.diagonal(H).clone()
+        W = w.to(torch.float32).clone()
+
+        width = spec.group_width(cols)
+        static = act_order or spec.strategy != "group"
+        if static:
+            # group params from the original weights (storable with act-order: no g_idx)
+            pick = mse_qparams if search else (lambda x, s, importance=None: minmax_qparams(x, s))
+            scale, zp = pick(w.to(sdt), spec, importance=importance)
+        else:
+            scale = torch.empty((rows, spec.n_groups(cols)), dtype=sdt, device=device)
+            zp = None if spec.symmetric else torch.empty((rows, spec.n_groups(cols)), dtype=torch.int8, device=device)
+
+        perm = torch.argsort(importance, descending=True, stable=True) if act_order else None
+        if perm is not None:
+            W = W[:, perm]
+            H = H[perm][:, perm]
+        U = _inverse_cholesky(H, damp, name)
+        del H
+
+        col_group = torch.arange(cols, device=device) // width
+        if perm is not None:
+            col_group = col_group[perm]
+        Q = torch.empty((rows, cols), dtype=torch.int8, device=device)
+        qmin, qmax = float(spec.qmin), float(spec.qmax)
+
+        def col_params(g: int):
+            # scale/zp of group g as float32 columns [rows]
+            s = scale[:, g] if scale.ndim == 2 else scale.expand(rows)
+            z = None if zp is None else (zp[:, g] if zp.ndim == 2 else zp.expand(rows))
+            return s, z
+
+        for i1 in range(0, cols, block_size):
+            i2 = min(cols, i1 + block_size)
+            W1 = W[:, i1:i2].clone()
+            Err1 = torch.empty_like(W1)
+            U1 = U[i1:i2, i1:i2]
+            for i in range(i2 - i1):
+                j = i1 + i
+                g = int(col_group[j])
+                if not static and j % width == 0:
+                    # lazy groups (no act-order): params from the already-updated weights of the group
+                    # (columns past this block still hold their pre-block values, as in the reference)
+                    blk = torch.cat([W1[:, i:i + width], W[:, i2:j + width]], dim=1)
+                    sg, zg = (mse_qparams if search else
+                              (lambda x, s, importance=None: minmax_qparams(x, s)))(
+                        blk.to(sdt), QuantSpec(spec.bits, spec.symmetric, -1, spec.method),
+                        importance=importance[j:j + width])
+                    scale[:, g] = sg[:, 0]
+                    if zp is not None:
+                        zp[:, g] = zg[:, 0]
+                s, z = col_params(g)
+                x = W1[:, i]
+                s32 = s.float()
+                q = x / s32
+                if z is not None:
+                    q = q + z.float()
+                q = q.clamp_(qmin, qmax).round_()
+                Q[:, j] = q.to(torch.int8)
+                if z is not None:
+                    q = q - z.float()
+                # dequantized exactly as stored: product rounded to the scale dtype
+                dq = (q * s32).to(sdt).float()
+                err = (x - dq) / U1[i, i]
+                W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
+                Err1[:, i] = err
+            W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+
+        if perm is not None:
+            Q = Q[:, torch.argsort(perm)]
+        return Q.contiguous(), scale, zp
+
+
+def output_error(w: torch.Tensor, w_hat: torch.Tensor, hessian: torch.Tensor) -> float:
+    """‖XWᵀ − XŴᵀ‖_F / ‖XWᵀ‖_F from H = XᵀX: sqrt(tr(ΔW H ΔWᵀ) / tr(W H Wᵀ))."""
+    H = hessian.to(torch.float64)
+    W = w.to(torch.float64)
+    D = W - w_hat.to(torch.float64)
+    num = float(((D @ H) * D).sum())
+    den = float(((W @ H) * W).sum())
+    if den <= 0:
+        return 0.0 if num <= 0 else float("inf")
+    return (max(num, 0.0) / den) ** 0.5
