@@ -17,6 +17,7 @@ from ..lora.adapter import Adapter, read_adapter
 from ..lora.merge import all_finite, merge_bias, merge_weight, relative_norm
 from ..lora.plan import ModuleWeight, TensorOp, plan_merge
 from ..progress import NullProgress
+from .common import prefetch
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -52,6 +53,9 @@ def merge_lora(base: str, adapters: list[str], out: str, weights: list[float] | 
         w.plan([(n, *specs[n]) for n in order], shards=shards, index=index)
         progress.start("merging", sum(i.nbytes for i in bck.tensors.values()))
         done = set()
+        # Dense tensors are read ahead on a thread while the current one merges (same order as the loop).
+        plain = [n for n in order if n not in by_module]
+        reads = prefetch(bck.get, plain, {n: bck.tensors[n].nbytes for n in plain})
         for name in order:
             if name in done:
                 continue
@@ -63,11 +67,12 @@ def merge_lora(base: str, adapters: list[str], out: str, weights: list[float] | 
                     done.add(n)
                 progress.advance(sum(bck.tensors[n].nbytes for n in q.parts(module.name.rsplit(".", 1)[0])))
                 continue
+            got, t = next(reads)
+            assert got == name
             if op is None:
-                t = bck.get(name)
                 w.write(name, t if t.dtype == specs[name][1] else t.to(specs[name][1]))
             else:
-                w.write(name, _merge_plain(bck, op, specs[name][1], rows))
+                w.write(name, _merge_plain(bck, op, t, specs[name][1], rows))
             done.add(name)
             progress.advance(bck.tensors[name].nbytes)
         extra = _copy_extra_files(w, bck, out_dtype)
@@ -81,9 +86,8 @@ def merge_lora(base: str, adapters: list[str], out: str, weights: list[float] | 
 
 # -- per tensor -------------------------------------------------------------------------------------------
 
-def _merge_plain(bck, op: TensorOp, dtype: torch.dtype, rows: dict) -> torch.Tensor:
+def _merge_plain(bck, op: TensorOp, base_t: torch.Tensor, dtype: torch.dtype, rows: dict) -> torch.Tensor:
     """One floating tensor: start from the base (or the adapter's full copy), add the LoRA terms, cast once."""
-    base_t = bck.get(op.name)
     start = op.replace[0].ckpt.get(op.replace[1]) if op.replace else base_t
     if not start.dtype.is_floating_point:
         raise QtoolError(op.name, f"cannot merge into a {start.dtype} tensor")
