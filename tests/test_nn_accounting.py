@@ -1,0 +1,53 @@
+"""Accounting of live models: parameters, bytes by dtype (QuantLinear at packed size), LoRA fine-tune memory."""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from qtool.checkpoint import open_checkpoint
+from qtool.jobs.quantize import quantize
+from qtool.nn import attach_adapter, load, lora_training_memory, memory_footprint, parameter_counts
+from qtool.quant.spec import QuantSpec
+
+from .lora_helpers import BUILDERS, make_adapter, save_base
+
+warnings.filterwarnings("ignore")
+
+
+def test_counts_and_footprint_of_a_quantized_model(tmp_path):
+    base = save_base("llama", tmp_path / "base", torch.bfloat16)
+    quantize(str(base), str(tmp_path / "q"), QuantSpec(4, True, 32, "rtn"), device="cpu")
+    dense, model = BUILDERS["llama"](), load(tmp_path / "q")
+    counts = parameter_counts(model)
+    linears = sum(m.weight.numel() for n, m in dense.named_modules()
+                  if isinstance(m, torch.nn.Linear) and n != "lm_head")
+    assert counts["total"] == sum(p.numel() for p in dense.parameters())
+    assert counts["quantized"] == linears
+    assert counts["trainable"] == counts["total"] - linears  # embeddings, norms, lm_head stay parameters
+    fp = memory_footprint(model)
+    ckpt = open_checkpoint(tmp_path / "q")
+    packed = sum(i.nbytes for n, i in ckpt.tensors.items() if n.rsplit(".", 1)[1].startswith("weight_"))
+    assert fp["dtypes"]["int4"] == {"tensors": 14, "parameters": linears, "bytes": packed}
+    plain = sum(i.nbytes for n, i in ckpt.tensors.items() if i.dtype == torch.bfloat16
+                and not n.rsplit(".", 1)[1].startswith("weight_"))
+    assert fp["dtypes"]["bfloat16"]["bytes"] == plain
+
+
+def test_lora_training_memory_matches_peft_trainable_parameters(tmp_path):
+    from peft import LoraConfig, get_peft_model
+    base = save_base("llama", tmp_path / "base")
+    model = load(base)
+    mem = lora_training_memory(model, rank=8)
+    trainable, _ = get_peft_model(BUILDERS["llama"](), LoraConfig(r=8, target_modules="all-linear")) \
+        .get_nb_trainable_parameters()
+    assert mem["adapter_parameters"] == trainable and mem["targets"] == 14
+    assert mem["adapter_bytes"] == 4 * trainable == mem["gradient_bytes"]
+    assert mem["optimizer_bytes"] == 2 * mem["adapter_bytes"]
+    assert mem["base_bytes"] == memory_footprint(model)["bytes"]
+    assert mem["total_bytes"] == mem["base_bytes"] + 4 * mem["adapter_bytes"]
+    qkv = lora_training_memory(model, rank=2, targets=["q_proj", "v_proj"])
+    assert qkv["adapter_parameters"] == 2 * 2 * ((32 + 32) + (32 + 16))  # 2 layers, v_proj out = 2 kv heads × 8
+    # wrapping a layer in LoRALinear neither hides it from the count nor counts the adapter as base
+    attach_adapter(model, make_adapter("llama", base, tmp_path / "ad", r=2, lora_alpha=2, target_modules=["q_proj"]))
+    assert lora_training_memory(model, rank=8)["adapter_parameters"] == trainable
