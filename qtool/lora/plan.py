@@ -94,7 +94,7 @@ def plan_merge(base_tensors: dict, base_config: dict | None, adapters: list[Adap
                                                  f"{[lm.B.shape[0], lm.A.shape[1]]}, but the base is {list(mw.shape)}")
             else:
                 kind = "conv1d" if is_conv1d(m, mw.shape, (lm.B.shape[0], lm.A.shape[1]), base_config) else "linear"
-            _check_variant(ad, lm)
+            check_variant(ad, lm)
             term = LoraTerm(lm.A, lm.B, s.scaling(m), kind, lm.bias, lm.magnitude, w)
             op = ops.setdefault(mw.name, TensorOp(mw.name, m, "weight", quantized=mw.quantized))
             op.role = "weight"
@@ -125,7 +125,7 @@ def _check_weight(ad: Adapter, w: float, n: int) -> None:
                                     "(modules_to_save/bias), which has no weighted form; use weight 1")
 
 
-def _check_variant(ad: Adapter, lm) -> None:
+def check_variant(ad: Adapter, lm) -> None:
     s = ad.settings
     if s.use_dora and lm.magnitude is None:
         raise QtoolError(lm.keys[0], f"use_dora is set but {lm.module} has no lora_magnitude_vector")

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from ..checkpoint import open_checkpoint
 from ..errors import QtoolError
 from ..lora.adapter import read_adapter
-from ..lora.plan import _check_variant
+from ..lora.plan import check_variant
 from ..lora.targets import PREFIX, is_targeted
 from .quant_linear import QuantLinear
 
@@ -234,7 +234,7 @@ def attach_adapter(model: nn.Module, adapter_path: str | os.PathLike, name: str 
         r, _alpha = s.rank_alpha(m)
         if lm.rank != r:
             raise QtoolError(lm.keys[0], f"lora rank is {lm.rank} but the config (r/rank_pattern) says {r}")
-        _check_variant(ad, lm)
+        check_variant(ad, lm)
         try:
             target = model.get_submodule(m)
             out_in = _features(target.base if isinstance(target, LoRALinear) else target)
