@@ -79,18 +79,21 @@ def main():
 @click.option("--base", default=None, help="Base model of an adapter SOURCE (default: adapter_config's base path).")
 @click.option("--top", default=10, show_default=True, type=click.IntRange(min=0), help="Rows in the largest/worst tensor tables.")
 @click.option("--max-rel-error", type=float, default=None, help="With --against: exit 3 when any quantized tensor's rel_error exceeds X.")
+@click.option("--lora-rank", type=click.IntRange(min=1), default=None, metavar="R",
+              help="Also estimate the memory of a LoRA fine-tune at rank R on every linear layer (weights, gradients, Adam).")
 @revision_option
 @handle_errors
-def inspect(source, as_json, against, base, top, max_rel_error, revision):
+def inspect(source, as_json, against, base, top, max_rel_error, lora_rank, revision):
     """Size report of SOURCE: parameters, bytes by dtype, bits per parameter, size at other widths.
 
     \b
     qtool inspect samples/tiny-llama
     qtool inspect out/tiny-llama-int4 --against samples/tiny-llama --json
     qtool inspect samples/tiny-llama-lora --base samples/tiny-llama
+    qtool inspect samples/tiny-llama --lora-rank 16
     """
     from .jobs.inspect import inspect as run
-    report = run(source, against=against, base=base, revision=revision, max_rel_error=max_rel_error)
+    report = run(source, against=against, base=base, revision=revision, max_rel_error=max_rel_error, lora_rank=lora_rank)
     _finish(report, as_json, top=top)
 
 

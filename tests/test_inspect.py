@@ -94,3 +94,17 @@ def test_inspect_adapter_with_base(tmp_path):
     assert lora["fraction_of_base"] == 4 * 8 * 128 / base_params
     rep2 = json.loads(run_cli("inspect", a, "--json", "--base", base).stdout)
     assert rep2["lora"]["fraction_of_base"] == lora["fraction_of_base"]
+
+
+def test_lora_training_estimate_matches_the_live_model_accounting(tiny_llama):
+    """The file-based estimate and qtool.nn.accounting agree on a model loaded from the same folder."""
+    from transformers import AutoModelForCausalLM
+    from qtool.nn.accounting import lora_training_memory
+    rep = json.loads(run_cli("inspect", tiny_llama, "--json", "--lora-rank", "8").stdout)
+    est = rep["lora_training"]
+    per_layer = 8 * ((128 + 128) * 2 + (64 + 128) * 2 + (256 + 128) * 3)
+    assert est["adapter_parameters"] == 2 * per_layer and est["targets"] == 14
+    assert est["total_bytes"] == rep["bytes"] + 4 * 4 * est["adapter_parameters"]
+    live = lora_training_memory(AutoModelForCausalLM.from_pretrained(tiny_llama), rank=8)
+    assert live["adapter_parameters"] == est["adapter_parameters"] and live["targets"] == est["targets"]
+    assert "LoRA fine-tune, rank 8" in run_cli("inspect", tiny_llama, "--lora-rank", "8").stdout

@@ -10,7 +10,7 @@ from ..formats.dense import DenseView
 from ..quant.core import error_stats
 from ..report.adapter import lora_block
 from ..report.errors import gate as gate_block, summarize
-from ..report.size import size_report
+from ..report.size import lora_training_estimate, size_report
 
 
 def _adapter_base(adapter: Checkpoint, base: str | None, revision: str | None) -> Checkpoint | None:
@@ -27,7 +27,7 @@ def _adapter_base(adapter: Checkpoint, base: str | None, revision: str | None) -
 
 
 def inspect(source: str, against: str | None = None, base: str | None = None, revision: str | None = None,
-            max_rel_error: float | None = None) -> dict:
+            max_rel_error: float | None = None, lora_rank: int | None = None) -> dict:
     """Size report of SOURCE; with `against`, per-tensor errors of SOURCE against that reference."""
     start = time.perf_counter()
     ckpt = open_checkpoint(source, revision)
@@ -36,6 +36,8 @@ def inspect(source: str, against: str | None = None, base: str | None = None, re
         base_ckpt = _adapter_base(ckpt, base, revision)
         base_params = size_report(base_ckpt)["parameters"] if base_ckpt is not None else None
         report["lora"] = lora_block(ckpt, base_params)
+    if lora_rank is not None:
+        report["lora_training"] = lora_training_estimate(report, ckpt.config, lora_rank)
     if against is not None:
         add_errors(report, DenseView(ckpt), DenseView(open_checkpoint(against)), against)
         report["gate"] = gate_block(report["layers"], max_rel_error)

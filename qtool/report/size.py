@@ -80,6 +80,23 @@ def estimate_bytes(rows: list[dict], config: dict | None) -> dict[str, int]:
     return est
 
 
+def lora_training_estimate(report: dict, config: dict | None, rank: int, adapter_itemsize: int = 4,
+                           optimizer_states: int = 2) -> dict:
+    """Bytes a LoRA fine-tune at `rank` on every linear layer but the output head (PEFT's "all-linear") needs,
+    activations aside: the base frozen at its stored width, plus the adapter's float32 weights, gradients and
+    Adam states. The same convention as `qtool.nn.accounting.lora_training_memory` for a live model."""
+    params, targets = 0, 0
+    for row in report["layers"]:
+        quantizable, _, reason = default_role(row["name"], tuple(row["shape"]), torch.float16, config)
+        if row["quantized"] or quantizable or reason.startswith("GPT-2 Conv1D"):
+            params += rank * sum(row["shape"])
+            targets += 1
+    weights = params * adapter_itemsize
+    return {"rank": rank, "targets": targets, "adapter_parameters": params, "adapter_bytes": weights,
+            "gradient_bytes": weights, "optimizer_bytes": optimizer_states * weights, "base_bytes": report["bytes"],
+            "total_bytes": report["bytes"] + (2 + optimizer_states) * weights}
+
+
 def size_report(ckpt: Checkpoint, source: str | None = None) -> dict:
     """The report schema of the design (§7) with the size fields filled; error fields empty."""
     rows, spec = logical_tensors(ckpt)

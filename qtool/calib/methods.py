@@ -1,0 +1,35 @@
+"""One weight, one method: rtn (min-max), mse (importance-weighted clipping search) or gptq (Hessian).
+
+The math lives in qtool.quant (pure tensor functions); this module only picks the function and its inputs.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..quant.core import dequantize, minmax_qparams, quantize
+from ..quant.gptq import gptq_quantize, output_error  # noqa: F401  (re-exported for the walk)
+from ..quant.search import mse_qparams
+from ..quant.spec import QuantSpec
+
+GPTQ_BLOCK = 128
+
+
+def quantize_weight(w: torch.Tensor, spec: QuantSpec, method: str, *, hessian: torch.Tensor | None = None,
+                    importance: torch.Tensor | None = None, damp: float = 0.01, name: str = ""):
+    """(q int8, scale, zero point or None, info dict) for a 2-D [out, in] weight on its own device."""
+    if method == "gptq":
+        if hessian is None:
+            raise ValueError("gptq needs the input Hessian")
+        q, scale, zp = gptq_quantize(w, hessian, spec, damp=damp, block_size=GPTQ_BLOCK, name=name)
+        return q, scale, zp, {"method": "gptq", "damp": damp, "act_order": True}
+    if method == "mse":
+        scale, zp = mse_qparams(w, spec, importance=importance)
+        return quantize(w, scale, zp, spec), scale, zp, {"method": "mse", "weighted": importance is not None}
+    if method == "rtn":
+        scale, zp = minmax_qparams(w, spec)
+        return quantize(w, scale, zp, spec), scale, zp, {"method": "rtn"}
+    raise ValueError(f"unknown method {method!r}")
+
+
+def reconstruct(q, scale, zp, spec: QuantSpec) -> torch.Tensor:
+    return dequantize(q, scale, zp, spec, dtype=torch.float32)

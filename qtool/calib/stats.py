@@ -1,0 +1,98 @@
+"""The calibration statistics file (`qtool calibrate ... -o stats.safetensors`), an imatrix-like record.
+
+Per linear module `<module>` (the weight's name without `.weight`):
+  `<module>.input_sum_sq`  float32 [in]  Σ x_j² over every calibration token reaching the module
+  `<module>.input_absmax`  float32 [in]  max |x_j|
+  `<module>.input_count`   int64   [1]   number of tokens
+Metadata (all strings): format "qtool-calib-stats", version "1", samples, tokens, seq_len, source.
+Importance for --method mse is the mean square `input_sum_sq / input_count` (llama.cpp's imatrix `in_sum2 / count`).
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ..errors import QtoolError
+from .data import STATS_FORMAT
+
+VERSION = "1"
+SUFFIXES = ("input_sum_sq", "input_absmax", "input_count")
+
+
+def stats_tensors(stats: dict[str, dict]) -> dict[str, torch.Tensor]:
+    """{module: {"sum_sq", "absmax", "count"}} → the file's flat tensor dict (CPU, contiguous)."""
+    out = {}
+    for module in sorted(stats):
+        s = stats[module]
+        out[f"{module}.input_sum_sq"] = s["sum_sq"].detach().to("cpu", torch.float32).contiguous()
+        out[f"{module}.input_absmax"] = s["absmax"].detach().to("cpu", torch.float32).contiguous()
+        out[f"{module}.input_count"] = torch.tensor([int(s["count"])], dtype=torch.int64)
+    return out
+
+
+def save_stats(path: str | Path, stats: dict[str, dict], metadata: dict) -> None:
+    """Write atomically: a temporary file beside `path`, renamed over it when complete."""
+    from safetensors.torch import save_file
+    path = Path(path)
+    meta = {"format": STATS_FORMAT, "version": VERSION, **{k: str(v) for k, v in metadata.items()}}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(stats_tensors(stats), tmp, metadata=meta)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise QtoolError(path, f"cannot write the statistics file ({e.strerror})") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def read_stats(path: str | Path) -> tuple[dict[str, dict], dict]:
+    """({module: {"sum_sq", "absmax", "count"}}, metadata) of a statistics file, checked."""
+    from safetensors import safe_open
+    path = Path(path)
+    if not path.is_file():
+        raise QtoolError(path, "no such statistics file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != STATS_FORMAT:
+                raise QtoolError(path, f"not a qtool calibration statistics file (metadata format is {meta.get('format')!r})")
+            if meta.get("version") != VERSION:
+                raise QtoolError(path, f"statistics file version {meta.get('version')!r} is not supported (expected {VERSION})")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except QtoolError:
+        raise
+    except Exception as e:
+        raise QtoolError(path, f"not a valid safetensors file ({e})") from None
+    stats: dict[str, dict] = {}
+    for key, t in tensors.items():
+        module, _, kind = key.rpartition(".")
+        if kind not in SUFFIXES or not module:
+            raise QtoolError(path, f"unexpected tensor {key!r} in a statistics file")
+        stats.setdefault(module, {})[kind] = t
+    out = {}
+    for module, parts in stats.items():
+        if set(parts) != set(SUFFIXES):
+            raise QtoolError(path, f"module {module!r} lacks {sorted(set(SUFFIXES) - set(parts))}")
+        ss, am, cnt = parts["input_sum_sq"], parts["input_absmax"], parts["input_count"]
+        if ss.ndim != 1 or am.shape != ss.shape or cnt.numel() != 1 or int(cnt) < 0:
+            raise QtoolError(path, f"module {module!r}: inconsistent statistics shapes")
+        out[module] = {"sum_sq": ss.float(), "absmax": am.float(), "count": int(cnt)}
+    return out, meta
+
+
+def importance(entry: dict) -> torch.Tensor:
+    """Mean squared input per channel; a module no token reached gets uniform importance (as imatrix does)."""
+    if entry["count"] <= 0:
+        return torch.ones_like(entry["sum_sq"])
+    return entry["sum_sq"] / entry["count"]
+
+
+def load_stats(path: str | Path) -> dict[str, torch.Tensor]:
+    """{module: importance [in] float32} (mean square of the module's input per channel)."""
+    stats, _ = read_stats(path)
+    return {module: importance(entry) for module, entry in stats.items()}
