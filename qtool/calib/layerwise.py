@@ -105,12 +105,21 @@ def quantize_layerwise(ckpt, plans, spec: QuantSpec, calib, *, samples: int = 12
         progress.start(f"quantizing ({spec.method})", len(walk.layers))
         for i, prefix, layer in walk.blocks():
             linears = walk.linears(prefix, layer)
-            # sorted: emitted in layer_order's order
-            targets = {m: mod for m, mod in sorted(linears.items()) if m + ".weight" in todo and not is_conv1d(mod)}
+            # every planned tensor of this block, in layer_order's (sorted) order; nn.Linear ones get calibrated
+            block_todo = sorted(n for n in todo if n.startswith(prefix))
+            targets = {module_of(n): linears[module_of(n)] for n in block_todo
+                       if module_of(n) in linears and n.endswith(".weight") and not is_conv1d(linears[module_of(n)])}
             with Hooks(targets, device, hessian_for=set(targets)) as stats:
                 walk.run(layer, keep=not targets)
-            for module, mod in targets.items():
-                name = module + ".weight"
+            for name in block_todo:
+                module = module_of(name)
+                if module not in targets:
+                    note = ("GPT-2 Conv1D weight: quantized in its stored [in, out] layout without calibration"
+                            if module in linears else "not an nn.Linear weight: quantized without calibration")
+                    emit(name, *_plain(ckpt, todo.pop(name), spec, device, note=note))
+                    uncalibrated.append(name)
+                    continue
+                mod = targets[module]
                 st = stats.pop(module)
                 w_orig = ckpt.get(name)
                 w = w_orig.to(device)
@@ -133,10 +142,8 @@ def quantize_layerwise(ckpt, plans, spec: QuantSpec, calib, *, samples: int = 12
             if targets:
                 walk.run(layer, keep=True)
             progress.advance(1, description=prefix.rstrip("."))
-    for name, plan in list(todo.items()):
-        note = ("GPT-2 Conv1D weight: quantized in its stored [in, out] layout without calibration"
-                if name.startswith(walk.outer + walk.path + ".") else "outside the walked blocks: no calibration statistics")
-        emit(name, *_plain(ckpt, plan, spec, device, note=note))
+    for name in [n for n in layer_order(ckpt) if n in todo]:
+        emit(name, *_plain(ckpt, todo.pop(name), spec, device, note="outside the walked blocks: no calibration statistics"))
         uncalibrated.append(name)
     return {"samples": len(ids), "tokens": walk.tokens, "device": str(device), "seconds": time.perf_counter() - t0,
             "layers": len(walk.layers), "method": spec.method, "damp": damp, "calibrated": len(calibrated),
