@@ -1,0 +1,130 @@
+"""Layer-by-layer walk: statistics equal a full forward pass; GPTQ beats RTN on output error; clear errors."""
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+
+from qtool.calib.layerwise import collect_stats, layer_order, quantize_layerwise
+from qtool.checkpoint import open_checkpoint
+from qtool.errors import QtoolError
+from qtool.plan import plan_quantization
+from qtool.quant.core import dequantize
+from qtool.quant.spec import QuantSpec
+
+from .test_calib_helpers import reference_stats, samples, save_tiny
+
+# The walk runs the same modules on the same inputs with the same arguments as the full model, one block at a
+# time; only the order of float32 sums across samples could differ, so 1e-5 relative is a generous bound.
+RTOL, ATOL = 1e-5, 1e-6
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "gpt2", "bert"])
+def test_layerwise_stats_equal_full_forward(tmp_path, kind):
+    model = save_tiny(kind, tmp_path)
+    ids = samples()
+    ckpt = open_checkpoint(tmp_path)
+    got, info = collect_stats(ckpt, ids, samples=len(ids), seq_len=64, device="cpu")
+    ref = reference_stats(model, ids)
+    walked = {n for n in ref if ".layers." in n or ".h." in n or ".layer." in n}
+    assert set(got) == walked and len(walked) == {"llama": 14, "qwen2": 14, "gpt2": 8, "bert": 12}[kind]
+    assert info["tokens"] == sum(len(s) for s in ids)
+    for name in walked:
+        assert got[name]["count"] == ref[name]["count"] == info["tokens"]
+        torch.testing.assert_close(got[name]["sum_sq"], ref[name]["sum_sq"], rtol=RTOL, atol=ATOL)
+        torch.testing.assert_close(got[name]["absmax"], ref[name]["absmax"], rtol=RTOL, atol=ATOL)
+
+
+def _quantize(ckpt, ids, method, **kw):
+    spec = QuantSpec(bits=4, symmetric=True, group_size=32, method=method)
+    plans = plan_quantization(ckpt.tensors.values(), spec, ckpt.config)
+    emitted = {}
+
+    def emit(name, w, q, scale, zp, extra):
+        emitted[name] = (w, q, scale, zp, extra)
+
+    summary = quantize_layerwise(ckpt, plans, spec, ids, samples=len(ids), seq_len=64, damp=0.01, device="cpu",
+                                 emit=emit, **kw)
+    return spec, plans, emitted, summary
+
+
+def test_gptq_output_error_below_rtn_and_matches_direct_computation(tmp_path):
+    model = save_tiny("llama", tmp_path)
+    ids = samples(8)
+    ckpt = open_checkpoint(tmp_path)
+    spec, plans, emitted, summary = _quantize(ckpt, ids, "gptq")
+    planned = [p.name for p in plans if p.quantize]
+    assert sorted(emitted) == sorted(planned) and len(planned) == 14
+    assert list(emitted) == [n for n in layer_order(ckpt) if n in emitted]  # emitted in walk order
+    assert summary["calibrated"] == 14 and summary["uncalibrated"] == [] and summary["tokens"] == sum(map(len, ids))
+    for name, (w, q, scale, zp, extra) in emitted.items():
+        assert q.dtype == torch.int8 and int(q.min()) >= -8 and int(q.max()) <= 7 and zp is None
+        assert scale.shape == (w.shape[0], w.shape[1] // 32)
+        assert extra["output_error_after"] < extra["output_error_before"], name
+    # Layer 0's inputs are those of the original model: recompute ‖XWᵀ − XŴᵀ‖/‖XWᵀ‖ from the captured X.
+    ref = reference_stats(model, ids, with_inputs=True)
+    for name in [n for n in emitted if ".layers.0." in n]:
+        w, q, scale, zp, extra = emitted[name]
+        x = torch.cat(ref[name[: -len(".weight")]]["x"])
+        w_hat = dequantize(q, scale, zp, spec, dtype=torch.float32)
+        direct = float((x @ (w.float() - w_hat).T).norm() / (x @ w.float().T).norm())
+        assert direct == pytest.approx(extra["output_error_after"], rel=1e-3)
+
+
+def test_mse_with_importance_beats_rtn_on_output_error(tmp_path):
+    save_tiny("bert", tmp_path)
+    ckpt = open_checkpoint(tmp_path)
+    _, _, emitted, summary = _quantize(ckpt, samples(8), "mse")
+    # the pooler sits outside the encoder blocks: quantized without statistics, and said so
+    assert summary["uncalibrated"] == ["pooler.dense.weight"]
+    pooler = emitted.pop("pooler.dense.weight")[4]
+    assert not pooler["calibrated"] and pooler["output_error_after"] is None and "outside" in pooler["note"]
+    before = sum(e[4]["output_error_before"] for e in emitted.values())
+    after = sum(e[4]["output_error_after"] for e in emitted.values())
+    assert len(emitted) == 12 and after < before and all(e[4]["weighted"] for e in emitted.values())
+
+
+def test_gpt2_conv1d_not_quantized_by_default(tmp_path):
+    save_tiny("gpt2", tmp_path)
+    ckpt = open_checkpoint(tmp_path)
+    with pytest.raises(QtoolError, match="Conv1D weights are not quantized by default"):
+        _quantize(ckpt, samples(), "gptq")
+
+
+def test_unsupported_architecture(tmp_path):
+    save_tiny("llama", tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["model_type"] = "t5"
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(QtoolError, match="cannot walk architecture 't5'.*supported: bert, gpt2, llama, mistral, qwen2"):
+        collect_stats(open_checkpoint(tmp_path), samples(), device="cpu")
+
+
+def test_missing_transformers_names_the_extra(tmp_path, monkeypatch):
+    save_tiny("llama", tmp_path)
+    ckpt = open_checkpoint(tmp_path)
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers → ImportError
+    with pytest.raises(QtoolError, match=r"pip install 'qtool\[calib\]'"):
+        collect_stats(ckpt, samples(), device="cpu")
+
+
+def test_layer_order_groups_blocks(tmp_path):
+    save_tiny("llama", tmp_path)
+    order = layer_order(open_checkpoint(tmp_path))
+    blocks = [n.split(".")[2] for n in order if n.startswith("model.layers.")]
+    assert blocks == sorted(blocks, key=int) and order[-1].startswith(("model.norm", "model.embed", "lm_head"))
+
+
+def test_gpt2_included_conv1d_quantized_uncalibrated_in_walk_order(tmp_path):
+    save_tiny("gpt2", tmp_path)
+    ckpt = open_checkpoint(tmp_path)
+    spec = QuantSpec(bits=4, symmetric=True, group_size=32, method="gptq")
+    plans = plan_quantization(ckpt.tensors.values(), spec, ckpt.config, include=["*.mlp.c_fc"])
+    got = []
+    summary = quantize_layerwise(ckpt, plans, spec, samples(), samples=6, seq_len=64, damp=0.01, device="cpu",
+                                 emit=lambda name, w, q, s, z, extra: got.append((name, extra)))
+    assert [n for n, _ in got] == ["transformer.h.0.mlp.c_fc.weight", "transformer.h.1.mlp.c_fc.weight"]
+    assert summary["uncalibrated"] == [n for n, _ in got] and summary["calibrated"] == 0
+    assert all(not e["calibrated"] and "Conv1D" in e["note"] and e["method"] == "mse" for _, e in got)
