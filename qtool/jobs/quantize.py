@@ -136,7 +136,9 @@ def quantize(source, out, spec: QuantSpec | None = None, *, include=(), exclude=
     for row in report["layers"]:
         p = plans.get(row["name"])
         if p is not None:
-            row["reason"] = describe_scheme(spec) + f", {spec.method}" if p.quantize else p.reason
+            # A calibrated run says per weight which method ran (one outside the walked layers gets mse, no data).
+            method = extras.get(row["name"], {}).get("method") or spec.method
+            row["reason"] = f"{describe_scheme(spec)}, {method}" if p.quantize else p.reason
         row["error"] = errors.get(row["name"])
         if row["name"] in extras:
             row.update(extras[row["name"]])
