@@ -4,7 +4,6 @@ Asking for cuda where there is none is an error, never a silent fallback to cpu.
 """
 from __future__ import annotations
 
-import contextlib
 import re
 
 import torch
@@ -32,18 +31,3 @@ def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
     if index >= count:
         raise QtoolError("--device", f"{name} was asked for but only {count} cuda device(s) exist")
     return torch.device("cuda", index)
-
-
-@contextlib.contextmanager
-def exact_matmul(device: torch.device):
-    """TF32 off while Hessians and GPTQ updates run: TF32's 10-bit mantissa would change results by device."""
-    if device.type != "cuda":
-        yield
-        return
-    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old

@@ -19,8 +19,10 @@ from ..progress import NullProgress
 from ..quant.spec import QuantSpec
 from .collect import Hooks
 from .data import is_stats_file, load_calibration
-from .device import exact_matmul, resolve_device
-from .methods import output_error, quantize_weight, reconstruct
+from ..quant.gptq import exact_matmul
+from .device import resolve_device
+from ..quant.gptq import output_error
+from .methods import quantize_weight, reconstruct
 from .model import is_conv1d, layer_prefix, model_type
 from .stats import load_stats
 

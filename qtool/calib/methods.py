@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from ..quant.core import dequantize, minmax_qparams, quantize
-from ..quant.gptq import gptq_quantize, output_error  # noqa: F401  (re-exported for the walk)
+from ..quant.gptq import gptq_quantize
 from ..quant.search import mse_qparams
 from ..quant.spec import QuantSpec
 

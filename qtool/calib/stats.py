@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ..errors import QtoolError
-from .data import STATS_FORMAT, is_stats_file  # noqa: F401  (jobs ask stats whether a file is one)
+from .data import STATS_FORMAT
 
 VERSION = "1"
 SUFFIXES = ("input_sum_sq", "input_absmax", "input_count")

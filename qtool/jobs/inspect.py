@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 from ..checkpoint import Checkpoint, open_checkpoint
 from ..errors import QtoolError

@@ -7,7 +7,6 @@ for a compressed-tensors base) → write with the base's names, shards and files
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import torch
 

@@ -7,7 +7,6 @@ writer's thread puts finished bytes on disk. With calibration data the walk goes
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import torch
 
@@ -65,7 +64,8 @@ def quantize(source, out, spec: QuantSpec | None = None, *, include=(), exclude=
 
     importance, calib_data = {}, None
     if calib is not None:
-        from ..calib.stats import is_stats_file, load_stats
+        from ..calib.data import is_stats_file
+        from ..calib.stats import load_stats
         if is_stats_file(calib):
             if spec.method != "mse":
                 raise QtoolError(calib, f"a statistics file feeds --method mse only; --method {spec.method} needs calibration data")

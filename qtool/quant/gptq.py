@@ -21,7 +21,8 @@ DAMP_RETRIES = 3  # damping is raised x10 this many times before giving up
 
 
 @contextlib.contextmanager
-def _no_tf32(device: torch.device):
+def exact_matmul(device: torch.device):
+    """TF32 off while Hessians and GPTQ updates run: TF32's 10-bit mantissa would change results by device."""
     if device.type != "cuda":
         yield
         return
@@ -78,7 +79,7 @@ def gptq_quantize(
         raise ValueError(f"hessian shape {tuple(hessian.shape)} does not match {cols} input columns")
     device = w.device
     sdt = scale_dtype_for(w.dtype)
-    with _no_tf32(device), torch.no_grad():
+    with exact_matmul(device), torch.no_grad():
         H = hessian.to(device=device, dtype=torch.float32).clone()
         if not bool(torch.isfinite(H).all()):
             raise QtoolError(name or "weight", "hessian has non-finite values")

@@ -15,12 +15,10 @@ from __future__ import annotations
 import torch
 
 from .core import (
-    as_groups,
     check_shape,
     group_minmax,
     grouped,
     qparams_from_minmax,
-    rows_per_chunk,
     scale_dtype_for,
 )
 from .spec import QuantSpec

@@ -6,7 +6,6 @@ parameters are those of `weight_shape`, its bytes are those of all its stored pa
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import torch
 
