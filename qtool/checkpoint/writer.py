@@ -26,6 +26,7 @@ from ..errors import QtoolError
 from .safetensors_header import DTYPE_CODES
 
 DEFAULT_MAX_SHARD_BYTES = 5_000_000_000  # transformers' long-standing default shard size
+WRITE_BEHIND_BYTES = 64 * 2**20  # bytes handed to the file thread but not yet on disk (beyond one tensor)
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,9 @@ class CheckpointWriter:
         self._pending: dict[str, torch.Tensor] = {}
         self._next = 0
         self._index: dict | None = None
-        self._queue: queue.Queue = queue.Queue(maxsize=3)
+        self._queue: queue.Queue = queue.Queue()
+        self._queued = 0  # bytes in the queue; bounded by WRITE_BEHIND_BYTES so memory stays flat
+        self._room = threading.Condition()
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
 
@@ -141,14 +144,14 @@ class CheckpointWriter:
             self._next += 1
 
     def _put(self, item) -> None:
-        while True:
+        nbytes = item[1].numel() * item[1].element_size() if item is not None else 0
+        with self._room:
+            while self._queued and self._queued + nbytes > WRITE_BEHIND_BYTES and not self._error:
+                self._room.wait(0.2)
             if self._error:
                 self._raise()
-            try:
-                self._queue.put(item, timeout=0.2)
-                return
-            except queue.Full:
-                continue
+            self._queued += nbytes
+        self._queue.put(item)
 
     def _drain(self) -> None:
         current, f = None, None
@@ -170,18 +173,17 @@ class CheckpointWriter:
                     current = shard
                 if t.numel():
                     f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+                with self._room:
+                    self._queued -= t.numel() * t.element_size()
+                    self._room.notify_all()
                 remaining[shard] -= 1
                 if remaining[shard] == 0:
                     f.close()
                     f, current = None, None
         except BaseException as e:  # surfaced to the caller on its next call
-            self._error = e
-            while True:  # unblock a producer waiting on a full queue
-                try:
-                    if self._queue.get_nowait() is None:
-                        break
-                except queue.Empty:
-                    break
+            with self._room:
+                self._error = e
+                self._room.notify_all()
         finally:
             if f is not None:
                 f.close()
@@ -233,10 +235,7 @@ class CheckpointWriter:
     def _abort(self) -> None:
         if self._thread is not None and self._thread.is_alive():
             self._error = self._error or RuntimeError("aborted")
-            try:
-                self._queue.put_nowait(None)
-            except queue.Full:
-                pass
+            self._queue.put(None)
             self._thread.join(timeout=10)
         if self.tmp is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)

@@ -10,7 +10,7 @@ import torch
 
 from ..checkpoint import Checkpoint, CheckpointWriter
 
-PREFETCH_BYTES = 512 * 2**20  # read ahead at most this much while the current tensor is processed
+PREFETCH_BYTES = 64 * 2**20  # read ahead at most this much (beyond one tensor) while the current one is processed
 
 
 def prefetch(read, names: Iterable[str], sizes: dict[str, int]) -> Iterator[tuple[str, torch.Tensor]]:

@@ -6,6 +6,7 @@ writer's thread puts finished bytes on disk. With calibration data the walk goes
 """
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -82,9 +83,10 @@ def quantize(source, out, spec: QuantSpec | None = None, *, include=(), exclude=
 
     def emit(writer, name, w, q, scale, zp, extra=None):
         p = plans[name]
-        _check_finite(name, w)
         w_hat = dequantize(q, scale, zp, spec, dtype=w.dtype)
         errors[name] = error_stats(w, w_hat)
+        if not all(map(math.isfinite, (errors[name]["rel_error"], errors[name]["mse"]))):
+            _check_finite(name, w)  # NaN/Inf in w poison its norm: only then pay for a full scan, to count them
         if extra:
             extras[name] = extra
         for k, v in ct.compress(p.module, q.cpu(), scale.cpu(), None if zp is None else zp.cpu(), spec, p.shape).items():
@@ -118,7 +120,6 @@ def quantize(source, out, spec: QuantSpec | None = None, *, include=(), exclude=
             for name, t in prefetch(ckpt.get, order, {n: i.nbytes for n, i in ckpt.tensors.items()}):
                 p = plans[name]
                 if p.quantize:
-                    _check_finite(name, t)
                     w = t.to(dev)
                     q, scale, zp = quantize_weight(w, spec, importance.get(p.module))
                     emit(writer, name, w, q, scale, zp)
