@@ -16,13 +16,13 @@ from ..errors import QtoolError
 from ..formats import compressed_tensors as ct
 from ..plan import TensorPlan, plan_quantization
 from ..progress import NullProgress
-from ..quant.core import dequantize, error_stats, minmax_qparams, quantize as quantize_tensor, scale_dtype_for
+from ..quant.core import ErrorAccumulator, dequantize, error_stats, minmax_qparams, quantize as quantize_tensor, scale_dtype_for
 from ..quant.search import mse_qparams
 from ..quant.spec import QuantSpec
 from ..report.errors import gate, summarize
 from ..report.render import write_json
 from ..report.size import describe_scheme, size_report
-from .common import copy_side_files, prefetch, timing
+from .common import copy_side_files, ordered_map, per_worker_threads, prefetch, timing, workers_for
 
 
 def _check_finite(name: str, w: torch.Tensor) -> None:
@@ -37,13 +37,16 @@ def _output_specs(plan: TensorPlan, spec: QuantSpec) -> list[tuple]:
     return [(plan.name, plan.shape, plan.dtype)]
 
 
-def quantize_weight(w: torch.Tensor, spec: QuantSpec, importance: torch.Tensor | None = None):
-    """Scales by the spec's method (rtn or mse), then the integer codes. Returns (q, scale, zero_point)."""
+def quantize_with_error(w: torch.Tensor, spec: QuantSpec, importance: torch.Tensor | None = None):
+    """Scales by the spec's method (rtn or mse), then the integer codes, measuring the error on the way.
+    Returns (q, scale, zero_point, error stats)."""
     if spec.method == "rtn":
         scale, zp = minmax_qparams(w, spec)
     else:
         scale, zp = mse_qparams(w, spec, importance=importance)
-    return quantize_tensor(w, scale, zp, spec), scale, zp
+    acc = ErrorAccumulator()
+    q = quantize_tensor(w, scale, zp, spec, errors=acc)
+    return q, scale, zp, acc.stats()
 
 
 def quantize(source, out, spec: QuantSpec | None = None, *, include=(), exclude=(), calib=None, calib_samples=128,
@@ -81,16 +84,30 @@ def quantize(source, out, spec: QuantSpec | None = None, *, include=(), exclude=
     errors: dict[str, dict] = {}
     extras: dict[str, dict] = {}
 
-    def emit(writer, name, w, q, scale, zp, extra=None):
+    def encode(name, w, q, scale, zp, err=None) -> tuple[dict, dict]:
+        """The stored parts of one quantized weight and its error against the source."""
         p = plans[name]
-        w_hat = dequantize(q, scale, zp, spec, dtype=w.dtype)
-        errors[name] = error_stats(w, w_hat)
-        if not all(map(math.isfinite, (errors[name]["rel_error"], errors[name]["mse"]))):
+        err = err if err is not None else error_stats(w, dequantize(q, scale, zp, spec, dtype=w.dtype))
+        if not all(map(math.isfinite, (err["rel_error"], err["mse"]))):
             _check_finite(name, w)  # NaN/Inf in w poison its norm: only then pay for a full scan, to count them
+        return ct.compress(p.module, q.cpu(), scale.cpu(), None if zp is None else zp.cpu(), spec, p.shape), err
+
+    def emit(writer, name, w, q, scale, zp, extra=None):
+        parts, errors[name] = encode(name, w, q, scale, zp)
         if extra:
             extras[name] = extra
-        for k, v in ct.compress(p.module, q.cpu(), scale.cpu(), None if zp is None else zp.cpu(), spec, p.shape).items():
+        for k, v in parts.items():
             writer.write(k, v)
+
+    def transform(name, t):
+        """One source tensor → its output tensors (runs on a worker thread)."""
+        p = plans[name]
+        if not p.quantize:
+            return name, {name: t}, None
+        w = t.to(dev)
+        q, scale, zp, err = quantize_with_error(w, spec, importance.get(p.module))
+        parts, err = encode(name, w, q, scale, zp, err)
+        return name, parts, err
 
     if allow_nonfinite:
         # Which weights hold NaN/Inf decides the output layout, so find them before planning the files.
@@ -117,15 +134,15 @@ def quantize(source, out, spec: QuantSpec | None = None, *, include=(), exclude=
                                emit=lambda name, w, q, scale, zp, extra=None: emit(writer, name, w, q, scale, zp, extra))
         else:
             progress.start("quantizing", total=sum(ckpt.tensors[n].nbytes for n in order))
-            for name, t in prefetch(ckpt.get, order, {n: i.nbytes for n, i in ckpt.tensors.items()}):
-                p = plans[name]
-                if p.quantize:
-                    w = t.to(dev)
-                    q, scale, zp = quantize_weight(w, spec, importance.get(p.module))
-                    emit(writer, name, w, q, scale, zp)
-                else:
-                    writer.write(name, t)
-                progress.advance(ckpt.tensors[name].nbytes, description=name)
+            workers = workers_for(dev)
+            reads = prefetch(ckpt.get, order, {n: i.nbytes for n, i in ckpt.tensors.items()})
+            with per_worker_threads(workers):
+                for name, parts, err in ordered_map(transform, reads, workers):
+                    if err is not None:
+                        errors[name] = err
+                    for k, v in parts.items():
+                        writer.write(k, v)
+                    progress.advance(ckpt.tensors[name].nbytes, description=name)
         ignore = sorted(p.module for p in plans.values() if p.linear and not p.quantize)
         config = dict(ckpt.config or {})
         config["quantization_config"] = ct.quantization_config(spec, ignore)

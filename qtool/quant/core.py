@@ -124,9 +124,14 @@ def minmax_qparams(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torc
 
 
 def quantize(
-    w: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, spec: QuantSpec
+    w: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, spec: QuantSpec,
+    errors: "ErrorAccumulator | None" = None,
 ) -> torch.Tensor:
-    """q = clamp(round(w / scale + zp), qmin, qmax) as int8 [out, in], in CT's dtypes, row chunk by chunk."""
+    """q = clamp(round(w / scale + zp), qmin, qmax) as int8 [out, in], in CT's dtypes, row chunk by chunk.
+
+    With `errors`, each chunk's reconstruction (q - zp)·scale (in the scale's dtype, as `dequantize` computes it)
+    is compared with w while both are still in cache, so no dense Ŵ is ever built: errors.stats() afterwards.
+    """
     check_shape(w, spec)
     rows, cols = w.shape
     out = torch.empty((rows, cols), dtype=torch.int8, device=w.device)
@@ -142,10 +147,17 @@ def quantize(
             buf = torch.empty(x.shape, dtype=work_dtype, device=w.device)
         sc = s if s.shape[0] == 1 else s[r0:r1]
         torch.div(x, sc, out=buf)
+        zc = None
         if z is not None:
-            buf.add_((z if z.shape[0] == 1 else z[r0:r1]).to(w.dtype))
+            zc = z if z.shape[0] == 1 else z[r0:r1]
+            buf.add_(zc.to(w.dtype))
         buf.clamp_(spec.qmin, spec.qmax).round_()
         out[r0:r1].view(buf.shape).copy_(buf)
+        if errors is not None:
+            x_hat = buf.to(scale.dtype)
+            if zc is not None:
+                x_hat.sub_(zc.to(scale.dtype))
+            errors.add(x, x_hat.mul_(sc))
     return out
 
 
@@ -185,38 +197,57 @@ def _dot(x: torch.Tensor, y: torch.Tensor, run: int = 1024) -> float:
     return total
 
 
-def error_stats(w: torch.Tensor, w_hat: torch.Tensor) -> dict:
-    """rel_error, sqnr_db, max_abs, mse, cosine of a reconstruction (float32 math, float64 sums).
+class ErrorAccumulator:
+    """Sums for rel_error, sqnr_db, max_abs, mse and cosine, fed chunk by chunk (float32 math, float64 sums)."""
 
-    sqnr_db is capped at SQNR_CAP_DB for an exact reconstruction so the dict stays JSON-safe.
-    """
+    def __init__(self):
+        self.ss_w = self.ss_h = self.dot = self.ss_d = self.max_abs = 0.0
+        self.n = 0
+
+    def add(self, w: torch.Tensor, w_hat: torch.Tensor) -> None:
+        x = w.float().reshape(-1)
+        y = w_hat.float().reshape(-1)
+        d = x - y
+        # three dots give all four sums: w·ŵ = w·w − w·d and ŵ·ŵ = w·w − 2 w·d + d·d
+        ww, wd, dd = _dot(x, x), _dot(x, d), _dot(d, d)
+        self.ss_w += ww
+        self.ss_d += dd
+        self.dot += ww - wd
+        self.ss_h += ww - 2 * wd + dd
+        self.n += d.numel()
+        if d.numel():
+            lo, hi = torch.aminmax(d)
+            self.max_abs = max(self.max_abs, float(hi), -float(lo))
+
+    def stats(self) -> dict:
+        """sqnr_db is capped at SQNR_CAP_DB for an exact reconstruction so the dict stays JSON-safe."""
+        nw, nd, nh = math.sqrt(self.ss_w), math.sqrt(self.ss_d), math.sqrt(self.ss_h)
+        if nd == 0.0:
+            rel = 0.0
+        else:
+            rel = nd / nw if nw > 0 else float(torch.finfo(torch.float32).max)
+        if rel == 0.0:
+            sqnr = SQNR_CAP_DB
+        elif math.isnan(rel):  # NaN/Inf in w: keep it visible (min() would hide a NaN)
+            sqnr = rel
+        else:
+            sqnr = min(SQNR_CAP_DB, -20.0 * math.log10(rel))
+        if nw > 0 and nh > 0:
+            cosine = max(-1.0, min(1.0, self.dot / (nw * nh)))
+        else:
+            cosine = 1.0 if nw == nh else 0.0
+        return {"rel_error": rel, "sqnr_db": sqnr, "max_abs": self.max_abs, "mse": self.ss_d / max(self.n, 1),
+                "cosine": cosine}
+
+
+def error_stats(w: torch.Tensor, w_hat: torch.Tensor) -> dict:
+    """rel_error, sqnr_db, max_abs, mse, cosine of a reconstruction, one cache-sized chunk at a time."""
     if w.shape != w_hat.shape:
         raise ValueError(f"shapes differ: {tuple(w.shape)} vs {tuple(w_hat.shape)}")
     a = w.reshape(w.shape[0] if w.ndim > 1 else 1, -1)
     b = w_hat.reshape(a.shape)
-    ss_w = ss_d = ss_h = dot = 0.0
-    max_abs = 0.0
+    acc = ErrorAccumulator()
     step = rows_per_chunk(a.shape[1])
     for r0 in range(0, a.shape[0], step):
-        x = a[r0:r0 + step].float().reshape(-1)
-        y = b[r0:r0 + step].float().reshape(-1)
-        d = x - y
-        ss_w += _dot(x, x)
-        ss_h += _dot(y, y)
-        dot += _dot(x, y)
-        ss_d += _dot(d, d)
-        if d.numel():
-            lo, hi = torch.aminmax(d)
-            max_abs = max(max_abs, float(hi), -float(lo))
-    n = max(a.numel(), 1)
-    nw, nd, nh = math.sqrt(ss_w), math.sqrt(ss_d), math.sqrt(ss_h)
-    if nd == 0.0:
-        rel = 0.0
-    else:
-        rel = nd / nw if nw > 0 else float(torch.finfo(torch.float32).max)
-    sqnr = SQNR_CAP_DB if rel == 0.0 else min(SQNR_CAP_DB, -20.0 * math.log10(rel))
-    if nw > 0 and nh > 0:
-        cosine = max(-1.0, min(1.0, dot / (nw * nh)))
-    else:
-        cosine = 1.0 if nw == nh else 0.0
-    return {"rel_error": rel, "sqnr_db": sqnr, "max_abs": max_abs, "mse": ss_d / n, "cosine": cosine}
+        acc.add(a[r0:r0 + step], b[r0:r0 + step])
+    return acc.stats()
