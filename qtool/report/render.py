@@ -90,6 +90,17 @@ def render(report: dict, top: int = 10, console: Console | None = None) -> None:
     console.print(est)
 
     layers = report["layers"]
+    merged = [r for r in layers if r.get("delta_rel_norm") is not None]
+    if merged:
+        big = sorted(merged, key=lambda r: -r["delta_rel_norm"])[:top]
+        mt = Table(title=f"largest changes: {len(big)} of {len(merged)} merged tensors", title_justify="left")
+        for c in ("tensor", "how", "‖ΔW‖/‖W‖", "requant rel_error"):
+            mt.add_column(c, justify="left" if c in ("tensor", "how") else "right")
+        for r in big:
+            mt.add_row(r["name"], str(r.get("reason") or ""), _num(r["delta_rel_norm"]),
+                       _num(r["error"]["rel_error"]) if r.get("error") else "-")
+        console.print(mt)
+        return _render_gate(report, console)
     with_error = [r for r in layers if r.get("error")]
     if with_error:
         worst = sorted(with_error, key=lambda r: -r["error"]["rel_error"])[:top]
@@ -113,6 +124,10 @@ def render(report: dict, top: int = 10, console: Console | None = None) -> None:
         for r in big:
             lt.add_row(r["name"], "×".join(map(str, r["shape"])), r["dtype"], human_bytes(r["bytes"]))
         console.print(lt)
+    _render_gate(report, console)
+
+
+def _render_gate(report: dict, console: Console) -> None:
     g = report.get("gate")
     if g:
         verdict = "[green]passed[/]" if g["passed"] else f"[red]FAILED[/] ({len(g['failed'])} tensors: {', '.join(g['failed'][:5])}{'…' if len(g['failed']) > 5 else ''})"
