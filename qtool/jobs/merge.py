@@ -102,7 +102,7 @@ def _merge_plain(bck, op: TensorOp, base_t: torch.Tensor, dtype: torch.dtype, ro
     if rel is None or op.replace:  # measured against the base, not the adapter's copy
         rel = relative_norm(merged - base_t.float(), base_t)
     rows[op.name] = {"delta_rel_norm": rel, "how": _how(op)}
-    return merged.to(dtype)
+    return merged.to(dtype, copy=True)  # merged may be a reused scratch buffer: the writer gets its own tensor
 
 
 def _merge_quantized(bck, q: "_QuantizedBase", op: TensorOp, mw: ModuleWeight, rows: dict) -> dict:

@@ -8,6 +8,7 @@ the low-precision weight (computed in fp32, rounded once), which is also what on
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -37,12 +38,26 @@ class LoraTerm:
         return self.A.shape[0]
 
 
-def delta_weight(t: LoraTerm) -> torch.Tensor:
-    """wᵢ·sᵢ·Bᵢ@Aᵢ in the base weight's orientation (PEFT get_delta_weight; wᵢ = 1 leaves it bit-identical).
+_SCRATCH = threading.local()
 
-    Scaled in place: one full-size temporary, not two (fresh pages cost more than the arithmetic here)."""
+
+def scratch(slot: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """A float32 buffer of this thread, reused from tensor to tensor: a fresh 40 MB tensor costs more in page
+    faults than the arithmetic done in it. Valid until the next call for the same slot."""
+    bufs = _SCRATCH.__dict__.setdefault("bufs", {})
+    n = math.prod(shape)
+    buf = bufs.get(slot)
+    if buf is None or buf.numel() < n:
+        buf = bufs[slot] = torch.empty(n, dtype=torch.float32)
+    return buf[:n].view(shape)
+
+
+def delta_weight(t: LoraTerm, out: torch.Tensor | None = None) -> torch.Tensor:
+    """wᵢ·sᵢ·Bᵢ@Aᵢ in the base weight's orientation (PEFT get_delta_weight; wᵢ = 1 leaves it bit-identical),
+    scaled in place, into `out` when given ([out_features, in_features] float32 on the CPU)."""
     s = t.scaling if t.weight == 1.0 else t.scaling * t.weight
-    d = (t.B @ t.A).mul_(s)
+    d = torch.matmul(t.B, t.A, out=out) if out is not None else t.B @ t.A
+    d.mul_(s)
     return d if t.kind == "linear" else d.T
 
 
@@ -51,10 +66,17 @@ def merge_weight(W: torch.Tensor, terms: list[LoraTerm], inplace: bool = False) 
 
     inplace=True lets a float32 W be overwritten (the streaming job owns it); otherwise W is left alone.
     """
-    D = delta_weight(terms[0])
+    cpu = W.device.type == "cpu" and terms[0].B.device.type == "cpu"
+    shape = (terms[0].B.shape[0], terms[0].A.shape[1])
+    D = delta_weight(terms[0], out=scratch("delta", shape) if cpu else None)
     for t in terms[1:]:
-        D = D + delta_weight(t)
-    W32 = W.float()
+        D.add_(delta_weight(t, out=scratch("term", shape) if cpu else None))
+    if W.dtype == torch.float32:
+        W32 = W
+    elif cpu:
+        W32 = scratch("weight", tuple(W.shape)).copy_(W)  # same values as W.float(), no fresh pages
+    else:
+        W32 = W.float()
     w_norm = float(torch.linalg.vector_norm(W32))
     dora = terms[0].magnitude
     if dora is None:
