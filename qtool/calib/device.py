@@ -31,3 +31,21 @@ def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
     if index >= count:
         raise QtoolError("--device", f"{name} was asked for but only {count} cuda device(s) exist")
     return torch.device("cuda", index)
+
+
+def _libc_malloc_trim():
+    try:
+        import ctypes
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        return None
+
+
+_MALLOC_TRIM = _libc_malloc_trim()
+
+
+def release_host_memory() -> None:
+    """Hand freed heap pages back to the OS after a block: glibc keeps them otherwise, and a walk that frees a
+    layer's Hessians and weights each block would see its resident memory creep up layer after layer."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .device import release_host_memory
 from .model import (ARCHITECTURES, build_skeleton, free_module, layer_prefix, layers_of, linear_modules,
                     load_module, model_type)
 
@@ -110,6 +111,7 @@ class LayerWalk:
                 yield i, prefix, layer
             finally:
                 free_module(layer)
+                release_host_memory()
 
     def linears(self, prefix: str, layer: nn.Module) -> dict[str, nn.Module]:
         """The block's linear modules by their checkpoint module name."""
