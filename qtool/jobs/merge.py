@@ -16,7 +16,7 @@ from ..lora.adapter import Adapter, read_adapter
 from ..lora.merge import all_finite, merge_bias, merge_weight, relative_norm
 from ..lora.plan import ModuleWeight, TensorOp, plan_merge
 from ..progress import NullProgress
-from .common import prefetch
+from .common import ordered_map, per_worker_threads, prefetch, workers_for
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -51,29 +51,38 @@ def merge_lora(base: str, adapters: list[str], out: str, weights: list[float] | 
         shards, index = _layout(bck, specs)
         w.plan([(n, *specs[n]) for n in order], shards=shards, index=index)
         progress.start("merging", sum(i.nbytes for i in bck.tensors.values()))
-        done = set()
-        # Dense tensors are read ahead on a thread while the current one merges (same order as the loop).
-        plain = [n for n in order if n not in by_module]
-        reads = prefetch(bck.get, plain, {n: bck.tensors[n].nbytes for n in plain})
+        # Units of work in file order: a dense tensor, or a quantized module (all its stored parts come from one
+        # requantization). Dense tensors are read ahead on a thread; units run side by side on workers.
+        units, seen = [], set()
         for name in order:
-            if name in done:
-                continue
-            op = plan.ops.get(name)
             module = by_module.get(name)
-            if module is not None:  # a quantized module: all its stored parts come from one requantization
-                for n, t in _merge_quantized(bck, q, plan.ops[module.name], module, rows).items():
+            if module is None:
+                units.append(("tensor", name))
+            elif id(module) not in seen:
+                units.append(("module", module))
+                seen.add(id(module))
+        plain = [key for kind, key in units if kind == "tensor"]
+        reads = prefetch(bck.get, plain, {n: bck.tensors[n].nbytes for n in plain})
+
+        def items():
+            for kind, key in units:
+                yield (kind, key, next(reads)[1] if kind == "tensor" else None)
+
+        def work(kind, key, t):
+            if kind == "module":
+                parts = _merge_quantized(bck, q, plan.ops[key.name], key, rows)
+                return list(parts.items()), sum(bck.tensors[n].nbytes for n in q.parts(key.name.rsplit(".", 1)[0]))
+            op = plan.ops.get(key)
+            dtype = specs[key][1]
+            out = (t if t.dtype == dtype else t.to(dtype)) if op is None else _merge_plain(bck, op, t, dtype, rows)
+            return [(key, out)], bck.tensors[key].nbytes
+
+        workers = workers_for(torch.device("cpu"))
+        with per_worker_threads(workers):
+            for outputs, nbytes in ordered_map(work, items(), workers):
+                for n, t in outputs:
                     w.write(n, t)
-                    done.add(n)
-                progress.advance(sum(bck.tensors[n].nbytes for n in q.parts(module.name.rsplit(".", 1)[0])))
-                continue
-            got, t = next(reads)
-            assert got == name
-            if op is None:
-                w.write(name, t if t.dtype == specs[name][1] else t.to(specs[name][1]))
-            else:
-                w.write(name, _merge_plain(bck, op, t, specs[name][1], rows))
-            done.add(name)
-            progress.advance(bck.tensors[name].nbytes)
+                progress.advance(nbytes)
         extra = _copy_extra_files(w, bck, out_dtype)
     report = _report(out, base, adapters, ads, weights, bck, plan, rows, start)
     report["copied_files"] = extra
