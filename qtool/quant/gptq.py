@@ -40,13 +40,17 @@ def _inverse_cholesky(h: torch.Tensor, damp: float, name: str) -> torch.Tensor:
     mean_diag = torch.mean(torch.diagonal(h))
     idx = torch.arange(h.shape[0], device=h.device)
     d = damp
+    # Each [in, in] matrix is freed as soon as the next one exists: at most three are alive at once.
     for _ in range(DAMP_RETRIES + 1):
         hd = h.clone()
         hd[idx, idx] += d * mean_diag
         L, info = torch.linalg.cholesky_ex(hd)
+        del hd
         if int(info) == 0:
             hinv = torch.cholesky_inverse(L)
+            del L
             U, info = torch.linalg.cholesky_ex(hinv, upper=True)
+            del hinv
             if int(info) == 0 and bool(torch.isfinite(U).all()):
                 return U
         d *= 10
@@ -80,13 +84,11 @@ def gptq_quantize(
     device = w.device
     sdt = scale_dtype_for(w.dtype)
     with exact_matmul(device), torch.no_grad():
-        H = hessian.to(device=device, dtype=torch.float32).clone()
+        H = hessian.to(device=device, dtype=torch.float32)
         if not bool(torch.isfinite(H).all()):
             raise QtoolError(name or "weight", "hessian has non-finite values")
-        diag = torch.diagonal(H)
-        dead = diag <= 0
-        H[dead, dead] = 1.0
-        importance = torch.diagonal(H).clone()
+        dead = torch.diagonal(H) <= 0
+        importance = torch.where(dead, 1.0, torch.diagonal(H))
         W = w.to(torch.float32).clone()
 
         width = spec.group_width(cols)
@@ -102,7 +104,12 @@ def gptq_quantize(
         perm = torch.argsort(importance, descending=True, stable=True) if act_order else None
         if perm is not None:
             W = W[:, perm]
-            H = H[perm][:, perm]
+            H = H.index_select(0, perm).index_select(1, perm)  # a permuted copy: the caller's H is left alone
+        else:
+            H = H.clone()
+        # dead columns (no input ever reached them) get H[i, i] = 1: quantized on their own, no error spread
+        dead_now = dead[perm] if perm is not None else dead
+        H[dead_now, dead_now] = 1.0
         U = _inverse_cholesky(H, damp, name)
         del H
 
@@ -159,13 +166,17 @@ def gptq_quantize(
         return Q.contiguous(), scale, zp
 
 
-def output_error(w: torch.Tensor, w_hat: torch.Tensor, hessian: torch.Tensor) -> float:
-    """‖XWᵀ − XŴᵀ‖_F / ‖XWᵀ‖_F from H = XᵀX: sqrt(tr(ΔW H ΔWᵀ) / tr(W H Wᵀ))."""
-    H = hessian.to(torch.float64)
-    W = w.to(torch.float64)
-    D = W - w_hat.to(torch.float64)
-    num = float(((D @ H) * D).sum())
-    den = float(((W @ H) * W).sum())
+def output_error(w: torch.Tensor, w_hat: torch.Tensor, hessian: torch.Tensor, rows: int = 256) -> float:
+    """‖XWᵀ − XŴᵀ‖_F / ‖XWᵀ‖_F from H = XᵀX: sqrt(tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)).
+
+    float32 products over row chunks, float64 sums: no float64 copy of H or W (they can be hundreds of MB)."""
+    H = hessian.to(torch.float32)
+    num = den = 0.0
+    for r0 in range(0, w.shape[0], rows):
+        W = w[r0:r0 + rows].to(torch.float32)
+        D = W - w_hat[r0:r0 + rows].to(torch.float32)
+        num += float(((D @ H) * D).sum(dtype=torch.float64))
+        den += float(((W @ H) * W).sum(dtype=torch.float64))
     if den <= 0:
         return 0.0 if num <= 0 else float("inf")
     return (max(num, 0.0) / den) ** 0.5
