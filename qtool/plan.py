@@ -20,8 +20,9 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _EMBEDDING_PARTS = {"wte", "wpe", "shared", "word_embeddings", "position_embeddings", "token_type_embeddings"}
 _HEAD_PARTS = {"lm_head", "embed_out", "output"}
 # GPT-2-style Conv1D modules store [in, out] weights and are not nn.Linear: compressed-tensors targets Linear.
-_CONV1D_MODEL_TYPES = {"gpt2", "openai-gpt", "imagegpt", "decision_transformer", "clvp"}
-_CONV1D_PARTS = {"c_attn", "c_proj", "c_fc", "q_attn"}
+# The models whose c_attn/q_attn/c_proj/c_fc are Conv1D (`= Conv1D(` in transformers 5.24 models/); lora uses it too.
+CONV1D_MODEL_TYPES = {"gpt2", "openai-gpt", "imagegpt", "decision_transformer", "clvp", "clvp_decoder"}
+CONV1D_PARTS = {"c_attn", "c_proj", "c_fc", "q_attn"}
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,7 @@ def default_role(name: str, shape: tuple[int, ...], dtype: torch.dtype, config: 
     if last in _HEAD_PARTS:
         return False, True, "output head (lm_head)"
     model_type = (config or {}).get("model_type")
-    if model_type in _CONV1D_MODEL_TYPES and last in _CONV1D_PARTS:
+    if model_type in CONV1D_MODEL_TYPES and last in CONV1D_PARTS:
         return False, False, "GPT-2 Conv1D weight (compressed-tensors and vLLM quantize nn.Linear only)"
     return True, True, "linear weight"
 

@@ -10,6 +10,7 @@ import re
 from dataclasses import dataclass
 
 from ..errors import QtoolError
+from ..plan import CONV1D_MODEL_TYPES, CONV1D_PARTS as CONV1D_LEAVES  # one list of GPT-2-style Conv1D models
 from .config import LoraSettings
 
 PREFIX = "base_model.model."
@@ -28,10 +29,6 @@ _UNKNOWN_LORA = re.compile(r"(^|\.)lora_[A-Za-z_]+(\.|$)")
 # Saved full tensors (bias="all"/"lora_only", modules_to_save, saved embeddings) may carry wrapper infixes.
 _WRAPPER_INFIX = re.compile(r"\.(base_layer|modules_to_save\.[^.]+)(?=\.)")
 
-# transformers models whose c_attn/q_attn/c_proj/c_fc are Conv1D (weight stored [in, out]);
-# from `= Conv1D(` in transformers 5.24 models/.
-CONV1D_MODEL_TYPES = {"gpt2", "openai-gpt", "imagegpt", "decision_transformer", "clvp", "clvp_decoder"}
-CONV1D_LEAVES = {"c_attn", "q_attn", "c_proj", "c_fc"}
 
 
 @dataclass(frozen=True)
