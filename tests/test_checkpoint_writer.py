@@ -120,3 +120,11 @@ def test_disk_full_is_an_error_and_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(QtoolError, match="no space left on device"):
         _write(tmp_path / "out", _tensors())
     assert os.listdir(tmp_path) == []
+
+
+def test_missing_parent_folders_are_created(tmp_path):
+    _write(tmp_path / "a" / "b" / "out", _tensors())
+    assert sorted(os.listdir(tmp_path / "a" / "b")) == ["out"]
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(QtoolError, match="is not a folder"):
+        _write(tmp_path / "file" / "out", _tensors())

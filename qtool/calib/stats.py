@@ -38,7 +38,11 @@ def save_stats(path: str | Path, stats: dict[str, dict], metadata: dict) -> None
     from safetensors.torch import save_file
     path = Path(path)
     meta = {"format": STATS_FORMAT, "version": VERSION, **{k: str(v) for k, v in metadata.items()}}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise QtoolError(path.parent, f"cannot write here: {e.strerror or e}") from None
     os.close(fd)
     try:
         save_file(stats_tensors(stats), tmp, metadata=meta)

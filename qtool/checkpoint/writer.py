@@ -84,9 +84,10 @@ class CheckpointWriter:
         if self.out.exists() and not self.overwrite:
             raise QtoolError(self.out, "already exists; pass --overwrite to replace it")
         parent = self.out.parent
-        if not parent.is_dir():
-            raise QtoolError(parent, "output folder's parent does not exist")
+        if parent.exists() and not parent.is_dir():
+            raise QtoolError(parent, "is not a folder")
         try:
+            parent.mkdir(parents=True, exist_ok=True)  # `-o out/model-int4` works on a fresh checkout
             self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.", suffix=".qtool-tmp", dir=parent))
         except OSError as e:
             raise QtoolError(parent, f"cannot write here: {e.strerror or e}") from None

@@ -35,6 +35,7 @@ def write_json(report: dict, path) -> None:
     from pathlib import Path
     from ..errors import QtoolError
     try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(to_json(report), encoding="utf-8")
     except OSError as e:
         raise QtoolError(path, f"cannot write the report: {e.strerror or e}") from None
