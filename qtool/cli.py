@@ -29,6 +29,11 @@ def handle_errors(fn):
             _fail("out of memory")
         except KeyboardInterrupt:
             _fail("interrupted; no output was written", 130)
+        except BrokenPipeError:
+            # stdout's reader went away (`qtool inspect ... | head`): the work is done, say nothing more
+            import os
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(1)
         except OSError as e:
             _fail(f"{e.filename or 'I/O'}: {e.strerror or e}")
     return wrapper
