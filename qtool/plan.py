@@ -16,6 +16,16 @@ from .errors import QtoolError
 from .quant.spec import QuantSpec
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+DENSE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}  # --dtype choices
+
+
+def dense_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """A `--dtype` value (a name, a torch dtype or None) as a torch dtype."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DENSE_DTYPES:
+        raise QtoolError("--dtype", f"{dtype!r} is not one of {', '.join(DENSE_DTYPES)}")
+    return DENSE_DTYPES[dtype]
 # Module names (last part) that hold embeddings or output heads, across common architectures.
 _EMBEDDING_PARTS = {"wte", "wpe", "shared", "word_embeddings", "position_embeddings", "token_type_embeddings"}
 _HEAD_PARTS = {"lm_head", "embed_out", "output"}

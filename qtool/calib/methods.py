@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import torch
 
-from ..quant.core import dequantize, minmax_qparams, quantize
+from ..quant.core import dequantize, quantize
 from ..quant.gptq import gptq_quantize
-from ..quant.search import mse_qparams
+from ..quant.search import choose_qparams
 from ..quant.spec import QuantSpec
 
 GPTQ_BLOCK = 128
@@ -22,13 +22,9 @@ def quantize_weight(w: torch.Tensor, spec: QuantSpec, method: str, *, hessian: t
             raise ValueError("gptq needs the input Hessian")
         q, scale, zp = gptq_quantize(w, hessian, spec, damp=damp, block_size=GPTQ_BLOCK, name=name)
         return q, scale, zp, {"method": "gptq", "damp": damp, "act_order": True}
-    if method == "mse":
-        scale, zp = mse_qparams(w, spec, importance=importance)
-        return quantize(w, scale, zp, spec), scale, zp, {"method": "mse", "weighted": importance is not None}
-    if method == "rtn":
-        scale, zp = minmax_qparams(w, spec)
-        return quantize(w, scale, zp, spec), scale, zp, {"method": "rtn"}
-    raise ValueError(f"unknown method {method!r}")
+    scale, zp = choose_qparams(w, spec, method, importance=importance if method == "mse" else None)
+    info = {"method": method, "weighted": importance is not None} if method == "mse" else {"method": method}
+    return quantize(w, scale, zp, spec), scale, zp, info
 
 
 def reconstruct(q, scale, zp, spec: QuantSpec) -> torch.Tensor:

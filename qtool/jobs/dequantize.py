@@ -9,19 +9,19 @@ import torch
 from ..checkpoint import CheckpointWriter, open_checkpoint
 from ..errors import QtoolError
 from ..formats.dense import DenseView
+from ..plan import dense_dtype
 from ..progress import NullProgress
 from ..report.render import write_json
 from ..report.size import size_report
 from .common import copy_side_files, timing
 
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 def dequantize(source, out, dtype: str | torch.dtype | None = None, *, overwrite=False, revision=None,
                max_shard_bytes=None, report_path=None, progress=None) -> dict:
     start = time.perf_counter()
     progress = progress or NullProgress()
-    dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    dtype = dense_dtype(dtype)
     ckpt = open_checkpoint(source, revision)
     view = DenseView(ckpt)
     if view.spec is None:

@@ -15,11 +15,10 @@ from ..errors import QtoolError
 from ..lora.adapter import Adapter, read_adapter
 from ..lora.merge import all_finite, merge_bias, merge_weight, relative_norm
 from ..lora.plan import ModuleWeight, TensorOp, plan_merge
+from ..plan import FLOAT_DTYPES, dense_dtype
 from ..progress import NullProgress
 from .common import ordered_map, per_worker_threads, prefetch, workers_for
 
-_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def merge_lora(base: str, adapters: list[str], out: str, weights: list[float] | None = None,
@@ -33,9 +32,7 @@ def merge_lora(base: str, adapters: list[str], out: str, weights: list[float] | 
     """
     start = time.perf_counter()
     progress = progress or NullProgress()
-    out_dtype = _DTYPES[dtype] if isinstance(dtype, str) else dtype
-    if isinstance(dtype, str) and dtype not in _DTYPES:
-        raise QtoolError("--dtype", f"{dtype!r} is not one of {', '.join(_DTYPES)}")
+    out_dtype = dense_dtype(dtype)
     if not adapters:
         raise QtoolError("merge-lora", "no adapter given")
     weights = [1.0] * len(adapters) if weights is None else [float(w) for w in weights]
@@ -154,7 +151,7 @@ def _output_specs(bck, ops: dict, q, out_dtype):
                     quantized_parts.add(n)
     for name, info in bck.tensors.items():
         dt = info.dtype
-        if out_dtype is not None and dt in _FLOATS and not (q is not None and q.is_param(name)):
+        if out_dtype is not None and dt in FLOAT_DTYPES and not (q is not None and q.is_param(name)):
             dt = out_dtype
         specs[name] = (tuple(info.shape), dt)
     return specs, by_module
@@ -250,11 +247,8 @@ class _QuantizedBase:
         names = self.parts(module)
         scale_dtype = self.bck.tensors[f"{module}.weight_scale"].dtype
         w = merged.to(scale_dtype)
-        if self.spec.method == "rtn":
-            scale, zp = core.minmax_qparams(w, self.spec)
-        else:
-            from ..quant.search import mse_qparams
-            scale, zp = mse_qparams(w, self.spec)
+        from ..quant.search import choose_qparams
+        scale, zp = choose_qparams(w, self.spec)
         q = core.quantize(w, scale, zp, self.spec)
         stored = self.ct.compress(module, q, scale, zp, self.spec, tuple(merged.shape))
         if sorted(stored) != sorted(names):

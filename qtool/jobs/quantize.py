@@ -16,8 +16,8 @@ from ..errors import QtoolError
 from ..formats import compressed_tensors as ct
 from ..plan import TensorPlan, plan_quantization
 from ..progress import NullProgress
-from ..quant.core import ErrorAccumulator, dequantize, error_stats, minmax_qparams, quantize as quantize_tensor, scale_dtype_for
-from ..quant.search import mse_qparams
+from ..quant.core import ErrorAccumulator, dequantize, error_stats, quantize as quantize_tensor, scale_dtype_for
+from ..quant.search import choose_qparams
 from ..quant.spec import QuantSpec
 from ..report.errors import gate, summarize
 from ..report.render import write_json
@@ -40,10 +40,7 @@ def _output_specs(plan: TensorPlan, spec: QuantSpec) -> list[tuple]:
 def quantize_with_error(w: torch.Tensor, spec: QuantSpec, importance: torch.Tensor | None = None):
     """Scales by the spec's method (rtn or mse), then the integer codes, measuring the error on the way.
     Returns (q, scale, zero_point, error stats)."""
-    if spec.method == "rtn":
-        scale, zp = minmax_qparams(w, spec)
-    else:
-        scale, zp = mse_qparams(w, spec, importance=importance)
+    scale, zp = choose_qparams(w, spec, importance=importance)
     acc = ErrorAccumulator()
     q = quantize_tensor(w, scale, zp, spec, errors=acc)
     return q, scale, zp, acc.stats()

@@ -15,9 +15,9 @@ import torch.nn as nn
 from ..checkpoint import open_checkpoint
 from ..errors import QtoolError
 from ..formats import compressed_tensors as ct
+from ..plan import FLOAT_DTYPES
 from .quant_linear import QuantLinear
 
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def load(path: str | os.PathLike, model: nn.Module | None = None, device: str | torch.device = "cpu",
@@ -68,12 +68,12 @@ def _build_transformers(ckpt, dtype: torch.dtype | None) -> nn.Module:
 def _config_dtype(config: dict) -> torch.dtype | None:
     name = config.get("dtype") or config.get("torch_dtype")
     dt = getattr(torch, name, None) if isinstance(name, str) else None
-    return dt if dt in _FLOATS else None
+    return dt if dt in FLOAT_DTYPES else None
 
 
 def _stored_float_dtype(ckpt) -> torch.dtype:
     for info in ckpt.tensors.values():
-        if info.dtype in _FLOATS and not info.name.endswith("." + ct.SCALE):
+        if info.dtype in FLOAT_DTYPES and not info.name.endswith("." + ct.SCALE):
             return info.dtype
     return torch.float32
 
@@ -107,7 +107,7 @@ def _fill(model: nn.Module, ckpt, spec, modules: list[str], device: torch.device
             raise QtoolError(name, f"checkpoint shape {list(info.shape)} does not fit the model's {list(target.shape)}")
         t = ckpt.get(name)
         if t.is_floating_point():
-            t = t.to(dtype or (target.dtype if target.dtype in _FLOATS else t.dtype))
+            t = t.to(dtype or (target.dtype if target.dtype in FLOAT_DTYPES else t.dtype))
         t = t.to(device)
         if name in own:
             names = aliases.get(id(target), [name])

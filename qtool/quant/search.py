@@ -18,6 +18,7 @@ from .core import (
     check_shape,
     group_minmax,
     grouped,
+    minmax_qparams,
     qparams_from_minmax,
     scale_dtype_for,
 )
@@ -174,3 +175,14 @@ def _tensor_search(w, spec, importance, scale, zp):
     e_mm = _exact_err(xd, x, wt_flat, scale.view(1, 1, 1), None if zp is None else zp.view(1, 1, 1), spec)
     e_new = _exact_err(xd, x, wt_flat, s_new.view(1, 1, 1), None if z_new is None else z_new.view(1, 1, 1), spec)
     return (s_new, z_new) if bool(e_new < e_mm) else (scale, zp)
+
+
+def choose_qparams(w: torch.Tensor, spec: QuantSpec, method: str | None = None,
+                   importance: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scales and zero points by a data-free method (default: the spec's): rtn → min-max, mse → the search."""
+    method = method or spec.method
+    if method == "rtn":
+        return minmax_qparams(w, spec)
+    if method == "mse":
+        return mse_qparams(w, spec, importance=importance)
+    raise ValueError(f"{method!r} scales need more than the weight (gptq: use gptq_quantize)")
