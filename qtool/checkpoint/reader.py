@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,16 +50,23 @@ class SafetensorsFile:
             yield TensorInfo(name, e["shape"], e["dtype"], self.path, e["nbytes"])
 
     def get(self, name: str) -> torch.Tensor:
+        """The tensor as a private (copy-on-write) memory map of its bytes: nothing is copied, pages come from the
+        page cache as they are touched (the kernel is asked to read them ahead), and the mapping goes away with the
+        tensor. Writing to it never reaches the file."""
         e = self.entries[name]
-        out = torch.empty(e["shape"], dtype=e["dtype"])
-        if e["nbytes"]:
-            view = out.reshape(-1).view(torch.uint8).numpy()
-            with open(self.path, "rb", buffering=0) as f:
-                f.seek(e["start"])
-                got = f.readinto(view)
-            if got != e["nbytes"]:
-                raise QtoolError(self.path, f"tensor {name!r}: file ended early (read {got} of {e['nbytes']} bytes)")
-        return out
+        if not e["nbytes"]:
+            return torch.empty(e["shape"], dtype=e["dtype"])
+        start = e["start"]
+        base = start - start % mmap.ALLOCATIONGRANULARITY
+        with open(self.path, "rb", buffering=0) as f:
+            size = os.fstat(f.fileno()).st_size
+            if size < start + e["nbytes"]:  # shrunk since the header was checked: mapping it would crash on access
+                raise QtoolError(self.path, f"tensor {name!r}: file ended early ({size} bytes, tensor ends at {start + e['nbytes']})")
+            m = mmap.mmap(f.fileno(), start + e["nbytes"] - base, access=mmap.ACCESS_COPY, offset=base)
+        if hasattr(m, "madvise"):
+            m.madvise(mmap.MADV_WILLNEED)
+        flat = torch.frombuffer(m, dtype=e["dtype"], count=e["nbytes"] // e["dtype"].itemsize, offset=start - base)
+        return flat.view(e["shape"])
 
 
 class Checkpoint:

@@ -85,23 +85,32 @@ def compressed_specs(
     return sorted(specs)
 
 
-def compress(
+def compress(name_prefix: str, q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
+             spec: QuantSpec, shape) -> dict[str, torch.Tensor]:
+    """The CT tensors of one module from its int8 codes [out, in], scale and zero point."""
+    out, inp = (int(s) for s in shape)
+    if tuple(q.shape) != (out, inp):
+        raise ValueError(f"codes of shape {tuple(q.shape)} do not match weight shape {(out, inp)}")
+    return compress_packed(name_prefix, pack_int32(q, spec.bits, dim=1), scale, zero_point, spec, shape)
+
+
+def compress_packed(
     name_prefix: str,
-    q: torch.Tensor,
+    packed: torch.Tensor,
     scale: torch.Tensor,
     zero_point: torch.Tensor | None,
     spec: QuantSpec,
     shape,
 ) -> dict[str, torch.Tensor]:
-    """The CT tensors of one module from its int8 codes [out, in], scale and zero point."""
+    """The CT tensors of one module from its codes already packed along the input dim (pack_int32's layout)."""
     out, inp = (int(s) for s in shape)
-    if tuple(q.shape) != (out, inp):
-        raise ValueError(f"codes of shape {tuple(q.shape)} do not match weight shape {(out, inp)}")
+    if tuple(packed.shape) != (out, packed_len(inp, spec.bits)) or packed.dtype != torch.int32:
+        raise ValueError(f"packed codes {packed.dtype} {tuple(packed.shape)} do not hold {spec.bits}-bit codes of {(out, inp)}")
     expected = _scale_shape(out, inp, spec)
     if tuple(scale.shape) != expected:
         raise ValueError(f"scale shape {tuple(scale.shape)} should be {expected} for {spec.strategy} strategy")
     tensors = {
-        f"{name_prefix}.{PACKED}": pack_int32(q, spec.bits, dim=1),
+        f"{name_prefix}.{PACKED}": packed,
         f"{name_prefix}.{SCALE}": scale.contiguous(),
         f"{name_prefix}.{SHAPE}": torch.tensor([out, inp], dtype=torch.int64),
     }

@@ -13,7 +13,7 @@ import torch
 from ..checkpoint import CheckpointWriter, open_checkpoint
 from ..errors import QtoolError
 from ..lora.adapter import Adapter, read_adapter
-from ..lora.merge import all_finite, merge_bias, merge_weight, relative_norm
+from ..lora.merge import all_finite, merge_bias, merge_linear_cast, merge_weight, relative_norm
 from ..lora.plan import ModuleWeight, TensorOp, plan_merge
 from ..plan import FLOAT_DTYPES, dense_dtype
 from ..progress import NullProgress
@@ -97,18 +97,27 @@ def _merge_plain(bck, op: TensorOp, base_t: torch.Tensor, dtype: torch.dtype, ro
     if not start.dtype.is_floating_point:
         raise QtoolError(op.name, f"cannot merge into a {start.dtype} tensor")
     rel = None
+    if op.role == "weight" and op.terms and not op.replace and start.ndim == 2:
+        fused = merge_linear_cast(start, op.terms, dtype)
+        if fused is not None:
+            out, rel, finite = fused
+            if not finite:
+                raise QtoolError(op.name, "merged tensor holds NaN or Inf")
+            rows[op.name] = {"delta_rel_norm": rel, "how": _how(op)}
+            return out
     if op.role == "weight" and op.terms:
         merged, rel = merge_weight(start, op.terms, inplace=True)
     elif op.role == "bias" and op.terms:
         merged = merge_bias(start, op.terms)
     else:
         merged = start.float()
-    if not all_finite(merged):
-        raise QtoolError(op.name, "merged tensor holds NaN or Inf")
     if rel is None or op.replace:  # measured against the base, not the adapter's copy
         rel = relative_norm(merged - base_t.float(), base_t)
+    out = merged.to(dtype, copy=True)  # merged may be a reused scratch buffer: the writer gets its own tensor
+    if not all_finite(out):  # checked as stored: a float32 sum may still overflow a 16-bit output
+        raise QtoolError(op.name, "merged tensor holds NaN or Inf")
     rows[op.name] = {"delta_rel_norm": rel, "how": _how(op)}
-    return merged.to(dtype, copy=True)  # merged may be a reused scratch buffer: the writer gets its own tensor
+    return out
 
 
 def _merge_quantized(bck, q: "_QuantizedBase", op: TensorOp, mw: ModuleWeight, rows: dict) -> dict:

@@ -16,7 +16,7 @@ from ..errors import QtoolError
 from ..formats import compressed_tensors as ct
 from ..plan import TensorPlan, plan_quantization
 from ..progress import NullProgress
-from ..quant.core import ErrorAccumulator, dequantize, error_stats, quantize as quantize_tensor, scale_dtype_for
+from ..quant.core import dequantize, error_stats, quantize_packed, scale_dtype_for
 from ..quant.search import choose_qparams
 from ..quant.spec import QuantSpec
 from ..report.errors import gate, summarize
@@ -38,12 +38,11 @@ def _output_specs(plan: TensorPlan, spec: QuantSpec) -> list[tuple]:
 
 
 def quantize_with_error(w: torch.Tensor, spec: QuantSpec, importance: torch.Tensor | None = None):
-    """Scales by the spec's method (rtn or mse), then the integer codes, measuring the error on the way.
-    Returns (q, scale, zero_point, error stats)."""
+    """Scales by the spec's method (rtn or mse), then the packed codes, measuring the error on the way.
+    Returns (packed int32 codes, scale, zero_point, error stats)."""
     scale, zp = choose_qparams(w, spec, importance=importance)
-    acc = ErrorAccumulator()
-    q = quantize_tensor(w, scale, zp, spec, errors=acc)
-    return q, scale, zp, acc.stats()
+    packed, err = quantize_packed(w, scale, zp, spec)
+    return packed, scale, zp, err
 
 
 def quantize(source, out, spec: QuantSpec | None = None, *, include=(), exclude=(), calib=None, calib_samples=128,
@@ -81,12 +80,15 @@ def quantize(source, out, spec: QuantSpec | None = None, *, include=(), exclude=
     errors: dict[str, dict] = {}
     extras: dict[str, dict] = {}
 
-    def encode(name, w, q, scale, zp, err=None) -> tuple[dict, dict]:
-        """The stored parts of one quantized weight and its error against the source."""
-        p = plans[name]
-        err = err if err is not None else error_stats(w, dequantize(q, scale, zp, spec, dtype=w.dtype))
+    def check(name, w, err):
         if not all(map(math.isfinite, (err["rel_error"], err["mse"]))):
             _check_finite(name, w)  # NaN/Inf in w poison its norm: only then pay for a full scan, to count them
+
+    def encode(name, w, q, scale, zp) -> tuple[dict, dict]:
+        """The stored parts of one quantized weight (from its int8 codes) and its error against the source."""
+        p = plans[name]
+        err = error_stats(w, dequantize(q, scale, zp, spec, dtype=w.dtype))
+        check(name, w, err)
         return ct.compress(p.module, q.cpu(), scale.cpu(), None if zp is None else zp.cpu(), spec, p.shape), err
 
     def emit(writer, name, w, q, scale, zp, extra=None):
@@ -102,8 +104,9 @@ def quantize(source, out, spec: QuantSpec | None = None, *, include=(), exclude=
         if not p.quantize:
             return name, {name: t}, None
         w = t.to(dev)
-        q, scale, zp, err = quantize_with_error(w, spec, importance.get(p.module))
-        parts, err = encode(name, w, q, scale, zp, err)
+        packed, scale, zp, err = quantize_with_error(w, spec, importance.get(p.module))
+        check(name, w, err)
+        parts = ct.compress_packed(p.module, packed.cpu(), scale.cpu(), None if zp is None else zp.cpu(), spec, p.shape)
         return name, parts, err
 
     if allow_nonfinite:

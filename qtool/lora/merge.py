@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import native
+
 KINDS = ("linear", "conv1d", "embedding")
 
 
@@ -55,7 +57,7 @@ def scratch(slot: str, shape: tuple[int, ...]) -> torch.Tensor:
 def delta_weight(t: LoraTerm, out: torch.Tensor | None = None) -> torch.Tensor:
     """wᵢ·sᵢ·Bᵢ@Aᵢ in the base weight's orientation (PEFT get_delta_weight; wᵢ = 1 leaves it bit-identical),
     scaled in place, into `out` when given ([out_features, in_features] float32 on the CPU)."""
-    s = t.scaling if t.weight == 1.0 else t.scaling * t.weight
+    s = _scale(t)
     d = torch.matmul(t.B, t.A, out=out) if out is not None else t.B @ t.A
     d.mul_(s)
     return d if t.kind == "linear" else d.T
@@ -91,6 +93,42 @@ def merge_weight(W: torch.Tensor, terms: list[LoraTerm], inplace: bool = False) 
     else:
         merged.mul_((dora / torch.linalg.norm(merged.T, dim=1)).view(1, -1))
     return merged, _ratio(float(torch.linalg.vector_norm(merged - W32)), w_norm)
+
+
+# float32 elements of one delta block: it is computed, added and cast while it stays in cache
+_BLOCK_ELEMS = 1 << 18
+
+
+def merge_linear_cast(W: torch.Tensor, terms: list[LoraTerm], dtype: torch.dtype):
+    """(W + Σ ΔWᵢ cast to `dtype`, ‖ΣΔWᵢ‖/‖W‖, every merged value finite) through the native kernel, a block of
+    output rows at a time: the same float32 operations as merge_weight followed by one cast, so the same bits.
+    None where the kernel does not apply (DoRA, Conv1D or embedding orientation, GPU, other dtypes)."""
+    if any(t.kind != "linear" or t.magnitude is not None or t.B.device.type != "cpu" for t in terms):
+        return None
+    if not native.merge_applies(W, dtype):
+        return None
+    rows, cols = W.shape
+    out = torch.empty(W.shape, dtype=dtype)
+    step = max(1, _BLOCK_ELEMS // max(cols, 1))
+    ww = tt = 0.0
+    finite = True
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        t0 = terms[0]
+        D = torch.matmul(t0.B[r0:r1], t0.A, out=scratch("delta", (r1 - r0, cols)))
+        s = _scale(t0)
+        if len(terms) > 1:  # Σ wᵢ·sᵢ·Bᵢ@Aᵢ summed as merge_weight does; the kernel then scales by 1 (exact)
+            D.mul_(s)
+            for t in terms[1:]:
+                D.add_(torch.matmul(t.B[r0:r1], t.A, out=scratch("term", (r1 - r0, cols))).mul_(_scale(t)))
+            s = 1.0
+        a, b, ok = native.merge_into(W[r0:r1], D, s, out[r0:r1])
+        ww, tt, finite = ww + a, tt + b, finite and ok
+    return out, _ratio(math.sqrt(tt), math.sqrt(ww)), finite
+
+
+def _scale(t: LoraTerm) -> float:
+    return t.scaling if t.weight == 1.0 else t.scaling * t.weight
 
 
 def merge_bias(b: torch.Tensor, terms: list[LoraTerm]) -> torch.Tensor:

@@ -13,6 +13,8 @@ import math
 
 import torch
 
+from .. import native
+from .pack import pack_int32
 from .spec import QuantSpec
 
 # Dtypes CT keeps for scales; any other weight dtype gets float16 scales (initialize_qparams step 2).
@@ -89,6 +91,9 @@ def group_minmax(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.
 
     Symmetric schemes only need max|x| (= max(|min(mn,0)|, max(mx,0)) exactly), returned as (-amax, amax).
     """
+    fused = native.group_minmax(w, spec)
+    if fused is not None:
+        return fused
     rows, cols = w.shape
     if spec.strategy == "tensor":
         if spec.symmetric:
@@ -161,6 +166,26 @@ def quantize(
     return out
 
 
+def quantize_packed(
+    w: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, spec: QuantSpec
+) -> tuple[torch.Tensor, dict]:
+    """compressed-tensors' packed int32 codes of w and the error stats of its reconstruction (error_stats' keys).
+
+    One fused pass over w where the native kernel applies (CPU; bf16, fp16 or fp32); otherwise `quantize` with
+    an ErrorAccumulator, then `pack_int32`. The packed bytes are the same either way.
+    """
+    check_shape(w, spec)
+    fused = native.quantize_pack(w, scale, zero_point, spec)
+    if fused is not None:
+        packed, (ww, wd, dd, max_abs) = fused
+        acc = ErrorAccumulator()
+        acc.add_sums(ww, wd, dd, max_abs, w.numel())
+        return packed, acc.stats()
+    acc = ErrorAccumulator()
+    q = quantize(w, scale, zero_point, spec, errors=acc)
+    return pack_int32(q, spec.bits, dim=1), acc.stats()
+
+
 def dequantize(
     q: torch.Tensor,
     scale: torch.Tensor,
@@ -210,14 +235,20 @@ class ErrorAccumulator:
         d = x - y
         # three dots give all four sums: w·ŵ = w·w − w·d and ŵ·ŵ = w·w − 2 w·d + d·d
         ww, wd, dd = _dot(x, x), _dot(x, d), _dot(d, d)
+        max_abs = 0.0
+        if d.numel():
+            lo, hi = torch.aminmax(d)
+            max_abs = max(float(hi), -float(lo))
+        self.add_sums(ww, wd, dd, max_abs, d.numel())
+
+    def add_sums(self, ww: float, wd: float, dd: float, max_abs: float, n: int) -> None:
+        """Sums taken elsewhere (the native kernel): Σw², Σw·d, Σd², max|d| over n elements, d = w − ŵ."""
         self.ss_w += ww
         self.ss_d += dd
         self.dot += ww - wd
         self.ss_h += ww - 2 * wd + dd
-        self.n += d.numel()
-        if d.numel():
-            lo, hi = torch.aminmax(d)
-            self.max_abs = max(self.max_abs, float(hi), -float(lo))
+        self.n += n
+        self.max_abs = max(self.max_abs, max_abs)
 
     def stats(self) -> dict:
         """sqnr_db is capped at SQNR_CAP_DB for an exact reconstruction so the dict stays JSON-safe."""

@@ -1,0 +1,423 @@
+/* qtool._native: the three per-element passes that dominate `quantize` and `merge-lora`, each fused into one
+ * sweep over memory. qtool/native.py is the only caller: it checks shapes, dtypes and contiguity and passes raw
+ * data pointers; every function here releases the GIL, so worker threads run them side by side.
+ *
+ * The arithmetic is the one torch runs on the CPU for the same ops, bit for bit: a bf16/fp16 op is computed in
+ * float32 and rounded to nearest-even once, divisions and products are never fused (build with
+ * -ffp-contract=off), round() is half-to-even. tests/test_native.py checks every function against the torch
+ * path it replaces.
+ *
+ * dtype codes: 0 float32, 1 bfloat16, 2 float16.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+enum { F32 = 0, BF16 = 1, F16 = 2 };
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+/* one build runs everywhere; machines with AVX2 get 8-wide loops (no FMA: results do not change) */
+#define HOT __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
+#else
+#define HOT
+#endif
+#define INLINE static inline __attribute__((always_inline))
+
+INLINE float bits_f32(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+INLINE uint32_t f32_bits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+
+INLINE float bf16_to_f32(uint16_t h) { return bits_f32((uint32_t)h << 16); }
+
+INLINE uint16_t f32_to_bf16(float f) {  /* nearest-even; NaN -> 0x7fc0 as c10::BFloat16 does */
+    uint32_t u = f32_bits(f);
+    uint32_t r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    return (u & 0x7fffffffu) > 0x7f800000u ? (uint16_t)0x7fc0 : (uint16_t)r;
+}
+
+INLINE float f16_to_f32(uint16_t h) {  /* exact, subnormals included */
+    const uint32_t shifted_exp = 0x7c00u << 13;
+    uint32_t o = ((uint32_t)h & 0x7fffu) << 13;
+    uint32_t e = shifted_exp & o;
+    o += (uint32_t)(127 - 15) << 23;
+    if (e == shifted_exp) {
+        o += (uint32_t)(128 - 16) << 23;  /* Inf/NaN */
+    } else if (e == 0) {
+        o = f32_bits(bits_f32(o + (1u << 23)) - bits_f32(113u << 23));  /* subnormal: renormalise */
+    }
+    return bits_f32(o | (((uint32_t)h & 0x8000u) << 16));
+}
+
+INLINE uint16_t f32_to_f16(float x) {  /* nearest-even, overflow to Inf, subnormals rounded */
+    uint32_t f = f32_bits(x);
+    const uint32_t sign = f & 0x80000000u;
+    f ^= sign;
+    uint16_t o;
+    if (f >= ((uint32_t)(127 + 16) << 23)) {
+        o = f > 0x7f800000u ? 0x7e00 : 0x7c00;
+    } else if (f < (113u << 23)) {
+        const uint32_t magic = (uint32_t)((127 - 15) + (23 - 10) + 1) << 23;
+        o = (uint16_t)(f32_bits(bits_f32(f) + bits_f32(magic)) - magic);
+    } else {
+        uint32_t mant_odd = (f >> 13) & 1u;
+        f += ((uint32_t)(15 - 127) << 23) + 0xfffu;
+        f += mant_odd;
+        o = (uint16_t)(f >> 13);
+    }
+    return (uint16_t)(o | (sign >> 16));
+}
+
+INLINE float load(const void *p, Py_ssize_t i, int dt) {
+    if (dt == F32) return ((const float *)p)[i];
+    if (dt == BF16) return bf16_to_f32(((const uint16_t *)p)[i]);
+    return f16_to_f32(((const uint16_t *)p)[i]);
+}
+
+INLINE void store(void *p, Py_ssize_t i, float v, int dt) {
+    if (dt == F32) ((float *)p)[i] = v;
+    else if (dt == BF16) ((uint16_t *)p)[i] = f32_to_bf16(v);
+    else ((uint16_t *)p)[i] = f32_to_f16(v);
+}
+
+/* the value a float32 result takes once stored in dtype dt (what a torch op in that dtype returns) */
+INLINE float round_to(float v, int dt) {
+    if (dt == F32) return v;
+    if (dt == BF16) return bf16_to_f32(f32_to_bf16(v));
+    return f16_to_f32(f32_to_f16(v));
+}
+
+/* half-to-even for |v| < 2^22 (codes are clamped to [-128, 127] first); vectorises where rintf may not */
+INLINE float round_even(float v) {
+    const float magic = 12582912.0f; /* 1.5 * 2^23 */
+    return (v + magic) - magic;
+}
+
+/* ---- 8-wide vectors (GCC/Clang vector extensions: AVX2 registers where the clone allows, SSE pairs
+ * otherwise); each vector function is the lane-wise twin of the scalar one above it -------------------- */
+
+#define VL 8
+typedef float vf __attribute__((vector_size(32)));
+typedef uint32_t vu __attribute__((vector_size(32)));
+typedef int32_t vi __attribute__((vector_size(32)));
+typedef uint16_t vh __attribute__((vector_size(16)));
+typedef int8_t vb __attribute__((vector_size(8)));
+
+INLINE vf splat(float x) { return (vf){x, x, x, x, x, x, x, x}; }
+INLINE vu splatu(uint32_t x) { return (vu){x, x, x, x, x, x, x, x}; }
+INLINE vu sel(vi m, vu a, vu b) { return ((vu)m & a) | (~(vu)m & b); }   /* m ? a : b, lane-wise */
+INLINE vf self(vi m, vf a, vf b) { return (vf)sel(m, (vu)a, (vu)b); }
+INLINE vf vmax(vf a, vf b) { return self(a > b, a, b); }
+INLINE vf vmin(vf a, vf b) { return self(a < b, a, b); }
+INLINE vf vabs(vf a) { return (vf)((vu)a & splatu(0x7fffffffu)); }
+
+INLINE vf vf16_to_f32(vu h) {
+    const vu shifted_exp = splatu(0x7c00u << 13);
+    vu o = (h & splatu(0x7fffu)) << 13;
+    vu e = shifted_exp & o;
+    o += splatu((uint32_t)(127 - 15) << 23);
+    o = sel(e == shifted_exp, o + splatu((uint32_t)(128 - 16) << 23), o);
+    vu sub = (vu)((vf)(o + splatu(1u << 23)) - (vf)splatu(113u << 23));
+    o = sel(e == splatu(0), sub, o);
+    return (vf)(o | ((h & splatu(0x8000u)) << 16));
+}
+
+INLINE vu vf32_to_f16(vf x) {
+    vu f = (vu)x;
+    const vu sign = f & splatu(0x80000000u);
+    f ^= sign;
+    const vu magic = splatu((uint32_t)((127 - 15) + (23 - 10) + 1) << 23);
+    vu big = sel(f > splatu(0x7f800000u), splatu(0x7e00), splatu(0x7c00));
+    vu small = (vu)((vf)f + (vf)magic) - magic;
+    vu normal = (f + splatu(((uint32_t)(15 - 127) << 23) + 0xfffu) + ((f >> 13) & splatu(1))) >> 13;
+    vu o = sel(f >= splatu((uint32_t)(127 + 16) << 23), big, sel(f < splatu(113u << 23), small, normal));
+    return (o | (sign >> 16)) & splatu(0xffffu);
+}
+
+INLINE vu vf32_to_bf16(vf x) {
+    vu u = (vu)x;
+    vu r = (u + splatu(0x7fffu) + ((u >> 16) & splatu(1))) >> 16;
+    return sel((u & splatu(0x7fffffffu)) > splatu(0x7f800000u), splatu(0x7fc0), r);
+}
+
+INLINE vf vload(const void *p, Py_ssize_t i, int dt) {
+    if (dt == F32) { vf v; memcpy(&v, (const float *)p + i, sizeof v); return v; }
+    vh h; memcpy(&h, (const uint16_t *)p + i, sizeof h);
+    vu u = __builtin_convertvector(h, vu);
+    return dt == BF16 ? (vf)(u << 16) : vf16_to_f32(u);
+}
+
+INLINE void vstore(void *p, Py_ssize_t i, vf v, int dt) {
+    if (dt == F32) { memcpy((float *)p + i, &v, sizeof v); return; }
+    vh h = __builtin_convertvector(dt == BF16 ? vf32_to_bf16(v) : vf32_to_f16(v), vh);
+    memcpy((uint16_t *)p + i, &h, sizeof h);
+}
+
+INLINE vf vround_to(vf v, int dt) {
+    if (dt == F32) return v;
+    if (dt == BF16) return (vf)(vf32_to_bf16(v) << 16);
+    return vf16_to_f32(vf32_to_f16(v));
+}
+
+INLINE vf vround_even(vf v) { return (v + splat(12582912.0f)) - splat(12582912.0f); }
+
+/* Partial sums run in float32 lanes over at most BLOCK elements, then go into float64 totals. */
+#define BLOCK 256
+
+INLINE float hmax(vf v) { float m = v[0]; for (int l = 1; l < VL; l++) m = v[l] > m ? v[l] : m; return m; }
+INLINE float hmin(vf v) { float m = v[0]; for (int l = 1; l < VL; l++) m = v[l] < m ? v[l] : m; return m; }
+INLINE double hsum(vf v) { double s = 0.0; for (int l = 0; l < VL; l++) s += v[l]; return s; }
+
+/* ---- per-group min and max ------------------------------------------------------------------------ */
+
+INLINE void minmax_body(const void *w, int dt, Py_ssize_t rows, Py_ssize_t cols, Py_ssize_t gw, int sym,
+                        float *mn, float *mx) {
+    const Py_ssize_t ng = cols / gw;
+    for (Py_ssize_t r = 0; r < rows; r++) {
+        for (Py_ssize_t g = 0; g < ng; g++) {
+            const Py_ssize_t base = r * cols + g * gw;
+            vf lo = splat(INFINITY), hi = splat(-INFINITY);
+            vi nan = {0};
+            Py_ssize_t c = 0;
+            for (; c + VL <= gw; c += VL) {
+                vf v = vload(w, base + c, dt);
+                nan |= v != v;
+                if (sym) v = vabs(v);
+                hi = vmax(v, hi);
+                lo = vmin(v, lo);
+            }
+            float h = hmax(hi), l = hmin(lo);
+            int n = 0;
+            for (int k = 0; k < VL; k++) n |= nan[k];
+            for (; c < gw; c++) {
+                float v = load(w, base + c, dt);
+                n |= v != v;
+                if (sym) v = fabsf(v);
+                h = v > h ? v : h;
+                l = v < l ? v : l;
+            }
+            if (sym) l = -h;
+            if (n) l = h = NAN;  /* as torch.amax/amin propagate NaN */
+            mn[r * ng + g] = l;
+            mx[r * ng + g] = h;
+        }
+    }
+}
+
+HOT static void minmax_any(const void *w, int dt, Py_ssize_t rows, Py_ssize_t cols, Py_ssize_t gw, int sym,
+                           float *mn, float *mx) {
+    if (dt == F32) minmax_body(w, F32, rows, cols, gw, sym, mn, mx);
+    else if (dt == BF16) minmax_body(w, BF16, rows, cols, gw, sym, mn, mx);
+    else minmax_body(w, F16, rows, cols, gw, sym, mn, mx);
+}
+
+static PyObject *py_minmax(PyObject *self, PyObject *args) {
+    (void)self;
+    unsigned long long w, mn, mx;
+    int dt, sym;
+    Py_ssize_t rows, cols, gw;
+    if (!PyArg_ParseTuple(args, "KinnniKK", &w, &dt, &rows, &cols, &gw, &sym, &mn, &mx)) return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    minmax_any((const void *)w, dt, rows, cols, gw, sym, (float *)mn, (float *)mx);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+/* ---- quantize + pack + error sums ----------------------------------------------------------------- */
+
+typedef struct { double ww, wd, dd; float max_abs; } Sums;
+
+/* One row: codes into `codes` (int8, cols), error sums into *acc. Scale and w share the dtype dt (compressed-
+ * tensors keeps scales in the weight's dtype): q = clamp(round_dt(round_dt(w / s) + zp)) rounded half-even,
+ * ŵ = round_dt((q - zp) * s), d = w - ŵ in float32. */
+INLINE void quantize_row(const void *w, int dt, Py_ssize_t off, Py_ssize_t cols, Py_ssize_t gw,
+                         const void *scale, Py_ssize_t soff, const int8_t *zp, Py_ssize_t zoff,
+                         float qmin, float qmax, int8_t *codes, Sums *acc) {
+    for (Py_ssize_t g0 = 0; g0 < cols; g0 += gw) {
+        const float s = load(scale, soff + g0 / gw, dt);
+        const float z = zp ? (float)zp[zoff + g0 / gw] : 0.0f;
+        const vf vs = splat(s), vz = splat(z), vlo = splat(qmin), vhi = splat(qmax);
+        for (Py_ssize_t b0 = g0; b0 < g0 + gw; b0 += BLOCK) {
+            const Py_ssize_t b1 = b0 + BLOCK < g0 + gw ? b0 + BLOCK : g0 + gw;
+            vf ww = splat(0.f), wd = splat(0.f), dd = splat(0.f), ma = splat(0.f);
+            Py_ssize_t c = b0;
+            for (; c + VL <= b1; c += VL) {
+                vf x = vload(w, off + c, dt);
+                vf q = vround_to(x / vs, dt);
+                if (zp) q = vround_to(q + vz, dt);
+                q = vround_even(vmin(vmax(q, vlo), vhi));
+                vb code = __builtin_convertvector(__builtin_convertvector(q, vi), vb);
+                memcpy(codes + c, &code, VL);
+                vf d = x - vround_to((zp ? q - vz : q) * vs, dt);
+                ww += x * x; wd += x * d; dd += d * d;
+                ma = vmax(vabs(d), ma);
+            }
+            double sww = hsum(ww), swd = hsum(wd), sdd = hsum(dd);
+            float sma = hmax(ma);
+            for (; c < b1; c++) {
+                float x = load(w, off + c, dt);
+                float q = round_to(x / s, dt);
+                if (zp) q = round_to(q + z, dt);
+                q = round_even(fminf(fmaxf(q, qmin), qmax));
+                codes[c] = (int8_t)q;
+                float d = x - round_to((zp ? q - z : q) * s, dt);
+                sww += x * x; swd += x * d; sdd += d * d;
+                sma = fabsf(d) > sma ? fabsf(d) : sma;
+            }
+            acc->ww += sww; acc->wd += swd; acc->dd += sdd;
+            acc->max_abs = sma > acc->max_abs ? sma : acc->max_abs;
+        }
+    }
+}
+
+/* compressed-tensors' pack_to_int32 of one row: code i at bit (i*bits) % 32 of word i*bits/32, as q + 2^(bits-1),
+ * words little-endian (native.py checks the byte order). 8 codes at a time as one 64-bit lane:
+ * (q mod 2^bits) xor 2^(bits-1) is the offset code, then 4-bit nibbles are squeezed together. */
+INLINE void pack_row(const int8_t *codes, Py_ssize_t cols, int bits, uint32_t *out) {
+    const Py_ssize_t full = cols / 8;
+    if (bits == 8) {
+        for (Py_ssize_t k = 0; k < full; k++) {
+            uint64_t x;
+            memcpy(&x, codes + 8 * k, 8);
+            x ^= 0x8080808080808080ull;
+            memcpy(out + 2 * k, &x, 8);
+        }
+    } else {
+        for (Py_ssize_t k = 0; k < full; k++) {
+            uint64_t x;
+            memcpy(&x, codes + 8 * k, 8);
+            x = (x & 0x0f0f0f0f0f0f0f0full) ^ 0x0808080808080808ull;
+            x = (x | (x >> 4)) & 0x00ff00ff00ff00ffull;
+            x = (x | (x >> 8)) & 0x0000ffff0000ffffull;
+            x = (x | (x >> 16)) & 0x00000000ffffffffull;
+            out[k] = (uint32_t)x;
+        }
+    }
+    if (full * 8 < cols) {  /* the row's last, partial word(s), zero-padded */
+        const int per = 32 / bits;
+        const uint32_t mask = (1u << bits) - 1u, offset = 1u << (bits - 1);
+        for (Py_ssize_t i = full * 8; i < cols; i++) {
+            Py_ssize_t k = i / per;
+            if (i % per == 0) out[k] = 0;
+            out[k] |= (((uint32_t)(int32_t)codes[i] + offset) & mask) << ((i % per) * bits);
+        }
+    }
+}
+
+HOT static void quantize_pack_any(const void *w, int dt, Py_ssize_t rows, Py_ssize_t cols, Py_ssize_t gw,
+                                  const void *scale, Py_ssize_t s_stride, const int8_t *zp, Py_ssize_t z_stride,
+                                  int bits, uint32_t *out, Py_ssize_t out_stride, int8_t *codes, Sums *acc) {
+    const float qmin = -(float)(1 << (bits - 1)), qmax = (float)((1 << (bits - 1)) - 1);
+    for (Py_ssize_t r = 0; r < rows; r++) {
+        if (dt == F32)
+            quantize_row(w, F32, r * cols, cols, gw, scale, r * s_stride, zp, r * z_stride, qmin, qmax, codes, acc);
+        else if (dt == BF16)
+            quantize_row(w, BF16, r * cols, cols, gw, scale, r * s_stride, zp, r * z_stride, qmin, qmax, codes, acc);
+        else
+            quantize_row(w, F16, r * cols, cols, gw, scale, r * s_stride, zp, r * z_stride, qmin, qmax, codes, acc);
+        pack_row(codes, cols, bits, out + r * out_stride);
+    }
+}
+
+static PyObject *py_quantize_pack(PyObject *self, PyObject *args) {
+    (void)self;
+    unsigned long long w, scale, zp, out;
+    int dt, bits;
+    Py_ssize_t rows, cols, gw, s_stride, z_stride, out_stride;
+    if (!PyArg_ParseTuple(args, "KinnnKnKniKn", &w, &dt, &rows, &cols, &gw, &scale, &s_stride, &zp, &z_stride,
+                          &bits, &out, &out_stride))
+        return NULL;
+    int8_t *codes = (int8_t *)malloc(cols > 0 ? (size_t)cols : 1);
+    if (!codes) return PyErr_NoMemory();
+    Sums acc = {0.0, 0.0, 0.0, 0.0f};
+    Py_BEGIN_ALLOW_THREADS
+    quantize_pack_any((const void *)w, dt, rows, cols, gw, (const void *)scale, s_stride, (const int8_t *)zp,
+                      z_stride, bits, (uint32_t *)out, out_stride, codes, &acc);
+    Py_END_ALLOW_THREADS
+    free(codes);
+    return Py_BuildValue("dddd", acc.ww, acc.wd, acc.dd, (double)acc.max_abs);
+}
+
+/* ---- LoRA merge: out = cast(w + d * s) ---------------------------------------------------------- */
+
+/* finite: every stored value is finite (a float32 sum that overflows the output dtype counts as Inf) */
+typedef struct { double ww, tt; int finite; } MergeSums;
+
+/* the smallest float32 magnitude a store in dtype dt turns into Inf (float32 itself: anything above FLT_MAX) */
+INLINE float overflow_at(int dt) {
+    if (dt == BF16) return bits_f32(0x7f7f8000u);  /* halfway above bf16's largest: rounds (to even) up to Inf */
+    if (dt == F16) return 65520.0f;
+    return bits_f32(0x7f800000u);
+}
+
+INLINE void merge_body(const void *w, int wdt, const float *d, float s, Py_ssize_t n, void *out, int odt,
+                       MergeSums *acc) {
+    const float lim = overflow_at(odt);
+    const vf vs = splat(s), big = splat(lim);
+    for (Py_ssize_t b0 = 0; b0 < n; b0 += BLOCK) {
+        const Py_ssize_t b1 = b0 + BLOCK < n ? b0 + BLOCK : n;
+        vf ww = splat(0.f), tt = splat(0.f);
+        vi ok = ~(vi){0};
+        Py_ssize_t i = b0;
+        for (; i + VL <= b1; i += VL) {
+            vf x = vload(w, i, wdt);
+            vf dv; memcpy(&dv, d + i, sizeof dv);
+            vf t = dv * vs;    /* PEFT: (B @ A) * scaling in float32 */
+            vf m = x + t;      /* weight (upcast) + delta, rounded once by the store */
+            ok &= vabs(m) < big;  /* NaN compares false */
+            ww += x * x; tt += t * t;
+            vstore(out, i, m, odt);
+        }
+        double sww = hsum(ww), stt = hsum(tt);
+        int fin = 1;
+        for (int l = 0; l < VL; l++) fin &= ok[l] != 0;
+        for (; i < b1; i++) {
+            float x = load(w, i, wdt);
+            float t = d[i] * s;
+            float m = x + t;
+            fin &= fabsf(m) < lim;
+            sww += x * x; stt += t * t;
+            store(out, i, m, odt);
+        }
+        acc->ww += sww; acc->tt += stt;
+        if (!fin) acc->finite = 0;
+    }
+}
+
+HOT static void merge_any(const void *w, int wdt, const float *d, float s, Py_ssize_t n, void *out, int odt,
+                          MergeSums *acc) {
+#define MERGE_CASE(W, O) if (wdt == W && odt == O) { merge_body(w, W, d, s, n, out, O, acc); return; }
+    MERGE_CASE(BF16, BF16) MERGE_CASE(F16, F16) MERGE_CASE(F32, F32)
+    MERGE_CASE(BF16, F32) MERGE_CASE(F16, F32) MERGE_CASE(F32, BF16) MERGE_CASE(F32, F16)
+    MERGE_CASE(BF16, F16) MERGE_CASE(F16, BF16)
+#undef MERGE_CASE
+}
+
+static PyObject *py_merge(PyObject *self, PyObject *args) {
+    (void)self;
+    unsigned long long w, d, out;
+    int wdt, odt;
+    float s;
+    Py_ssize_t n;
+    if (!PyArg_ParseTuple(args, "KiKfnKi", &w, &wdt, &d, &s, &n, &out, &odt)) return NULL;
+    MergeSums acc = {0.0, 0.0, 1};
+    Py_BEGIN_ALLOW_THREADS
+    merge_any((const void *)w, wdt, (const float *)d, s, n, (void *)out, odt, &acc);
+    Py_END_ALLOW_THREADS
+    return Py_BuildValue("ddO", acc.ww, acc.tt, acc.finite ? Py_True : Py_False);
+}
+
+static PyMethodDef methods[] = {
+    {"minmax", py_minmax, METH_VARARGS, "minmax(w, dtype, rows, cols, group_width, symmetric, mn, mx)"},
+    {"quantize_pack", py_quantize_pack, METH_VARARGS,
+     "quantize_pack(w, dtype, rows, cols, group_width, scale, scale_stride, zp, zp_stride, bits, out, out_stride)"
+     " -> (sum w*w, sum w*d, sum d*d, max |d|)"},
+    {"merge", py_merge, METH_VARARGS, "merge(w, w_dtype, d, s, n, out, out_dtype) -> (sum w*w, sum t*t, finite)"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_native", "qtool's fused CPU kernels", -1, methods,
+                                    NULL, NULL, NULL, NULL};
+
+PyMODINIT_FUNC PyInit__native(void) { return PyModule_Create(&module); }

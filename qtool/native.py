@@ -1,0 +1,76 @@
+"""The fused CPU kernels of qtool/_native.c, behind checks: each function returns None when the kernel does not
+apply (no compiled extension, a GPU tensor, another dtype), and the caller runs its torch path, which gives the
+same bits. QTOOL_NATIVE=0 in the environment turns the kernels off (the tests compare both paths).
+`spec` arguments are qtool.quant.QuantSpec (not imported here: qtool.quant imports this module).
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+try:
+    from . import _native
+except ImportError:  # built without a C compiler: the torch path does everything
+    _native = None
+
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def enabled() -> bool:
+    # the packing writes int32 words byte by byte in little-endian order
+    return _native is not None and sys.byteorder == "little" and os.environ.get("QTOOL_NATIVE", "1") != "0"
+
+
+def _applies(*tensors: torch.Tensor) -> bool:
+    return enabled() and all(t.device.type == "cpu" and t.is_contiguous() for t in tensors)
+
+
+def group_minmax(w: torch.Tensor, spec) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Per-group (min, max) of a 2-D weight in its dtype, [rows, n_groups]; symmetric: (-max|x|, max|x|).
+    Group and channel strategies only (a tensor-wide reduction is one torch op already)."""
+    if spec.strategy == "tensor" or w.dtype not in DTYPE_CODES or not _applies(w):
+        return None
+    rows, cols = w.shape
+    ng = spec.n_groups(cols)
+    mn = torch.empty((rows, ng), dtype=torch.float32)
+    mx = torch.empty((rows, ng), dtype=torch.float32)
+    _native.minmax(w.data_ptr(), DTYPE_CODES[w.dtype], rows, cols, spec.group_width(cols), int(spec.symmetric),
+                   mn.data_ptr(), mx.data_ptr())
+    # min and max are values of w: converting back to its dtype is exact
+    return mn.to(w.dtype), mx.to(w.dtype)
+
+
+def quantize_pack(w: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, spec):
+    """compressed-tensors' packed int32 codes of w [rows, packed_len(cols)] and the error sums
+    (Σw², Σw·d, Σd², max|d|) of its reconstruction d = w − ŵ, in one pass; None where the kernel does not apply.
+    The scale must be in w's dtype (as compressed-tensors keeps it)."""
+    if w.dtype not in DTYPE_CODES or scale.dtype != w.dtype or spec.bits not in (4, 8):
+        return None
+    zp = None if zero_point is None else zero_point.to(torch.int8).contiguous()
+    if not _applies(w, scale) or (zp is not None and not _applies(zp)):
+        return None
+    rows, cols = w.shape
+    per_row = 0 if spec.strategy == "tensor" else spec.n_groups(cols)
+    words = -(-cols * spec.bits // 32)
+    out = torch.empty((rows, words), dtype=torch.int32)
+    sums = _native.quantize_pack(
+        w.data_ptr(), DTYPE_CODES[w.dtype], rows, cols, spec.group_width(cols), scale.data_ptr(), per_row,
+        0 if zp is None else zp.data_ptr(), per_row, spec.bits, out.data_ptr(), words)
+    return out, sums
+
+
+def merge_applies(w: torch.Tensor, out_dtype: torch.dtype) -> bool:
+    return w.dtype in DTYPE_CODES and out_dtype in DTYPE_CODES and _applies(w)
+
+
+def merge_into(w: torch.Tensor, delta: torch.Tensor, scaling: float, out: torch.Tensor):
+    """out = cast(float(w) + delta·scaling) (delta float32, all three of one shape and contiguous), returning
+    (Σw², Σ(delta·scaling)², every merged value finite). Check merge_applies first."""
+    if delta.dtype != torch.float32 or delta.shape != w.shape or out.shape != w.shape:
+        raise ValueError("merge_into needs a float32 delta and an output of the weight's shape")
+    if not (merge_applies(w, out.dtype) and _applies(delta, out)):
+        raise ValueError("merge_into needs contiguous CPU tensors of float32, bfloat16 or float16")
+    return _native.merge(w.data_ptr(), DTYPE_CODES[w.dtype], delta.data_ptr(), float(scaling), w.numel(),
+                         out.data_ptr(), DTYPE_CODES[out.dtype])

@@ -1,0 +1,138 @@
+"""The native kernels (qtool/_native.c) against the torch path they replace: the same bits, every dtype and scheme."""
+import math
+
+import pytest
+import torch
+
+from qtool import native
+from qtool.lora.merge import LoraTerm, merge_linear_cast, merge_weight
+from qtool.quant import core
+from qtool.quant.pack import pack_int32
+from qtool.quant.search import mse_qparams
+from qtool.quant.spec import QuantSpec
+
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+SPECS = [
+    QuantSpec(4, True, 128, "rtn"), QuantSpec(4, False, 128, "rtn"), QuantSpec(4, False, 32, "rtn"),
+    QuantSpec(8, True, -1, "rtn"), QuantSpec(8, False, -1, "rtn"), QuantSpec(4, True, 0, "rtn"),
+    QuantSpec(4, False, 0, "rtn"), QuantSpec(8, True, 16, "rtn"),
+]
+
+
+def test_extension_is_built():
+    # setup.py marks the extension optional; in the dev install it must exist, or these tests prove nothing
+    assert native._native is not None and native.enabled()
+
+
+def _weight(rows, cols, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=g) * 0.02
+    w[0, :16] = 0.0                       # an all-zero start of a row
+    w[1, 3] = 0.5                         # an outlier
+    w[2, :] = torch.linspace(-1e-6, 1e-6, cols)  # tiny values (fp16 subnormals)
+    return w.to(dtype)
+
+
+def _torch_path(w, scale, zp, spec):
+    acc = core.ErrorAccumulator()
+    q = core.quantize(w, scale, zp, spec, errors=acc)
+    return pack_int32(q, spec.bits), acc.stats()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"int{s.bits}-{'sym' if s.symmetric else 'asym'}-g{s.group_size}")
+@pytest.mark.parametrize("cols", [256, 96, 37 * 16])
+def test_quantize_pack_matches_torch(dtype, spec, cols, monkeypatch):
+    if spec.group_size > 0 and cols % spec.group_size:
+        pytest.skip("group does not divide")
+    w = _weight(24, cols, dtype)
+    monkeypatch.setenv("QTOOL_NATIVE", "0")
+    mn_t, mx_t = core.group_minmax(w, spec)
+    scale, zp = core.qparams_from_minmax(mn_t, mx_t, spec)
+    packed_t, err_t = _torch_path(w, scale, zp, spec)
+    monkeypatch.setenv("QTOOL_NATIVE", "1")
+    mn_n, mx_n = core.group_minmax(w, spec)
+    assert torch.equal(mn_n, mn_t) and torch.equal(mx_n, mx_t) and mn_n.dtype == dtype
+    assert native.quantize_pack(w, scale, zp, spec) is not None
+    packed_n, err_n = core.quantize_packed(w, scale, zp, spec)
+    assert packed_n.dtype == torch.int32 and torch.equal(packed_n, packed_t)
+    for k in ("rel_error", "mse", "cosine", "sqnr_db"):
+        assert err_n[k] == pytest.approx(err_t[k], rel=1e-6, abs=1e-12), k
+    assert err_n["max_abs"] == err_t["max_abs"]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_mse_search_same_scales(dtype, monkeypatch):
+    w = _weight(64, 512, dtype, seed=3)
+    imp = torch.rand(512, generator=torch.Generator().manual_seed(1)) + 0.1
+    for spec in (QuantSpec(4, True, 128), QuantSpec(4, False, 64), QuantSpec(8, True, -1)):
+        monkeypatch.setenv("QTOOL_NATIVE", "0")
+        ref = mse_qparams(w, spec, importance=imp)
+        monkeypatch.setenv("QTOOL_NATIVE", "1")
+        got = mse_qparams(w, spec, importance=imp)
+        assert torch.equal(got[0], ref[0])
+        assert (got[1] is None) == (ref[1] is None) and (got[1] is None or torch.equal(got[1], ref[1]))
+
+
+def test_odd_rows_tail_word_padding():
+    # 13 columns of int4: one full word and a zero-padded partial word per row
+    w = _weight(5, 13 * 8 + 5, torch.bfloat16)
+    spec = QuantSpec(4, True, -1, "rtn")
+    scale, zp = core.minmax_qparams(w, spec)
+    packed_n, _ = core.quantize_packed(w, scale, zp, spec)
+    assert torch.equal(packed_n, pack_int32(core.quantize(w, scale, zp, spec), 4))
+
+
+def test_nonfinite_weight_poisons_the_error():
+    w = _weight(8, 128, torch.bfloat16)
+    w[4, 7] = float("nan")
+    spec = QuantSpec(4, True, 128, "rtn")
+    scale, zp = core.minmax_qparams(w, spec)
+    assert torch.isnan(scale[4, 0])
+    _, err = core.quantize_packed(w, scale, zp, spec)
+    assert math.isnan(err["mse"])  # what the quantize job checks before it counts the bad values
+
+
+def _terms(out, inp, ranks, weights, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [LoraTerm(A=torch.randn(r, inp, generator=g) * 0.1, B=torch.randn(out, r, generator=g) * 0.1,
+                     scaling=2.0 / math.sqrt(r), weight=wt) for r, wt in zip(ranks, weights)]
+
+
+@pytest.mark.parametrize("src", DTYPES)
+@pytest.mark.parametrize("dst", DTYPES)
+@pytest.mark.parametrize("ranks,weights", [((8,), (1.0,)), ((4, 16), (0.7, -0.3))])
+def test_merge_matches_torch(src, dst, ranks, weights):
+    W = _weight(300, 1000, src, seed=5)  # 300 rows: several row blocks with a short last one
+    terms = _terms(300, 1000, ranks, weights)
+    ref, _ = merge_weight(W, terms)
+    got, rel, finite = merge_linear_cast(W, terms, dst)
+    assert finite and got.dtype == dst
+    assert torch.equal(got, ref.to(dst))
+    exact = sum(t.weight * t.scaling * (t.B.double() @ t.A.double()) for t in terms)
+    assert rel == pytest.approx(float(exact.norm() / W.double().norm()), rel=1e-6)
+
+
+@pytest.mark.parametrize("dtype,big", [(torch.float16, 6e4), (torch.bfloat16, 3.3e38), (torch.float32, 3.3e38)])
+def test_merge_reports_values_that_overflow_the_output(dtype, big):
+    # finite in float32 or not: what counts is the stored value
+    W = torch.full((4, 64), big, dtype=dtype)
+    W[0] = 1.0
+    terms = [LoraTerm(A=torch.ones(4, 64), B=torch.ones(4, 4), scaling=big / 8)]
+    out, _, finite = merge_linear_cast(W, terms, dtype)
+    assert not finite and torch.isinf(out[1:]).all() and torch.isfinite(out[0]).all()
+    W[1:] = 0.0
+    assert merge_linear_cast(W, terms, dtype)[2]
+
+
+def test_kernels_step_aside_where_they_do_not_apply(monkeypatch):
+    w = _weight(8, 128, torch.float64)
+    spec = QuantSpec(4, True, 128, "rtn")
+    scale, zp = core.minmax_qparams(w, spec)
+    assert native.quantize_pack(w, scale, zp, spec) is None       # float64: torch path
+    assert native.quantize_pack(w.float().t(), scale.float(), zp, spec) is None  # not contiguous
+    terms = [LoraTerm(A=torch.ones(2, 128), B=torch.ones(8, 2), scaling=1.0, kind="conv1d")]
+    assert merge_linear_cast(w.float(), terms, torch.float32) is None
+    monkeypatch.setenv("QTOOL_NATIVE", "0")
+    assert not native.enabled()
+    assert merge_linear_cast(w.float(), [LoraTerm(A=torch.ones(2, 128), B=torch.ones(8, 2), scaling=1.0)], torch.float32) is None
