@@ -339,6 +339,142 @@ static PyObject *py_quantize_pack(PyObject *self, PyObject *args) {
     return Py_BuildValue("dddd", acc.ww, acc.wd, acc.dd, (double)acc.max_abs);
 }
 
+/* ---- mse scale search (qtool/quant/search.py's algorithm, group by group) ---------------------------- */
+
+/* Σ wx·L and Σ (L·wt)·L for the codes L of one candidate (scale s, zero point z) over a group's float32 values */
+INLINE void candidate_sums(const float *x, const float *wx, const float *wt, Py_ssize_t n, float s, float z,
+                           int has_z, float qmin, float qmax, double *sxl, double *sll) {
+    const float inv = 1.0f / s;  /* a candidate's codes need not be bit-exact: multiply, as search.py does */
+    const vf vinv = splat(inv), vz = splat(z), vlo = splat(qmin), vhi = splat(qmax);
+    vf a = splat(0.f), b = splat(0.f);
+    Py_ssize_t i = 0;
+    for (; i + VL <= n; i += VL) {
+        vf xv, wxv; memcpy(&xv, x + i, sizeof xv); memcpy(&wxv, wx + i, sizeof wxv);
+        vf q = xv * vinv;
+        if (has_z) q = q + vz;
+        vf L = vround_even(vmin(vmax(q, vlo), vhi));
+        if (has_z) L = L - vz;
+        vf Lw = L;
+        if (wt) { vf wv; memcpy(&wv, wt + i, sizeof wv); Lw = L * wv; }
+        a += wxv * L; b += Lw * L;
+    }
+    double sa = hsum(a), sb = hsum(b);
+    for (; i < n; i++) {
+        float q = x[i] * inv;
+        if (has_z) q = q + z;
+        float L = round_even(fminf(fmaxf(q, qmin), qmax));
+        if (has_z) L = L - z;
+        sa += wx[i] * L; sb += (wt ? L * wt[i] : L) * L;
+    }
+    *sxl = sa; *sll = sb;
+}
+
+/* Σ wt·(ŵ − x)² with the quantizer's own dtype semantics (what quantize_row stores), for one group */
+INLINE double exact_error(const void *w, int dt, Py_ssize_t off, const float *x, const float *wt, Py_ssize_t n,
+                          float s, float z, int has_z, float qmin, float qmax) {
+    const vf vs = splat(s), vz = splat(z), vlo = splat(qmin), vhi = splat(qmax);
+    vf e = splat(0.f);
+    Py_ssize_t i = 0;
+    for (; i + VL <= n; i += VL) {
+        vf xv = vload(w, off + i, dt);
+        vf q = vround_to(xv / vs, dt);
+        if (has_z) q = vround_to(q + vz, dt);
+        q = vround_even(vmin(vmax(q, vlo), vhi));
+        vf d = vround_to((has_z ? q - vz : q) * vs, dt) - xv;
+        d = d * d;
+        if (wt) { vf wv; memcpy(&wv, wt + i, sizeof wv); d = d * wv; }
+        e += d;
+    }
+    double se = hsum(e);
+    for (; i < n; i++) {
+        float xv = x[i];
+        float q = round_to(xv / s, dt);
+        if (has_z) q = round_to(q + z, dt);
+        q = round_even(fminf(fmaxf(q, qmin), qmax));
+        float d = round_to((has_z ? q - z : q) * s, dt) - xv;
+        d = d * d;
+        se += wt ? d * wt[i] : d;
+    }
+    return se;
+}
+
+/* For each group: the best candidate by refit gain (llama.cpp's make_qx_quants step), its refitted scale rounded to
+ * dt, kept only if its exact error beats min-max's (so never worse than rtn). scale/zp hold min-max's on entry and
+ * the result on return. */
+INLINE void mse_body(const void *w, int dt, Py_ssize_t rows, Py_ssize_t cols, Py_ssize_t gw, int sym, int bits,
+                     const float *wt_all, const float *grid, int n_grid, const float *mn, const float *mx,
+                     void *scale, int8_t *zp, float *x, float *wx) {
+    const float qmin = -(float)(1 << (bits - 1)), qmax = (float)((1 << (bits - 1)) - 1), qrange = qmax - qmin;
+    const Py_ssize_t ng = cols / gw;
+    for (Py_ssize_t r = 0; r < rows; r++) {
+        for (Py_ssize_t g = 0; g < ng; g++) {
+            const Py_ssize_t off = r * cols + g * gw, k = r * ng + g;
+            const float *wt = wt_all ? wt_all + g * gw : NULL;
+            for (Py_ssize_t i = 0; i < gw; i++) {
+                x[i] = load(w, off + i, dt);
+                wx[i] = wt ? x[i] * wt[i] : x[i];
+            }
+            float best_gain = 0.f, best_s = 0.f, best_z = 0.f;
+            int first = 1;
+            const int n_cand = sym ? n_grid : n_grid * n_grid;
+            for (int c = 0; c < n_cand; c++) {
+                float s, z = 0.f;
+                if (sym) {
+                    float amax = fmaxf(mx[k], -mn[k]);
+                    s = fmaxf((amax * grid[c]) / (qrange / 2), 1e-30f);
+                } else {
+                    float lo = fminf(mn[k], 0.f), hi = fmaxf(mx[k], 0.f);
+                    float cl = lo * grid[c / n_grid], ch = hi * grid[c % n_grid];
+                    s = fmaxf((ch - cl) / qrange, 1e-30f);
+                    z = round_even(fminf(fmaxf(qmin - cl / s, qmin), qmax));
+                }
+                double sxl, sll;
+                candidate_sums(x, wx, wt, gw, s, z, !sym, qmin, qmax, &sxl, &sll);
+                float fxl = (float)sxl, fll = (float)sll;
+                float gain = fll > 0.f ? fxl * fxl / fmaxf(fll, 1e-30f) : 0.f;
+                float fit = (fll > 0.f && fxl > 0.f) ? fxl / fmaxf(fll, 1e-30f) : s;
+                if (first || gain > best_gain) { best_gain = gain; best_s = fit; best_z = z; first = 0; }
+            }
+            const float s_mm = load(scale, k, dt);
+            const float z_mm = sym ? 0.f : (float)zp[k];
+            float s_new = round_to(best_s, dt);
+            if (!(s_new > 0.f)) s_new = s_mm;
+            double e_mm = exact_error(w, dt, off, x, wt, gw, s_mm, z_mm, !sym, qmin, qmax);
+            double e_new = exact_error(w, dt, off, x, wt, gw, s_new, best_z, !sym, qmin, qmax);
+            if (e_new < e_mm) {
+                store(scale, k, s_new, dt);
+                if (!sym) zp[k] = (int8_t)best_z;
+            }
+        }
+    }
+}
+
+HOT static void mse_any(const void *w, int dt, Py_ssize_t rows, Py_ssize_t cols, Py_ssize_t gw, int sym, int bits,
+                        const float *wt, const float *grid, int n_grid, const float *mn, const float *mx,
+                        void *scale, int8_t *zp, float *x, float *wx) {
+    if (dt == F32) mse_body(w, F32, rows, cols, gw, sym, bits, wt, grid, n_grid, mn, mx, scale, zp, x, wx);
+    else if (dt == BF16) mse_body(w, BF16, rows, cols, gw, sym, bits, wt, grid, n_grid, mn, mx, scale, zp, x, wx);
+    else mse_body(w, F16, rows, cols, gw, sym, bits, wt, grid, n_grid, mn, mx, scale, zp, x, wx);
+}
+
+static PyObject *py_mse_search(PyObject *self, PyObject *args) {
+    (void)self;
+    unsigned long long w, wt, grid, mn, mx, scale, zp;
+    int dt, sym, bits, n_grid;
+    Py_ssize_t rows, cols, gw;
+    if (!PyArg_ParseTuple(args, "KinnniiKKiKKKK", &w, &dt, &rows, &cols, &gw, &sym, &bits, &wt, &grid, &n_grid,
+                          &mn, &mx, &scale, &zp))
+        return NULL;
+    float *buf = (float *)malloc(2 * (size_t)(gw > 0 ? gw : 1) * sizeof(float));
+    if (!buf) return PyErr_NoMemory();
+    Py_BEGIN_ALLOW_THREADS
+    mse_any((const void *)w, dt, rows, cols, gw, sym, bits, (const float *)wt, (const float *)grid, n_grid,
+            (const float *)mn, (const float *)mx, (void *)scale, (int8_t *)zp, buf, buf + gw);
+    Py_END_ALLOW_THREADS
+    free(buf);
+    Py_RETURN_NONE;
+}
+
 /* ---- LoRA merge: out = cast(w + d * s) ---------------------------------------------------------- */
 
 /* finite: every stored value is finite (a float32 sum that overflows the output dtype counts as Inf) */
@@ -413,6 +549,8 @@ static PyMethodDef methods[] = {
     {"quantize_pack", py_quantize_pack, METH_VARARGS,
      "quantize_pack(w, dtype, rows, cols, group_width, scale, scale_stride, zp, zp_stride, bits, out, out_stride)"
      " -> (sum w*w, sum w*d, sum d*d, max |d|)"},
+    {"mse_search", py_mse_search, METH_VARARGS,
+     "mse_search(w, dtype, rows, cols, group_width, symmetric, bits, weights, grid, n_grid, mn, mx, scale, zp)"},
     {"merge", py_merge, METH_VARARGS, "merge(w, w_dtype, d, s, n, out, out_dtype) -> (sum w*w, sum t*t, finite)"},
     {NULL, NULL, 0, NULL},
 };

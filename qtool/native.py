@@ -61,6 +61,26 @@ def quantize_pack(w: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
     return out, sums
 
 
+def mse_search(w: torch.Tensor, spec, weights: torch.Tensor | None, grid: tuple[float, ...],
+               mn: torch.Tensor, mx: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None) -> bool:
+    """qtool.quant.search's per-group search, in place: scale (w's dtype) and zero_point (int8) hold min-max's
+    parameters on entry and the chosen ones on return. mn, mx: float32 [rows, n_groups]; weights: float32 [cols].
+    Returns False (nothing done) where the kernel does not apply."""
+    if spec.strategy == "tensor" or w.dtype not in DTYPE_CODES or scale.dtype != w.dtype:
+        return False
+    tensors = [w, scale, mn, mx] + [t for t in (weights, zero_point) if t is not None]
+    if not _applies(*tensors) or mn.dtype != torch.float32 or mx.dtype != torch.float32:
+        return False
+    if (zero_point is None) != spec.symmetric or (zero_point is not None and zero_point.dtype != torch.int8):
+        return False
+    rows, cols = w.shape
+    g = torch.tensor(grid, dtype=torch.float32)
+    _native.mse_search(w.data_ptr(), DTYPE_CODES[w.dtype], rows, cols, spec.group_width(cols), int(spec.symmetric),
+                       spec.bits, 0 if weights is None else weights.data_ptr(), g.data_ptr(), len(grid),
+                       mn.data_ptr(), mx.data_ptr(), scale.data_ptr(), 0 if zero_point is None else zero_point.data_ptr())
+    return True
+
+
 def merge_applies(w: torch.Tensor, out_dtype: torch.dtype) -> bool:
     return w.dtype in DTYPE_CODES and out_dtype in DTYPE_CODES and _applies(w)
 

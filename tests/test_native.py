@@ -61,17 +61,33 @@ def test_quantize_pack_matches_torch(dtype, spec, cols, monkeypatch):
     assert err_n["max_abs"] == err_t["max_abs"]
 
 
+def _group_errors(w, scale, zp, spec, imp):
+    """Σ importance·(ŵ − w)² per group of the stored quantization (float64)."""
+    q = core.quantize(w, scale, zp, spec)
+    err = (core.dequantize(q, scale, zp, spec).double() - w.double()) ** 2 * imp.double()
+    return err.view(w.shape[0], -1, spec.group_width(w.shape[1])).sum(-1)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_mse_search_same_scales(dtype, monkeypatch):
+@pytest.mark.parametrize("spec", [QuantSpec(4, True, 128), QuantSpec(4, False, 64), QuantSpec(8, True, -1)],
+                         ids=lambda s: f"int{s.bits}-{'sym' if s.symmetric else 'asym'}-g{s.group_size}")
+def test_mse_search_native_vs_torch(dtype, spec, monkeypatch):
+    # The search's sums run in another order in C than in torch, so a near-tie may go the other way (and float32
+    # refits differ in the last bits): the same quality, never worse than min-max on any group, mostly equal bytes.
     w = _weight(64, 512, dtype, seed=3)
     imp = torch.rand(512, generator=torch.Generator().manual_seed(1)) + 0.1
-    for spec in (QuantSpec(4, True, 128), QuantSpec(4, False, 64), QuantSpec(8, True, -1)):
-        monkeypatch.setenv("QTOOL_NATIVE", "0")
-        ref = mse_qparams(w, spec, importance=imp)
-        monkeypatch.setenv("QTOOL_NATIVE", "1")
-        got = mse_qparams(w, spec, importance=imp)
-        assert torch.equal(got[0], ref[0])
-        assert (got[1] is None) == (ref[1] is None) and (got[1] is None or torch.equal(got[1], ref[1]))
+    mm = _group_errors(w, *core.minmax_qparams(w, spec), spec, imp)
+    monkeypatch.setenv("QTOOL_NATIVE", "0")
+    ref = mse_qparams(w, spec, importance=imp)
+    monkeypatch.setenv("QTOOL_NATIVE", "1")
+    got = mse_qparams(w, spec, importance=imp)
+    assert got[0].dtype == dtype and got[0].shape == ref[0].shape
+    e_got, e_ref = _group_errors(w, *got, spec, imp), _group_errors(w, *ref, spec, imp)
+    assert (e_got <= mm).all()
+    assert float(e_got.sum()) < float(mm.sum())
+    assert float(e_got.sum()) == pytest.approx(float(e_ref.sum()), rel=2e-3)
+    if dtype != torch.float32:
+        assert (got[0] == ref[0]).float().mean() > 0.98
 
 
 def test_odd_rows_tail_word_padding():

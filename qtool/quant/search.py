@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import native
 from .core import (
     check_shape,
     group_minmax,
@@ -89,15 +90,16 @@ def _search_chunk(x, wt, mn, mx, spec: QuantSpec):
         hi = torch.clamp(mx, min=0).unsqueeze(-1)
         cands = [(a, b) for a in ASYM_GRID for b in ASYM_GRID]
     for a, b in cands:
+        # a candidate's codes are a heuristic, not stored: multiply by 1/s (a division costs ~10 multiplies)
         if spec.symmetric:
             s = (amax * a / (qrange / 2)).clamp_min(1e-30)
             z = None
-            L = (x / s).clamp_(spec.qmin, spec.qmax).round_()
+            L = (x * s.reciprocal()).clamp_(spec.qmin, spec.qmax).round_()
         else:
             cl, ch = lo * a, hi * b
             s = ((ch - cl) / qrange).clamp_min(1e-30)
             z = (spec.qmin - cl / s).clamp_(spec.qmin, spec.qmax).round_()
-            L = (x / s).add_(z).clamp_(spec.qmin, spec.qmax).round_().sub_(z)
+            L = (x * s.reciprocal()).add_(z).clamp_(spec.qmin, spec.qmax).round_().sub_(z)
         sxl = torch.linalg.vecdot(wx, L)
         if wt is not None:
             sll = torch.linalg.vecdot(L * wt, L)
@@ -129,13 +131,16 @@ def mse_qparams(
     sdt = scale_dtype_for(w.dtype)
     w = w.to(sdt)
     rows, cols = w.shape
-    scale, zp = qparams_from_minmax(*group_minmax(w, spec), spec)
+    mn, mx = group_minmax(w, spec)
+    scale, zp = qparams_from_minmax(mn, mx, spec)
     if spec.strategy == "tensor":
         return _tensor_search(w, spec, importance, scale, zp)
     wt_all = _weights(importance, cols, spec, w.device)
+    out_s, out_z = scale.clone(), None if zp is None else zp.clone()
+    grid = SYM_GRID if spec.symmetric else ASYM_GRID
+    if native.mse_search(w, spec, wt_all, grid, mn.float(), mx.float(), out_s, out_z):
+        return out_s, out_z
     wt_g = None if wt_all is None else wt_all.view(1, -1, spec.group_width(cols))
-    out_s = scale.clone()
-    out_z = None if zp is None else zp.clone()
     step = max(1, _SEARCH_CHUNK // cols)
     for r0 in range(0, rows, step):
         r1 = min(rows, r0 + step)
