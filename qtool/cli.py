@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import functools
+import gc
+import os
 import sys
 
 import click
@@ -31,12 +33,19 @@ def handle_errors(fn):
             _fail("interrupted; no output was written", 130)
         except BrokenPipeError:
             # stdout's reader went away (`qtool inspect ... | head`): the work is done, say nothing more
-            import os
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             sys.exit(1)
         except OSError as e:
             _fail(f"{e.filename or 'I/O'}: {e.strerror or e}")
+        finally:
+            gc.unfreeze()  # pairs with _imports_done: a caller in the same process (tests) gets its GC back
     return wrapper
+
+
+def _imports_done() -> None:
+    """Called once a command has imported its job (and torch): those hundreds of thousands of objects live for the
+    whole run, so take them out of the garbage collector's walks, which otherwise cost ~10% of a job's CPU time."""
+    gc.freeze()
 
 
 def _emit(report: dict, as_json: bool, top: int = 10) -> None:
@@ -75,6 +84,9 @@ def main():
     file, or a hub id (org/name) already in the local Hugging Face cache. Exit codes: 0 success, 1 error,
     2 usage error, 3 quality gate failed.
     """
+    # This process runs no numpy BLAS (torch does the math): OpenBLAS's worker threads would only spin on the
+    # cores the job needs. Set before numpy is first imported, and only where the user has not chosen.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 
 @main.command()
@@ -98,6 +110,7 @@ def inspect(source, as_json, against, base, top, max_rel_error, lora_rank, revis
     qtool inspect samples/tiny-llama --lora-rank 16
     """
     from .jobs.inspect import inspect as run
+    _imports_done()
     report = run(source, against=against, base=base, revision=revision, max_rel_error=max_rel_error, lora_rank=lora_rank)
     _finish(report, as_json, top=top)
 
@@ -142,6 +155,7 @@ def quantize(source, out, bits, symmetric, group_size, method, calib, calib_samp
     from .jobs.quantize import quantize as run
     from .progress import make_progress
     from .quant.spec import QuantSpec
+    _imports_done()
     b = int(bits)
     if group_size is None:
         group_size = QuantSpec.default(b).group_size
@@ -174,6 +188,7 @@ def calibrate(source, calib, out, calib_samples, seq_len, device, overwrite, qui
     """
     from .jobs.calibrate import calibrate as run
     from .progress import make_progress
+    _imports_done()
     with make_progress(quiet) as progress:
         summary = run(source, calib, out, calib_samples=calib_samples, seq_len=seq_len, device=device,
                       overwrite=overwrite, revision=revision, progress=progress)
@@ -194,6 +209,7 @@ def dequantize(source, out, dtype, overwrite, quiet, as_json, revision):
     """Turn a pack-quantized checkpoint (qtool's or compressed-tensors') back into a dense one."""
     from .jobs.dequantize import dequantize as run
     from .progress import make_progress
+    _imports_done()
     with make_progress(quiet or as_json) as progress:
         report = run(source, out, dtype=dtype, overwrite=overwrite, revision=revision, progress=progress)
     _finish(report, as_json, quiet)
@@ -220,6 +236,7 @@ def merge_lora(base, adapters, out, weights, dtype, report_path, overwrite, quie
     """
     from .jobs.merge import merge_lora as run
     from .progress import make_progress
+    _imports_done()
     if weights and len(weights) != len(adapters):
         raise click.BadParameter(f"got {len(weights)} weights for {len(adapters)} adapters", param_hint="--weight")
     with make_progress(quiet or as_json) as progress:
