@@ -104,19 +104,14 @@ def test_disk_full_is_an_error_and_leaves_nothing(tmp_path, monkeypatch):
     import errno
     import qtool.checkpoint.writer as wmod
 
-    real_open = open
-    class Full:
-        def __init__(self, f):
-            self.f = f
-            self.n = 0
-        def write(self, b):
-            self.n += 1
-            if self.n > 1:
-                raise OSError(errno.ENOSPC, "No space left on device")
-            return self.f.write(b)
-        def close(self):
-            self.f.close()
-    monkeypatch.setattr(wmod, "open", lambda p, m="r", *a, **k: Full(real_open(p, m, *a, **k)), raising=False)
+    real_pwrite = wmod._pwrite
+    calls = []
+    def full(fd, data, offset):  # every file write goes through _pwrite: the second one finds the disk full
+        calls.append(offset)
+        if len(calls) > 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_pwrite(fd, data, offset)
+    monkeypatch.setattr(wmod, "_pwrite", full)
     with pytest.raises(QtoolError, match="no space left on device"):
         _write(tmp_path / "out", _tensors())
     assert os.listdir(tmp_path) == []

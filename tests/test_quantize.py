@@ -256,19 +256,14 @@ def test_read_only_output_location(model_dir, tmp_path, monkeypatch):
 def test_disk_full_mid_write_leaves_no_output(model_dir, tmp_path, monkeypatch):
     import errno
     import qtool.checkpoint.writer as wmod
-    real_open = open
-
-    class FillsUp:
-        def __init__(self, f):
-            self.f, self.written = f, 0
-        def write(self, b):
-            self.written += len(b)
-            if self.written > 50_000:
-                raise OSError(errno.ENOSPC, "No space left on device")
-            return self.f.write(b)
-        def close(self):
-            self.f.close()
-    monkeypatch.setattr(wmod, "open", lambda p, m="r", *a, **k: FillsUp(real_open(p, m, *a, **k)), raising=False)
+    real_pwrite = wmod._pwrite
+    written = []
+    def fills_up(fd, data, offset):  # the disk fills after 50 kB
+        written.append(len(memoryview(data).cast("B")))
+        if sum(written) > 50_000:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_pwrite(fd, data, offset)
+    monkeypatch.setattr(wmod, "_pwrite", fills_up)
     r = run_cli("quantize", model_dir, "-o", tmp_path / "q")
     assert r.exit_code == 1 and "no space left on device" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert os.listdir(tmp_path) == []

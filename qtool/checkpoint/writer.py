@@ -1,9 +1,11 @@
 """Write a checkpoint folder atomically, streaming tensors straight into their shard files.
 
-The caller plans every output tensor (name, shape, dtype) up front, so each shard's header is known before
-its data: tensors are then written in place as they come (a background thread does the file writes, so
-computing the next tensor overlaps writing this one) and nothing larger than the tensors in flight is held.
-Everything goes into a temporary folder beside OUT that is renamed into place only when complete.
+The caller plans every output tensor (name, shape, dtype) up front, so every shard's header, and so every
+tensor's byte offset, is known before any data: tensors are then written in place, in any order, with
+positional writes. `write` hands a finished tensor to a background thread (computing the next one overlaps
+writing this one; at most WRITE_BEHIND_BYTES wait); `sink` lets a worker write a tensor piece by piece as it
+computes it, while each piece is still in cache, with no full-size output buffer at all. Everything goes into a
+temporary folder beside OUT that is renamed into place only when every planned byte is written.
 """
 from __future__ import annotations
 
@@ -58,6 +60,18 @@ def shard_names(n: int, basename: str = "model") -> list[str]:
     return [f"{basename}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
 
 
+def _pwrite(fd: int, data, offset: int) -> None:
+    """All of `data` (a bytes-like object) at `offset` of the open file `fd`: the writer's only way to a file."""
+    view = memoryview(data).cast("B")
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
+def _bytes(t: torch.Tensor):
+    return t.reshape(-1).view(torch.uint8).numpy()
+
+
 class CheckpointWriter:
     """`with CheckpointWriter(out) as w: w.plan(specs); w.write(name, t); ...` → OUT appears only on success."""
 
@@ -68,10 +82,10 @@ class CheckpointWriter:
         self.basename = basename
         self.metadata = metadata
         self.tmp: Path | None = None
-        self._order: list[tuple[str, _Planned]] = []   # (shard file, spec) in file order
-        self._specs: dict[str, tuple[str, _Planned]] = {}
-        self._pending: dict[str, torch.Tensor] = {}
-        self._next = 0
+        self._where: dict[str, tuple[int, int, _Planned]] = {}  # name -> (fd, byte offset, spec)
+        self._fds: list[int] = []
+        self._unwritten: set[str] = set()
+        self._lock = threading.Lock()
         self._index: dict | None = None
         self._queue: queue.Queue = queue.Queue()
         self._queued = 0  # bytes in the queue; bounded by WRITE_BEHIND_BYTES so memory stays flat
@@ -95,9 +109,9 @@ class CheckpointWriter:
 
     def plan(self, specs: Iterable, shards: dict[str, str] | None = None, max_shard_bytes: int | None = None,
              index: bool | None = None) -> None:
-        """Fix every output tensor, in the order the caller will produce them (that is the order of the data in
-        each file; headers list names sorted). `shards` maps names to shard files (to mirror a source's layout);
-        otherwise the sequence is cut into shards of at most `max_shard_bytes`."""
+        """Fix every output tensor and its place: data in the order given (headers list names sorted). `shards`
+        maps names to shard files (to mirror a source's layout); otherwise the sequence is cut into shards of at
+        most `max_shard_bytes`. Each shard file is created with its header."""
         planned = [_Planned(s[0], tuple(int(d) for d in s[1]), s[2]) for s in specs]
         if len({p.name for p in planned}) != len(planned):
             raise ValueError("duplicate tensor names in the plan")
@@ -117,32 +131,46 @@ class CheckpointWriter:
                 groups[-1].append(p)
                 size += p.nbytes
             by_shard = dict(zip(shard_names(len(groups), self.basename), groups))
-        for shard, group in by_shard.items():
-            for p in group:
-                self._order.append((shard, p))
-                self._specs[p.name] = (shard, p)
+        try:
+            for shard, group in by_shard.items():
+                path = self.tmp / shard
+                path.parent.mkdir(parents=True, exist_ok=True)
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0), 0o644)
+                self._fds.append(fd)
+                header = safetensors_header(group, self.metadata)
+                _pwrite(fd, header, 0)
+                pos = len(header)
+                for p in group:
+                    self._where[p.name] = (fd, pos, p)
+                    pos += p.nbytes
+        except OSError as e:
+            self._error = e
+            self._raise()
+        self._unwritten = {p.name for p in planned if p.nbytes}
         if index if index is not None else len(by_shard) > 1:
             self._index = {
-                "metadata": {"total_size": sum(p.nbytes for _, p in self._order)},
-                "weight_map": {p.name: shard for shard, p in sorted(self._order, key=lambda sp: sp[1].name)},
+                "metadata": {"total_size": sum(p.nbytes for p in planned)},
+                "weight_map": {p.name: shard for shard, group in sorted(by_shard.items()) for p in group},
             }
-        self._shards = by_shard
+            self._index["weight_map"] = dict(sorted(self._index["weight_map"].items()))
         self._thread = threading.Thread(target=self._drain, name="qtool-writer", daemon=True)
         self._thread.start()
 
     # -- writing ------------------------------------------------------------------------------------------
     def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Queue a whole tensor for the file thread (blocks while WRITE_BEHIND_BYTES are already waiting)."""
         if self._error:
             self._raise()
-        shard, spec = self._specs[name]
+        _, _, spec = self._where[name]
         if tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
             raise ValueError(f"{name}: planned {spec.shape} {spec.dtype}, got {tuple(tensor.shape)} {tensor.dtype}")
-        self._pending[name] = tensor.detach().to("cpu").contiguous()
-        # Hand tensors to the file thread in file order; early arrivals wait here.
-        while self._next < len(self._order) and self._order[self._next][1].name in self._pending:
-            n = self._order[self._next][1].name
-            self._put((self._order[self._next][0], self._pending.pop(n)))
-            self._next += 1
+        self._put((name, tensor.detach().to("cpu").contiguous()))
+
+    def sink(self, name: str) -> "TensorSink":
+        """Write tensor `name` piece by piece from the calling thread (see TensorSink)."""
+        if self._error:
+            self._raise()
+        return TensorSink(self, name)
 
     def _put(self, item) -> None:
         nbytes = item[1].numel() * item[1].element_size() if item is not None else 0
@@ -154,40 +182,31 @@ class CheckpointWriter:
             self._queued += nbytes
         self._queue.put(item)
 
+    def _store(self, name: str, data, offset: int = 0) -> None:
+        fd, pos, _ = self._where[name]
+        _pwrite(fd, data, pos + offset)
+
+    def _done(self, name: str) -> None:
+        with self._lock:
+            self._unwritten.discard(name)
+
     def _drain(self) -> None:
-        current, f = None, None
         try:
-            remaining = {s: len(g) for s, g in self._shards.items()}
-            for shard, group in self._shards.items():
-                if not group:  # a planned shard with no tensors still needs a valid file
-                    (self.tmp / shard).parent.mkdir(parents=True, exist_ok=True)
-                    (self.tmp / shard).write_bytes(safetensors_header([], self.metadata))
             while True:
                 item = self._queue.get()
                 if item is None:
                     break
-                shard, t = item
-                if shard != current:
-                    (self.tmp / shard).parent.mkdir(parents=True, exist_ok=True)
-                    f = open(self.tmp / shard, "wb")
-                    f.write(safetensors_header(self._shards[shard], self.metadata))
-                    current = shard
+                name, t = item
                 if t.numel():
-                    f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+                    self._store(name, _bytes(t))
+                self._done(name)
                 with self._room:
                     self._queued -= t.numel() * t.element_size()
                     self._room.notify_all()
-                remaining[shard] -= 1
-                if remaining[shard] == 0:
-                    f.close()
-                    f, current = None, None
         except BaseException as e:  # surfaced to the caller on its next call
             with self._room:
                 self._error = e
                 self._room.notify_all()
-        finally:
-            if f is not None:
-                f.close()
 
     def _raise(self):
         e = self._error
@@ -216,13 +235,13 @@ class CheckpointWriter:
     # -- finishing ----------------------------------------------------------------------------------------
     def _finish(self) -> None:
         if self._thread is not None:
-            if self._next < len(self._order):
-                missing = self._order[self._next][1].name
-                raise RuntimeError(f"tensor {missing!r} was planned but never written")
             self._put(None)
             self._thread.join()
             if self._error:
                 self._raise()
+            if self._unwritten:
+                raise RuntimeError(f"tensor {min(self._unwritten)!r} was planned but never written")
+        self._close_files()
         if self._index is not None:
             self.write_json(f"{self.basename}.safetensors.index.json", self._index)
         old = None
@@ -233,11 +252,17 @@ class CheckpointWriter:
         if old is not None:
             shutil.rmtree(old) if old.is_dir() else old.unlink()
 
+    def _close_files(self) -> None:
+        fds, self._fds = self._fds, []
+        for fd in fds:
+            os.close(fd)
+
     def _abort(self) -> None:
         if self._thread is not None and self._thread.is_alive():
             self._error = self._error or RuntimeError("aborted")
             self._queue.put(None)
             self._thread.join(timeout=10)
+        self._close_files()
         if self.tmp is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
 
@@ -250,3 +275,35 @@ class CheckpointWriter:
                 self._abort()
                 raise
         self._abort()
+
+
+class TensorSink:
+    """One planned tensor written by its producer, piece by piece, at byte offsets within the tensor:
+    `with writer.sink(name) as out: out.write(0, first_rows); out.write(k, next_rows); ...`. Pieces may come in
+    any order but must cover the tensor exactly; the tensor counts as written when the block ends cleanly."""
+
+    def __init__(self, writer: CheckpointWriter, name: str):
+        self.writer, self.name = writer, name
+        self.nbytes = writer._where[name][2].nbytes
+        self.written = 0
+
+    def write(self, offset: int, piece: torch.Tensor) -> None:
+        """Store the bytes of a contiguous CPU tensor at byte `offset` of this tensor's data."""
+        n = piece.numel() * piece.element_size()
+        if offset < 0 or offset + n > self.nbytes:
+            raise ValueError(f"{self.name}: bytes {offset}..{offset + n} fall outside its {self.nbytes} bytes")
+        try:
+            self.writer._store(self.name, _bytes(piece.contiguous()), offset)
+        except OSError as e:
+            self.writer._error = self.writer._error or e
+            self.writer._raise()
+        self.written += n
+
+    def __enter__(self) -> "TensorSink":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            if self.written != self.nbytes:
+                raise RuntimeError(f"{self.name}: {self.written} of {self.nbytes} bytes written")
+            self.writer._done(self.name)

@@ -13,7 +13,7 @@ import torch
 from ..checkpoint import CheckpointWriter, open_checkpoint
 from ..errors import QtoolError
 from ..lora.adapter import Adapter, read_adapter
-from ..lora.merge import all_finite, merge_bias, merge_linear_cast, merge_weight, relative_norm
+from ..lora.merge import all_finite, fused_merge_applies, merge_bias, merge_linear_cast, merge_weight, relative_norm
 from ..lora.plan import ModuleWeight, TensorOp, plan_merge
 from ..plan import FLOAT_DTYPES, dense_dtype
 from ..progress import NullProgress
@@ -71,8 +71,8 @@ def merge_lora(base: str, adapters: list[str], out: str, weights: list[float] | 
                 return list(parts.items()), sum(bck.tensors[n].nbytes for n in q.parts(key.name.rsplit(".", 1)[0]))
             op = plan.ops.get(key)
             dtype = specs[key][1]
-            out = (t if t.dtype == dtype else t.to(dtype)) if op is None else _merge_plain(bck, op, t, dtype, rows)
-            return [(key, out)], bck.tensors[key].nbytes
+            out = (t if t.dtype == dtype else t.to(dtype)) if op is None else _merge_plain(bck, op, t, dtype, rows, w)
+            return ([] if out is None else [(key, out)]), bck.tensors[key].nbytes
 
         workers = workers_for(torch.device("cpu"))
         with per_worker_threads(workers):
@@ -91,20 +91,21 @@ def merge_lora(base: str, adapters: list[str], out: str, weights: list[float] | 
 
 # -- per tensor -------------------------------------------------------------------------------------------
 
-def _merge_plain(bck, op: TensorOp, base_t: torch.Tensor, dtype: torch.dtype, rows: dict) -> torch.Tensor:
-    """One floating tensor: start from the base (or the adapter's full copy), add the LoRA terms, cast once."""
+def _merge_plain(bck, op: TensorOp, base_t: torch.Tensor, dtype: torch.dtype, rows: dict,
+                 writer: CheckpointWriter) -> torch.Tensor | None:
+    """One floating tensor: start from the base (or the adapter's full copy), add the LoRA terms, cast once.
+    Returns the output tensor, or None when the fused kernel has already streamed it into the writer."""
     start = op.replace[0].ckpt.get(op.replace[1]) if op.replace else base_t
     if not start.dtype.is_floating_point:
         raise QtoolError(op.name, f"cannot merge into a {start.dtype} tensor")
     rel = None
-    if op.role == "weight" and op.terms and not op.replace and start.ndim == 2:
-        fused = merge_linear_cast(start, op.terms, dtype)
-        if fused is not None:
-            out, rel, finite = fused
+    if op.role == "weight" and op.terms and not op.replace and fused_merge_applies(start, op.terms, dtype):
+        with writer.sink(op.name) as sink:
+            _, rel, finite = merge_linear_cast(start, op.terms, dtype, sink=sink)
             if not finite:
                 raise QtoolError(op.name, "merged tensor holds NaN or Inf")
-            rows[op.name] = {"delta_rel_norm": rel, "how": _how(op)}
-            return out
+        rows[op.name] = {"delta_rel_norm": rel, "how": _how(op)}
+        return None
     if op.role == "weight" and op.terms:
         merged, rel = merge_weight(start, op.terms, inplace=True)
     elif op.role == "bias" and op.terms:

@@ -43,14 +43,14 @@ class LoraTerm:
 _SCRATCH = threading.local()
 
 
-def scratch(slot: str, shape: tuple[int, ...]) -> torch.Tensor:
-    """A float32 buffer of this thread, reused from tensor to tensor: a fresh 40 MB tensor costs more in page
-    faults than the arithmetic done in it. Valid until the next call for the same slot."""
+def scratch(slot: str, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A buffer of this thread, reused from tensor to tensor: a fresh 40 MB tensor costs more in page faults than
+    the arithmetic done in it. Valid until the next call for the same slot."""
     bufs = _SCRATCH.__dict__.setdefault("bufs", {})
     n = math.prod(shape)
-    buf = bufs.get(slot)
+    buf = bufs.get((slot, dtype))
     if buf is None or buf.numel() < n:
-        buf = bufs[slot] = torch.empty(n, dtype=torch.float32)
+        buf = bufs[(slot, dtype)] = torch.empty(n, dtype=dtype)
     return buf[:n].view(shape)
 
 
@@ -99,16 +99,21 @@ def merge_weight(W: torch.Tensor, terms: list[LoraTerm], inplace: bool = False) 
 _BLOCK_ELEMS = 1 << 18
 
 
-def merge_linear_cast(W: torch.Tensor, terms: list[LoraTerm], dtype: torch.dtype):
-    """(W + Σ ΔWᵢ cast to `dtype`, ‖ΣΔWᵢ‖/‖W‖, every merged value finite) through the native kernel, a block of
+def fused_merge_applies(W: torch.Tensor, terms: list[LoraTerm], dtype: torch.dtype) -> bool:
+    """merge_linear_cast handles these: nn.Linear LoRA terms (no DoRA) on a 2-D CPU weight the kernel reads."""
+    return (W.ndim == 2 and all(t.kind == "linear" and t.magnitude is None and t.B.device.type == "cpu" for t in terms)
+            and native.merge_applies(W, dtype))
+
+
+def merge_linear_cast(W: torch.Tensor, terms: list[LoraTerm], dtype: torch.dtype, sink=None):
+    """(W + Σ ΔWᵢ cast to `dtype`, ‖ΣΔWᵢ‖/‖W‖, every stored value finite) through the native kernel, a block of
     output rows at a time: the same float32 operations as merge_weight followed by one cast, so the same bits.
-    None where the kernel does not apply (DoRA, Conv1D or embedding orientation, GPU, other dtypes)."""
-    if any(t.kind != "linear" or t.magnitude is not None or t.B.device.type != "cpu" for t in terms):
-        return None
-    if not native.merge_applies(W, dtype):
+    With `sink` (a CheckpointWriter.sink) each block goes straight to the file while it is in cache and the first
+    item is None. None where fused_merge_applies is False."""
+    if not fused_merge_applies(W, terms, dtype):
         return None
     rows, cols = W.shape
-    out = torch.empty(W.shape, dtype=dtype)
+    out = torch.empty(W.shape, dtype=dtype) if sink is None else None
     step = max(1, _BLOCK_ELEMS // max(cols, 1))
     ww = tt = 0.0
     finite = True
@@ -122,7 +127,10 @@ def merge_linear_cast(W: torch.Tensor, terms: list[LoraTerm], dtype: torch.dtype
             for t in terms[1:]:
                 D.add_(torch.matmul(t.B[r0:r1], t.A, out=scratch("term", (r1 - r0, cols))).mul_(_scale(t)))
             s = 1.0
-        a, b, ok = native.merge_into(W[r0:r1], D, s, out[r0:r1])
+        block = out[r0:r1] if sink is None else scratch("out", (r1 - r0, cols), dtype)
+        a, b, ok = native.merge_into(W[r0:r1], D, s, block)
+        if sink is not None:
+            sink.write(r0 * cols * dtype.itemsize, block)
         ww, tt, finite = ww + a, tt + b, finite and ok
     return out, _ratio(math.sqrt(tt), math.sqrt(ww)), finite
 
