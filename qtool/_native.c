@@ -475,6 +475,90 @@ static PyObject *py_mse_search(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* ---- whole weights, row by row: min-max → CT's scale and zero point → (mse search) → quantize + pack -------- */
+
+/* compressed-tensors' calculate_qparams for one group, in its dtypes: the range widened to hold 0, scale computed
+ * and rounded in dt, zero point from the unrounded-to-eps scale, eps where the scale is 0, NaN propagated as torch's
+ * minimum/maximum do (qtool/quant/core.py::qparams_from_minmax is the same in torch ops). */
+INLINE void ct_qparams(float mn, float mx, int sym, int bits, int dt, float *scale, float *zp) {
+    const float bit_min = -(float)(1 << (bits - 1)), bit_max = (float)((1 << (bits - 1)) - 1);
+    const float range = round_to(bit_max - bit_min, dt);
+    const float lo = (mn < 0.f || mn != mn) ? mn : 0.f, hi = (mx > 0.f || mx != mx) ? mx : 0.f;
+    float s, z = 0.f;
+    if (sym) {
+        float a = fabsf(lo), b = fabsf(hi);
+        float amax = (a > b || a != a) ? a : b;
+        s = round_to(amax / round_to(range / 2.f, dt), dt);
+    } else {
+        s = round_to(round_to(hi - lo, dt) / range, dt);
+        z = round_to(bit_min - round_to(lo / s, dt), dt);
+        z = z < bit_min ? bit_min : (z > bit_max ? bit_max : z);  /* NaN stays NaN */
+        z = z != z ? 0.f : round_even(z);
+    }
+    if (s == 0.f) s = dt == F32 ? 1.1920929e-07f : (dt == BF16 ? 0.0078125f : 0.0009765625f);  /* finfo(dt).eps */
+    *scale = s;
+    *zp = z;
+}
+
+INLINE void quantize_rows_body(const char *w, int dt, Py_ssize_t rows, Py_ssize_t cols, Py_ssize_t gw, int sym,
+                               int bits, int search, const float *wt, const float *grid, int n_grid, char *scale,
+                               int8_t *zp, uint32_t *out, Py_ssize_t out_stride, int8_t *codes, float *x, float *wx,
+                               float *mn, float *mx, Sums *acc) {
+    const Py_ssize_t ng = cols / gw, esz = dt == F32 ? 4 : 2;
+    const float qmin = -(float)(1 << (bits - 1)), qmax = (float)((1 << (bits - 1)) - 1);
+    for (Py_ssize_t r = 0; r < rows; r++) {
+        const char *wr = w + r * cols * esz;      /* one row: a few kB, in cache for all three steps */
+        char *sr = scale + r * ng * esz;
+        int8_t *zr = sym ? NULL : zp + r * ng;
+        minmax_body(wr, dt, 1, cols, gw, sym, mn, mx);
+        for (Py_ssize_t g = 0; g < ng; g++) {
+            float s, z;
+            ct_qparams(mn[g], mx[g], sym, bits, dt, &s, &z);
+            store(sr, g, s, dt);
+            if (zr) zr[g] = (int8_t)z;
+        }
+        if (search) mse_body(wr, dt, 1, cols, gw, sym, bits, wt, grid, n_grid, mn, mx, sr, zr, x, wx);
+        quantize_row(wr, dt, 0, cols, gw, sr, 0, zr, 0, qmin, qmax, codes, acc);
+        pack_row(codes, cols, bits, out + r * out_stride);
+    }
+}
+
+HOT static void quantize_rows_any(const char *w, int dt, Py_ssize_t rows, Py_ssize_t cols, Py_ssize_t gw, int sym,
+                                  int bits, int search, const float *wt, const float *grid, int n_grid, char *scale,
+                                  int8_t *zp, uint32_t *out, Py_ssize_t out_stride, int8_t *codes, float *x,
+                                  float *wx, float *mn, float *mx, Sums *acc) {
+#define ROWS_CASE(D) quantize_rows_body(w, D, rows, cols, gw, sym, bits, search, wt, grid, n_grid, scale, zp, out, \
+                                        out_stride, codes, x, wx, mn, mx, acc)
+    if (dt == F32) ROWS_CASE(F32);
+    else if (dt == BF16) ROWS_CASE(BF16);
+    else ROWS_CASE(F16);
+#undef ROWS_CASE
+}
+
+static PyObject *py_quantize_rows(PyObject *self, PyObject *args) {
+    (void)self;
+    unsigned long long w, wt, grid, scale, zp, out;
+    int dt, sym, bits, search, n_grid;
+    Py_ssize_t rows, cols, gw, out_stride;
+    if (!PyArg_ParseTuple(args, "KinnniiiKKiKKKn", &w, &dt, &rows, &cols, &gw, &sym, &bits, &search, &wt, &grid,
+                          &n_grid, &scale, &zp, &out, &out_stride))
+        return NULL;
+    const Py_ssize_t ng = gw > 0 ? cols / gw : 1;
+    /* scratch: codes (cols bytes), a group's values and weighted values, a row's mins and maxes */
+    const size_t fl = ((size_t)cols + 64) & ~(size_t)63;  /* floats start 64-byte aligned after the codes */
+    char *buf = (char *)malloc(fl + sizeof(float) * (2 * (size_t)gw + 2 * (size_t)ng));
+    if (!buf) return PyErr_NoMemory();
+    float *f = (float *)(buf + fl);
+    Sums acc = {0.0, 0.0, 0.0, 0.0f};
+    Py_BEGIN_ALLOW_THREADS
+    quantize_rows_any((const char *)w, dt, rows, cols, gw, sym, bits, search, (const float *)wt, (const float *)grid,
+                      n_grid, (char *)scale, (int8_t *)zp, (uint32_t *)out, out_stride, (int8_t *)buf, f, f + gw,
+                      f + 2 * gw, f + 2 * gw + ng, &acc);
+    Py_END_ALLOW_THREADS
+    free(buf);
+    return Py_BuildValue("dddd", acc.ww, acc.wd, acc.dd, (double)acc.max_abs);
+}
+
 /* ---- LoRA merge: out = cast(w + d * s) ---------------------------------------------------------- */
 
 /* finite: every stored value is finite (a float32 sum that overflows the output dtype counts as Inf) */
@@ -551,6 +635,9 @@ static PyMethodDef methods[] = {
      " -> (sum w*w, sum w*d, sum d*d, max |d|)"},
     {"mse_search", py_mse_search, METH_VARARGS,
      "mse_search(w, dtype, rows, cols, group_width, symmetric, bits, weights, grid, n_grid, mn, mx, scale, zp)"},
+    {"quantize_rows", py_quantize_rows, METH_VARARGS,
+     "quantize_rows(w, dtype, rows, cols, group_width, symmetric, bits, search, weights, grid, n_grid, scale, zp, out,"
+     " out_stride) -> (sum w*w, sum w*d, sum d*d, max |d|)"},
     {"merge", py_merge, METH_VARARGS, "merge(w, w_dtype, d, s, n, out, out_dtype) -> (sum w*w, sum t*t, finite)"},
     {NULL, NULL, 0, NULL},
 };

@@ -61,6 +61,28 @@ def quantize_pack(w: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
     return out, sums
 
 
+def quantize_rows(w: torch.Tensor, spec, weights: torch.Tensor | None, grid: tuple[float, ...] | None):
+    """The whole rtn (grid None) or mse (grid given) quantization of a group/channel-strategy weight in one pass
+    over its rows: (scale in w's dtype, int8 zero point or None, packed int32 codes, error sums). None where the
+    kernel does not apply."""
+    if spec.strategy == "tensor" or w.dtype not in DTYPE_CODES or spec.bits not in (4, 8):
+        return None
+    if not _applies(w) or (weights is not None and (not _applies(weights) or weights.dtype != torch.float32)):
+        return None
+    rows, cols = w.shape
+    ng = spec.n_groups(cols)
+    scale = torch.empty((rows, ng), dtype=w.dtype)
+    zp = None if spec.symmetric else torch.empty((rows, ng), dtype=torch.int8)
+    words = -(-cols * spec.bits // 32)
+    out = torch.empty((rows, words), dtype=torch.int32)
+    g = torch.tensor(grid or (), dtype=torch.float32)
+    sums = _native.quantize_rows(
+        w.data_ptr(), DTYPE_CODES[w.dtype], rows, cols, spec.group_width(cols), int(spec.symmetric), spec.bits,
+        int(grid is not None), 0 if weights is None else weights.data_ptr(), g.data_ptr(), len(g),
+        scale.data_ptr(), 0 if zp is None else zp.data_ptr(), out.data_ptr(), words)
+    return scale, zp, out, sums
+
+
 def mse_search(w: torch.Tensor, spec, weights: torch.Tensor | None, grid: tuple[float, ...],
                mn: torch.Tensor, mx: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None) -> bool:
     """qtool.quant.search's per-group search, in place: scale (w's dtype) and zero_point (int8) hold min-max's

@@ -8,7 +8,7 @@ from qtool import native
 from qtool.lora.merge import LoraTerm, merge_linear_cast, merge_weight
 from qtool.quant import core
 from qtool.quant.pack import pack_int32
-from qtool.quant.search import mse_qparams
+from qtool.quant.search import mse_qparams, quantize_weight
 from qtool.quant.spec import QuantSpec
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -59,6 +59,39 @@ def test_quantize_pack_matches_torch(dtype, spec, cols, monkeypatch):
     for k in ("rel_error", "mse", "cosine", "sqnr_db"):
         assert err_n[k] == pytest.approx(err_t[k], rel=1e-6, abs=1e-12), k
     assert err_n["max_abs"] == err_t["max_abs"]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("spec", [s for s in SPECS if s.group_size != 0],
+                         ids=lambda s: f"int{s.bits}-{'sym' if s.symmetric else 'asym'}-g{s.group_size}")
+def test_fused_rtn_rows_match_torch(dtype, spec, monkeypatch):
+    """quantize_weight's one-pass kernel (min-max, CT's qparams, codes) against min-max → quantize → pack in torch."""
+    w = _weight(40, 256, dtype, seed=7)
+    w[5] = 0.0                 # all-zero rows: scale eps, asymmetric zero point from 0/0
+    w[6] = w[6].abs() + 0.01   # positive only: the range is widened to hold 0
+    w[7] = -w[7].abs() - 0.01
+    spec = QuantSpec(spec.bits, spec.symmetric, spec.group_size, "rtn")
+    monkeypatch.setenv("QTOOL_NATIVE", "0")
+    ref = quantize_weight(w, spec)
+    monkeypatch.setenv("QTOOL_NATIVE", "1")
+    assert native.quantize_rows(w, spec, None, None) is not None
+    got = quantize_weight(w, spec)
+    assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1]) and got[1].dtype == dtype
+    assert (got[2] is None and ref[2] is None) or torch.equal(got[2], ref[2])
+    assert got[3]["rel_error"] == pytest.approx(ref[3]["rel_error"], rel=1e-6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_mse_rows_match_the_two_step_path(dtype):
+    """With the kernel on, the one-pass mse (search inside the row loop) equals mse_qparams → quantize_packed."""
+    w = _weight(48, 384, dtype, seed=11)
+    imp = torch.rand(384, generator=torch.Generator().manual_seed(2)) + 0.1
+    for spec in (QuantSpec(4, True, 128), QuantSpec(4, False, 64), QuantSpec(8, False, -1)):
+        packed, scale, zp, err = quantize_weight(w, spec, importance=imp)
+        s2, z2 = mse_qparams(w, spec, importance=imp)
+        p2, e2 = core.quantize_packed(w, s2, z2, spec)
+        assert torch.equal(scale, s2) and torch.equal(packed, p2) and (zp is None or torch.equal(zp, z2))
+        assert err == e2
 
 
 def _group_errors(w, scale, zp, spec, imp):

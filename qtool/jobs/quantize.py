@@ -16,8 +16,8 @@ from ..errors import QtoolError
 from ..formats import compressed_tensors as ct
 from ..plan import TensorPlan, plan_quantization
 from ..progress import NullProgress
-from ..quant.core import dequantize, error_stats, quantize_packed, scale_dtype_for
-from ..quant.search import choose_qparams
+from ..quant.core import dequantize, error_stats, scale_dtype_for
+from ..quant.search import quantize_weight
 from ..quant.spec import QuantSpec
 from ..report.errors import gate, summarize
 from ..report.render import write_json
@@ -35,14 +35,6 @@ def _output_specs(plan: TensorPlan, spec: QuantSpec) -> list[tuple]:
     if plan.quantize:
         return ct.compressed_specs(plan.module, plan.shape, scale_dtype_for(plan.dtype), spec)
     return [(plan.name, plan.shape, plan.dtype)]
-
-
-def quantize_with_error(w: torch.Tensor, spec: QuantSpec, importance: torch.Tensor | None = None):
-    """Scales by the spec's method (rtn or mse), then the packed codes, measuring the error on the way.
-    Returns (packed int32 codes, scale, zero_point, error stats)."""
-    scale, zp = choose_qparams(w, spec, importance=importance)
-    packed, err = quantize_packed(w, scale, zp, spec)
-    return packed, scale, zp, err
 
 
 def quantize(source, out, spec: QuantSpec | None = None, *, include=(), exclude=(), calib=None, calib_samples=128,
@@ -104,7 +96,7 @@ def quantize(source, out, spec: QuantSpec | None = None, *, include=(), exclude=
         if not p.quantize:
             return name, {name: t}, None
         w = t.to(dev)
-        packed, scale, zp, err = quantize_with_error(w, spec, importance.get(p.module))
+        packed, scale, zp, err = quantize_weight(w, spec, importance.get(p.module))
         check(name, w, err)
         parts = ct.compress_packed(p.module, packed.cpu(), scale.cpu(), None if zp is None else zp.cpu(), spec, p.shape)
         return name, parts, err

@@ -16,11 +16,13 @@ import torch
 
 from .. import native
 from .core import (
+    ErrorAccumulator,
     check_shape,
     group_minmax,
     grouped,
     minmax_qparams,
     qparams_from_minmax,
+    quantize_packed,
     scale_dtype_for,
 )
 from .spec import QuantSpec
@@ -180,6 +182,26 @@ def _tensor_search(w, spec, importance, scale, zp):
     e_mm = _exact_err(xd, x, wt_flat, scale.view(1, 1, 1), None if zp is None else zp.view(1, 1, 1), spec)
     e_new = _exact_err(xd, x, wt_flat, s_new.view(1, 1, 1), None if z_new is None else z_new.view(1, 1, 1), spec)
     return (s_new, z_new) if bool(e_new < e_mm) else (scale, zp)
+
+
+def quantize_weight(w: torch.Tensor, spec: QuantSpec, importance: torch.Tensor | None = None):
+    """Scales by the spec's data-free method, packed codes and the error of the reconstruction:
+    (packed int32, scale, zero_point, error stats). Where the native kernel applies, one pass over the rows does it
+    all (each row's min-max, search and quantization while the row is in cache); the bytes are the same as
+    choose_qparams → quantize_packed, which runs otherwise."""
+    if spec.method in ("rtn", "mse"):
+        check_shape(w, spec)
+        mse = spec.method == "mse"
+        wt = _weights(importance, w.shape[1], spec, w.device) if mse else None
+        fused = native.quantize_rows(w, spec, wt, (SYM_GRID if spec.symmetric else ASYM_GRID) if mse else None)
+        if fused is not None:
+            scale, zp, packed, (ww, wd, dd, max_abs) = fused
+            acc = ErrorAccumulator()
+            acc.add_sums(ww, wd, dd, max_abs, w.numel())
+            return packed, scale, zp, acc.stats()
+    scale, zp = choose_qparams(w, spec, importance=importance)
+    packed, err = quantize_packed(w, scale, zp, spec)
+    return packed, scale, zp, err
 
 
 def choose_qparams(w: torch.Tensor, spec: QuantSpec, method: str | None = None,
