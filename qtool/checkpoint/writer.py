@@ -2,10 +2,11 @@
 
 The caller plans every output tensor (name, shape, dtype) up front, so every shard's header, and so every
 tensor's byte offset, is known before any data: tensors are then written in place, in any order, with
-positional writes. `write` hands a finished tensor to a background thread (computing the next one overlaps
-writing this one; at most WRITE_BEHIND_BYTES wait); `sink` lets a worker write a tensor piece by piece as it
-computes it, while each piece is still in cache, with no full-size output buffer at all. Everything goes into a
-temporary folder beside OUT that is renamed into place only when every planned byte is written.
+positional writes, all from one background thread (computing overlaps writing; at most WRITE_BEHIND_BYTES wait;
+one writer because concurrent writes to a file only queue on its inode lock). `write` hands over a finished
+tensor; `sink` lets a worker produce a tensor piece by piece into pooled block buffers, so no full-size output
+buffer is ever allocated and each piece is written while it is still in cache. Everything goes into a temporary
+folder beside OUT that is renamed into place only when every planned byte is written.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from .safetensors_header import DTYPE_CODES
 
 DEFAULT_MAX_SHARD_BYTES = 5_000_000_000  # transformers' long-standing default shard size
 WRITE_BEHIND_BYTES = 64 * 2**20  # bytes handed to the file thread but not yet on disk (beyond one tensor)
+SINK_BLOCKS = 8  # block buffers shared by all sinks: workers fill some while the file thread writes others
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,8 @@ class CheckpointWriter:
         self._room = threading.Condition()
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
+        self._blocks: queue.Queue = queue.Queue()  # free sink buffers (uint8)
+        self._blocks_made = 0
 
     # -- set-up -------------------------------------------------------------------------------------------
     def __enter__(self) -> "CheckpointWriter":
@@ -164,7 +168,7 @@ class CheckpointWriter:
         _, _, spec = self._where[name]
         if tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
             raise ValueError(f"{name}: planned {spec.shape} {spec.dtype}, got {tuple(tensor.shape)} {tensor.dtype}")
-        self._put((name, tensor.detach().to("cpu").contiguous()))
+        self._put((name, 0, tensor.detach().to("cpu").contiguous(), True, None))
 
     def sink(self, name: str) -> "TensorSink":
         """Write tensor `name` piece by piece from the calling thread (see TensorSink)."""
@@ -173,7 +177,9 @@ class CheckpointWriter:
         return TensorSink(self, name)
 
     def _put(self, item) -> None:
-        nbytes = item[1].numel() * item[1].element_size() if item is not None else 0
+        """item: (name, byte offset in the tensor, contiguous CPU tensor, last piece?, pooled buffer to return
+        once written or None), or None to stop."""
+        nbytes = item[2].numel() * item[2].element_size() if item is not None else 0
         with self._room:
             while self._queued and self._queued + nbytes > WRITE_BEHIND_BYTES and not self._error:
                 self._room.wait(0.2)
@@ -190,16 +196,27 @@ class CheckpointWriter:
         with self._lock:
             self._unwritten.discard(name)
 
+    def _block(self, nbytes: int) -> torch.Tensor:
+        """A free sink buffer of at least nbytes (waits while all SINK_BLOCKS are queued for writing)."""
+        with self._lock:
+            make = self._blocks.empty() and self._blocks_made < SINK_BLOCKS
+            self._blocks_made += make
+        buf = torch.empty(nbytes, dtype=torch.uint8) if make else self._blocks.get()
+        return buf if buf.numel() >= nbytes else torch.empty(nbytes, dtype=torch.uint8)
+
     def _drain(self) -> None:
         try:
             while True:
                 item = self._queue.get()
                 if item is None:
                     break
-                name, t = item
+                name, offset, t, last, pooled = item
                 if t.numel():
-                    self._store(name, _bytes(t))
-                self._done(name)
+                    self._store(name, _bytes(t), offset)
+                if last:
+                    self._done(name)
+                if pooled is not None:
+                    self._blocks.put(pooled)
                 with self._room:
                     self._queued -= t.numel() * t.element_size()
                     self._room.notify_all()
@@ -278,32 +295,40 @@ class CheckpointWriter:
 
 
 class TensorSink:
-    """One planned tensor written by its producer, piece by piece, at byte offsets within the tensor:
-    `with writer.sink(name) as out: out.write(0, first_rows); out.write(k, next_rows); ...`. Pieces may come in
-    any order but must cover the tensor exactly; the tensor counts as written when the block ends cleanly."""
+    """One planned tensor produced piece by piece by a worker:
+
+        with writer.sink(name) as out:
+            for each block:  buf = out.buffer(shape, dtype); <fill buf>; out.write(byte_offset, buf)
+
+    `buffer` lends a pooled block buffer (no fresh pages per block); `write` queues it for the file thread, which
+    returns it to the pool once on disk. Pieces may come in any order but must cover the tensor exactly; it counts
+    as written when the `with` block ends cleanly and its pieces are on disk."""
 
     def __init__(self, writer: CheckpointWriter, name: str):
         self.writer, self.name = writer, name
         self.nbytes = writer._where[name][2].nbytes
         self.written = 0
+        self._lent: dict[int, torch.Tensor] = {}  # data pointer of a lent view -> its pooled buffer
+
+    def buffer(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        n = math.prod(shape) * dtype.itemsize
+        raw = self.writer._block(n)
+        view = raw[:n].view(dtype).view(shape)
+        self._lent[view.data_ptr()] = raw
+        return view
 
     def write(self, offset: int, piece: torch.Tensor) -> None:
-        """Store the bytes of a contiguous CPU tensor at byte `offset` of this tensor's data."""
+        """Queue the bytes of a contiguous CPU tensor (a `buffer` or any tensor) for byte `offset` of this tensor."""
         n = piece.numel() * piece.element_size()
         if offset < 0 or offset + n > self.nbytes:
             raise ValueError(f"{self.name}: bytes {offset}..{offset + n} fall outside its {self.nbytes} bytes")
-        try:
-            self.writer._store(self.name, _bytes(piece.contiguous()), offset)
-        except OSError as e:
-            self.writer._error = self.writer._error or e
-            self.writer._raise()
+        pooled = self._lent.pop(piece.data_ptr(), None) if piece.is_contiguous() else None
         self.written += n
+        self.writer._put((self.name, offset, piece.contiguous(), self.written == self.nbytes, pooled))
 
     def __enter__(self) -> "TensorSink":
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            if self.written != self.nbytes:
-                raise RuntimeError(f"{self.name}: {self.written} of {self.nbytes} bytes written")
-            self.writer._done(self.name)
+        if exc_type is None and self.written != self.nbytes:
+            raise RuntimeError(f"{self.name}: {self.written} of {self.nbytes} bytes written")

@@ -63,7 +63,11 @@ def ordered_map(fn: Callable, items: Iterable[tuple], workers: int) -> Iterator:
         for item in items:
             yield fn(*item)
         return
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="qtool-work") as pool:
+    # A new thread starts with the process's default intra-op thread count (OpenMP's is per thread), not with what
+    # per_worker_threads set here: without this each worker's BLAS calls would fan out over every core again.
+    threads = torch.get_num_threads()
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="qtool-work", initializer=torch.set_num_threads,
+                            initargs=(threads,)) as pool:
         pending: deque = deque()
         for item in items:
             pending.append(pool.submit(fn, *item))

@@ -95,8 +95,9 @@ def merge_weight(W: torch.Tensor, terms: list[LoraTerm], inplace: bool = False) 
     return merged, _ratio(float(torch.linalg.vector_norm(merged - W32)), w_norm)
 
 
-# float32 elements of one delta block: it is computed, added and cast while it stays in cache
-_BLOCK_ELEMS = 1 << 18
+# float32 elements of one delta block (2 MiB): it is computed, added and cast while it stays in a core's L2;
+# smaller blocks spend more time in per-call overhead (measured: 2 workers, 2 cores, 5632x2048 bf16 weights)
+_BLOCK_ELEMS = 1 << 19
 
 
 def fused_merge_applies(W: torch.Tensor, terms: list[LoraTerm], dtype: torch.dtype) -> bool:
@@ -127,7 +128,7 @@ def merge_linear_cast(W: torch.Tensor, terms: list[LoraTerm], dtype: torch.dtype
             for t in terms[1:]:
                 D.add_(torch.matmul(t.B[r0:r1], t.A, out=scratch("term", (r1 - r0, cols))).mul_(_scale(t)))
             s = 1.0
-        block = out[r0:r1] if sink is None else scratch("out", (r1 - r0, cols), dtype)
+        block = out[r0:r1] if sink is None else sink.buffer((r1 - r0, cols), dtype)
         a, b, ok = native.merge_into(W[r0:r1], D, s, block)
         if sink is not None:
             sink.write(r0 * cols * dtype.itemsize, block)
