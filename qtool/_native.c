@@ -156,7 +156,10 @@ INLINE void vstore(void *p, Py_ssize_t i, vf v, int dt) {
 
 INLINE vf vround_to(vf v, int dt) {
     if (dt == F32) return v;
-    if (dt == BF16) return (vf)(vf32_to_bf16(v) << 16);
+    if (dt == BF16) {  /* nearest-even in place; NaNs arithmetic makes here (quiet, low bits clear) stay NaN */
+        vu u = (vu)v;
+        return (vf)((u + splatu(0x7fffu) + ((u >> 16) & splatu(1))) & splatu(0xffff0000u));
+    }
     return vf16_to_f32(vf32_to_f16(v));
 }
 
@@ -165,9 +168,32 @@ INLINE vf vround_even(vf v) { return (v + splat(12582912.0f)) - splat(12582912.0
 /* Partial sums run in float32 lanes over at most BLOCK elements, then go into float64 totals. */
 #define BLOCK 256
 
-INLINE float hmax(vf v) { float m = v[0]; for (int l = 1; l < VL; l++) m = v[l] > m ? v[l] : m; return m; }
-INLINE float hmin(vf v) { float m = v[0]; for (int l = 1; l < VL; l++) m = v[l] < m ? v[l] : m; return m; }
-INLINE double hsum(vf v) { double s = 0.0; for (int l = 0; l < VL; l++) s += v[l]; return s; }
+typedef double vd __attribute__((vector_size(8 * VL)));
+
+/* lane reductions as a shuffle tree (three steps), not eight scalar extractions */
+#if defined(__clang__)
+#define SWAP(v, ...) __builtin_shufflevector(v, v, __VA_ARGS__)
+#else
+#define SWAP(v, ...) __builtin_shuffle(v, (vi){__VA_ARGS__})
+#endif
+INLINE float hmax(vf v) {
+    v = vmax(v, SWAP(v, 4, 5, 6, 7, 0, 1, 2, 3));
+    v = vmax(v, SWAP(v, 2, 3, 0, 1, 6, 7, 4, 5));
+    return vmax(v, SWAP(v, 1, 0, 3, 2, 5, 4, 7, 6))[0];
+}
+INLINE float hmin(vf v) {
+    v = vmin(v, SWAP(v, 4, 5, 6, 7, 0, 1, 2, 3));
+    v = vmin(v, SWAP(v, 2, 3, 0, 1, 6, 7, 4, 5));
+    return vmin(v, SWAP(v, 1, 0, 3, 2, 5, 4, 7, 6))[0];
+}
+INLINE float hsumf(vf v) {
+    v = v + SWAP(v, 4, 5, 6, 7, 0, 1, 2, 3);
+    v = v + SWAP(v, 2, 3, 0, 1, 6, 7, 4, 5);
+    return (v + SWAP(v, 1, 0, 3, 2, 5, 4, 7, 6))[0];
+}
+INLINE double hsum(vf v) { return hsumf(v); }
+INLINE double hsumd(vd v) { double s = 0.0; for (int l = 0; l < VL; l++) s += v[l]; return s; }
+INLINE vd widen(vf v) { return __builtin_convertvector(v, vd); }
 
 /* ---- per-group min and max ------------------------------------------------------------------------ */
 
@@ -177,27 +203,43 @@ INLINE void minmax_body(const void *w, int dt, Py_ssize_t rows, Py_ssize_t cols,
     for (Py_ssize_t r = 0; r < rows; r++) {
         for (Py_ssize_t g = 0; g < ng; g++) {
             const Py_ssize_t base = r * cols + g * gw;
-            vf lo = splat(INFINITY), hi = splat(-INFINITY);
-            vi nan = {0};
-            Py_ssize_t c = 0;
-            for (; c + VL <= gw; c += VL) {
-                vf v = vload(w, base + c, dt);
-                nan |= v != v;
-                if (sym) v = vabs(v);
-                hi = vmax(v, hi);
-                lo = vmin(v, lo);
-            }
-            float h = hmax(hi), l = hmin(lo);
+            float h, l;
             int n = 0;
-            for (int k = 0; k < VL; k++) n |= nan[k];
-            for (; c < gw; c++) {
-                float v = load(w, base + c, dt);
-                n |= v != v;
-                if (sym) v = fabsf(v);
-                h = v > h ? v : h;
-                l = v < l ? v : l;
+            Py_ssize_t c = 0;
+            if (sym) {
+                /* |x| as bits orders like |x|, and every NaN's bits exceed Inf's: one unsigned max finds both */
+                vu hb = splatu(0);
+                for (; c + VL <= gw; c += VL) {
+                    vu u = (vu)vload(w, base + c, dt) & splatu(0x7fffffffu);
+                    hb = sel(u > hb, u, hb);
+                }
+                uint32_t m = 0;
+                for (int k = 0; k < VL; k++) m = hb[k] > m ? hb[k] : m;
+                for (; c < gw; c++) {
+                    uint32_t u = f32_bits(load(w, base + c, dt)) & 0x7fffffffu;
+                    m = u > m ? u : m;
+                }
+                n = m > 0x7f800000u;
+                h = bits_f32(m);
+                l = -h;
+            } else {
+                vf lo = splat(INFINITY), hi = splat(-INFINITY);
+                vi nan = {0};
+                for (; c + VL <= gw; c += VL) {
+                    vf v = vload(w, base + c, dt);
+                    nan |= v != v;
+                    hi = vmax(v, hi);
+                    lo = vmin(v, lo);
+                }
+                h = hmax(hi), l = hmin(lo);
+                for (int k = 0; k < VL; k++) n |= nan[k];
+                for (; c < gw; c++) {
+                    float v = load(w, base + c, dt);
+                    n |= v != v;
+                    h = v > h ? v : h;
+                    l = v < l ? v : l;
+                }
             }
-            if (sym) l = -h;
             if (n) l = h = NAN;  /* as torch.amax/amin propagate NaN */
             mn[r * ng + g] = l;
             mx[r * ng + g] = h;
@@ -234,13 +276,18 @@ typedef struct { double ww, wd, dd; float max_abs; } Sums;
 INLINE void quantize_row(const void *w, int dt, Py_ssize_t off, Py_ssize_t cols, Py_ssize_t gw,
                          const void *scale, Py_ssize_t soff, const int8_t *zp, Py_ssize_t zoff,
                          float qmin, float qmax, int8_t *codes, Sums *acc) {
+    /* float32 lane sums over at most one block, then float64 lanes for the row: one reduction per row */
+    vd dww = {0}, dwd = {0}, ddd = {0};
+    vf ma = splat(0.f);
+    double sww = 0.0, swd = 0.0, sdd = 0.0;
+    float sma = 0.f;
     for (Py_ssize_t g0 = 0; g0 < cols; g0 += gw) {
         const float s = load(scale, soff + g0 / gw, dt);
         const float z = zp ? (float)zp[zoff + g0 / gw] : 0.0f;
         const vf vs = splat(s), vz = splat(z), vlo = splat(qmin), vhi = splat(qmax);
         for (Py_ssize_t b0 = g0; b0 < g0 + gw; b0 += BLOCK) {
             const Py_ssize_t b1 = b0 + BLOCK < g0 + gw ? b0 + BLOCK : g0 + gw;
-            vf ww = splat(0.f), wd = splat(0.f), dd = splat(0.f), ma = splat(0.f);
+            vf ww = splat(0.f), wd = splat(0.f), dd = splat(0.f);
             Py_ssize_t c = b0;
             for (; c + VL <= b1; c += VL) {
                 vf x = vload(w, off + c, dt);
@@ -253,8 +300,7 @@ INLINE void quantize_row(const void *w, int dt, Py_ssize_t off, Py_ssize_t cols,
                 ww += x * x; wd += x * d; dd += d * d;
                 ma = vmax(vabs(d), ma);
             }
-            double sww = hsum(ww), swd = hsum(wd), sdd = hsum(dd);
-            float sma = hmax(ma);
+            dww += widen(ww); dwd += widen(wd); ddd += widen(dd);
             for (; c < b1; c++) {
                 float x = load(w, off + c, dt);
                 float q = round_to(x / s, dt);
@@ -265,10 +311,11 @@ INLINE void quantize_row(const void *w, int dt, Py_ssize_t off, Py_ssize_t cols,
                 sww += x * x; swd += x * d; sdd += d * d;
                 sma = fabsf(d) > sma ? fabsf(d) : sma;
             }
-            acc->ww += sww; acc->wd += swd; acc->dd += sdd;
-            acc->max_abs = sma > acc->max_abs ? sma : acc->max_abs;
         }
     }
+    acc->ww += sww + hsumd(dww); acc->wd += swd + hsumd(dwd); acc->dd += sdd + hsumd(ddd);
+    sma = hmax(ma) > sma ? hmax(ma) : sma;
+    acc->max_abs = sma > acc->max_abs ? sma : acc->max_abs;
 }
 
 /* compressed-tensors' pack_to_int32 of one row: code i at bit (i*bits) % 32 of word i*bits/32, as q + 2^(bits-1),
