@@ -62,11 +62,19 @@ def shard_names(n: int, basename: str = "model") -> list[str]:
     return [f"{basename}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
 
 
+_SEEK_LOCK = threading.Lock()
+
+
 def _pwrite(fd: int, data, offset: int) -> None:
     """All of `data` (a bytes-like object) at `offset` of the open file `fd`: the writer's only way to a file."""
     view = memoryview(data).cast("B")
     while view:
-        n = os.pwrite(fd, view, offset)
+        if hasattr(os, "pwrite"):
+            n = os.pwrite(fd, view, offset)
+        else:  # Windows has no pwrite: seek and write, one writer at a time
+            with _SEEK_LOCK:
+                os.lseek(fd, offset, os.SEEK_SET)
+                n = os.write(fd, view)
         view, offset = view[n:], offset + n
 
 
