@@ -99,15 +99,16 @@ def _merge_plain(bck, op: TensorOp, base_t: torch.Tensor, dtype: torch.dtype, ro
     if not start.dtype.is_floating_point:
         raise QtoolError(op.name, f"cannot merge into a {start.dtype} tensor")
     rel = None
-    if op.role == "weight" and op.terms and not op.replace and fused_merge_applies(start, op.terms, dtype):
+    terms = [t.load() for t in op.terms] if op.role == "weight" else op.terms  # A, B read for this tensor only
+    if op.role == "weight" and terms and not op.replace and fused_merge_applies(start, terms, dtype):
         with writer.sink(op.name) as sink:
-            _, rel, finite = merge_linear_cast(start, op.terms, dtype, sink=sink)
+            _, rel, finite = merge_linear_cast(start, terms, dtype, sink=sink)
             if not finite:
                 raise QtoolError(op.name, "merged tensor holds NaN or Inf")
         rows[op.name] = {"delta_rel_norm": rel, "how": _how(op)}
         return None
-    if op.role == "weight" and op.terms:
-        merged, rel = merge_weight(start, op.terms, inplace=True)
+    if op.role == "weight" and terms:
+        merged, rel = merge_weight(start, terms, inplace=True)
     elif op.role == "bias" and op.terms:
         merged = merge_bias(start, op.terms)
     else:
@@ -125,7 +126,7 @@ def _merge_quantized(bck, q: "_QuantizedBase", op: TensorOp, mw: ModuleWeight, r
     """Dequantize → merge in float32 → requantize with the base's scheme; returns the stored parts."""
     from ..quant.core import error_stats
     module = mw.name.rsplit(".", 1)[0]
-    merged, rel = merge_weight(q.dequantize(module), op.terms, inplace=True)
+    merged, rel = merge_weight(q.dequantize(module), [t.load() for t in op.terms], inplace=True)
     if not all_finite(merged):
         raise QtoolError(f"{module}.weight", "merged tensor holds NaN or Inf")
     parts, W_hat = q.requantize(module, merged)

@@ -1,7 +1,9 @@
-"""One PEFT adapter, read: its settings, its LoRA modules (small A/B tensors, loaded up front as float32) and
-the full tensors it carries (bias="all"/"lora_only", modules_to_save, saved embeddings; read when written)."""
+"""One PEFT adapter, read: its settings, its LoRA modules and the full tensors it carries (bias="all"/"lora_only",
+modules_to_save, saved embeddings). Every tensor is checked when the adapter is read; A and B are then read
+again, as float32, only when a module is merged or attached, so memory does not grow with the adapter."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -13,23 +15,35 @@ from .targets import classify_key
 
 @dataclass
 class LoraModule:
-    """The LoRA tensors of one module in one adapter (float32)."""
+    """The LoRA tensors of one module in one adapter. `A` and `B` read the adapter file on each access (float32);
+    lora bias and DoRA magnitude (one value per output) are held."""
 
     module: str
-    A: torch.Tensor
-    B: torch.Tensor
+    ckpt: object
+    a_key: str
+    b_key: str
+    a_shape: tuple[int, int]
+    b_shape: tuple[int, int]
     embedding: bool = False
     bias: torch.Tensor | None = None
     magnitude: torch.Tensor | None = None
     keys: tuple = ()
 
     @property
+    def A(self) -> torch.Tensor:
+        return _load(self.ckpt, self.a_key)
+
+    @property
+    def B(self) -> torch.Tensor:
+        return _load(self.ckpt, self.b_key)
+
+    @property
     def rank(self) -> int:
-        return self.A.shape[0]
+        return self.a_shape[0]
 
     @property
     def parameters(self) -> int:
-        n = self.A.numel() + self.B.numel()
+        n = math.prod(self.a_shape) + math.prod(self.b_shape)
         return n + sum(t.numel() for t in (self.bias, self.magnitude) if t is not None)
 
 
@@ -84,16 +98,20 @@ def _module(ckpt, module: str, slot: dict[str, str]) -> LoraModule:
             raise QtoolError(next(iter(slot.values())), f"{module} has no {_ROLE_NAMES[role]} tensor")
     if embedding and ("A" in slot or "B" in slot or "B_bias" in slot):
         raise QtoolError(slot[a_role], f"{module} mixes embedding and linear LoRA tensors")
-    t = {role: _load(ckpt, key) for role, key in slot.items()}
-    A, B = t[a_role], t[b_role]
-    if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
-        raise QtoolError(slot[a_role], f"LoRA shapes do not fit: {_ROLE_NAMES[a_role]} {list(A.shape)}, "
-                                       f"{_ROLE_NAMES[b_role]} {list(B.shape)} (conv LoRA is not implemented)")
-    out = B.shape[0]
-    for role in ("B_bias", "magnitude"):
-        if role in t and tuple(t[role].shape) != (out,):
-            raise QtoolError(slot[role], f"{_ROLE_NAMES[role]} has shape {list(t[role].shape)}, expected [{out}]")
-    return LoraModule(module, A, B, embedding, t.get("B_bias"), t.get("magnitude"), tuple(slot.values()))
+    a_key, b_key = slot[a_role], slot[b_role]
+    a_shape, b_shape = tuple(ckpt.tensors[a_key].shape), tuple(ckpt.tensors[b_key].shape)
+    if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[0] != b_shape[1]:
+        raise QtoolError(a_key, f"LoRA shapes do not fit: {_ROLE_NAMES[a_role]} {list(a_shape)}, "
+                                f"{_ROLE_NAMES[b_role]} {list(b_shape)} (conv LoRA is not implemented)")
+    for key in (a_key, b_key):
+        _load(ckpt, key)  # checked now, so a bad value stops the job before anything is written; read again later
+    small = {role: _load(ckpt, slot[role]) for role in ("B_bias", "magnitude") if role in slot}
+    out = b_shape[0]
+    for role, t in small.items():
+        if tuple(t.shape) != (out,):
+            raise QtoolError(slot[role], f"{_ROLE_NAMES[role]} has shape {list(t.shape)}, expected [{out}]")
+    return LoraModule(module, ckpt, a_key, b_key, a_shape, b_shape, embedding, small.get("B_bias"),
+                      small.get("magnitude"), tuple(slot.values()))
 
 
 def _load(ckpt, key: str) -> torch.Tensor:

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..errors import QtoolError
-from .adapter import Adapter
+from .adapter import Adapter, LoraModule
 from .merge import LoraTerm
 from .targets import PREFIX, is_conv1d, is_targeted
 
@@ -23,6 +23,29 @@ class ModuleWeight:
     quantized: bool = False
 
 
+@dataclass(frozen=True)
+class PlannedTerm:
+    """One adapter's update of one module as planned: what it needs to be computed, not its tensors (A and B are
+    read when the module is merged: `load()`). bias, magnitude, scaling and weight as on LoraTerm."""
+
+    lora: LoraModule
+    scaling: float
+    kind: str
+    weight: float = 1.0
+
+    @property
+    def bias(self):
+        return self.lora.bias
+
+    @property
+    def magnitude(self):
+        return self.lora.magnitude
+
+    def load(self) -> LoraTerm:
+        return LoraTerm(self.lora.A, self.lora.B, self.scaling, self.kind, self.lora.bias, self.lora.magnitude,
+                        self.weight)
+
+
 @dataclass
 class TensorOp:
     """What happens to one base tensor: start from the base (or an adapter's full copy), then add LoRA terms."""
@@ -30,7 +53,7 @@ class TensorOp:
     name: str
     module: str
     role: str                                   # weight | bias | full
-    terms: list[LoraTerm] = field(default_factory=list)
+    terms: list[PlannedTerm] = field(default_factory=list)
     replace: tuple | None = None                # (Adapter, adapter key) of a full tensor replacing the base's
     quantized: bool = False
 
@@ -83,19 +106,19 @@ def plan_merge(base_tensors: dict, base_config: dict | None, adapters: list[Adap
             mw = wmap[m]
             if lm.embedding:
                 kind = "embedding"
-                want = (lm.A.shape[1], lm.B.shape[0])
+                want = (lm.a_shape[1], lm.b_shape[0])
                 if mw.shape != want:
                     raise QtoolError(lm.keys[0], f"embedding LoRA gives a weight of shape {list(want)}, "
                                                  f"but the base weight is {list(mw.shape)}")
             elif mw.quantized:
                 kind = "linear"  # packed weights are always stored [out, in]
-                if mw.shape != (lm.B.shape[0], lm.A.shape[1]):
+                if mw.shape != (lm.b_shape[0], lm.a_shape[1]):
                     raise QtoolError(lm.keys[0], f"LoRA shapes give a weight of shape "
-                                                 f"{[lm.B.shape[0], lm.A.shape[1]]}, but the base is {list(mw.shape)}")
+                                                 f"{[lm.b_shape[0], lm.a_shape[1]]}, but the base is {list(mw.shape)}")
             else:
-                kind = "conv1d" if is_conv1d(m, mw.shape, (lm.B.shape[0], lm.A.shape[1]), base_config) else "linear"
+                kind = "conv1d" if is_conv1d(m, mw.shape, (lm.b_shape[0], lm.a_shape[1]), base_config) else "linear"
             check_variant(ad, lm)
-            term = LoraTerm(lm.A, lm.B, s.scaling(m), kind, lm.bias, lm.magnitude, w)
+            term = PlannedTerm(lm, s.scaling(m), kind, w)
             op = ops.setdefault(mw.name, TensorOp(mw.name, m, "weight", quantized=mw.quantized))
             op.role = "weight"
             op.quantized = mw.quantized

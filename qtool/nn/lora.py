@@ -242,8 +242,8 @@ def attach_adapter(model: nn.Module, adapter_path: str | os.PathLike, name: str 
             raise QtoolError(lm.keys[0], f"the model has no module {m}") from None
         except TypeError as e:
             raise QtoolError(m, str(e)) from None
-        if out_in != (lm.B.shape[0], lm.A.shape[1]):
-            raise QtoolError(lm.keys[0], f"LoRA shapes give a [{lm.B.shape[0]}, {lm.A.shape[1]}] layer but {m} "
+        if out_in != (lm.b_shape[0], lm.a_shape[1]):
+            raise QtoolError(lm.keys[0], f"LoRA shapes give a [{lm.b_shape[0]}, {lm.a_shape[1]}] layer but {m} "
                                          f"is [{out_in[0]}, {out_in[1]}]")
         placed.append((m, lm, target))
     for m, lm, target in placed:  # all checked: now change the model
