@@ -154,16 +154,23 @@ INLINE void vstore(void *p, Py_ssize_t i, vf v, int dt) {
     memcpy((uint16_t *)p + i, &h, sizeof h);
 }
 
+/* bf16 nearest-even as float32 bits with the low half cleared (no NaN special case: see the callers) */
+INLINE vu vf32_bits_rounded_bf16(vf v) {
+    vu u = (vu)v;
+    return (u + splatu(0x7fffu) + ((u >> 16) & splatu(1))) & splatu(0xffff0000u);
+}
+
 INLINE vf vround_to(vf v, int dt) {
     if (dt == F32) return v;
-    if (dt == BF16) {  /* nearest-even in place; NaNs arithmetic makes here (quiet, low bits clear) stay NaN */
-        vu u = (vu)v;
-        return (vf)((u + splatu(0x7fffu) + ((u >> 16) & splatu(1))) & splatu(0xffff0000u));
-    }
+    if (dt == BF16) return (vf)vf32_bits_rounded_bf16(v);  /* the NaNs arithmetic makes here stay NaN */
     return vf16_to_f32(vf32_to_f16(v));
 }
 
 INLINE vf vround_even(vf v) { return (v + splat(12582912.0f)) - splat(12582912.0f); }
+
+/* Elements ahead to prefetch in streaming loops: weights come from the page cache in 4 KiB pages, where the
+ * hardware prefetchers stop at every page boundary. */
+#define PREFETCH 4096
 
 /* Partial sums run in float32 lanes over at most BLOCK elements, then go into float64 totals. */
 #define BLOCK 256
@@ -210,6 +217,8 @@ INLINE void minmax_body(const void *w, int dt, Py_ssize_t rows, Py_ssize_t cols,
                 /* |x| as bits orders like |x|, and every NaN's bits exceed Inf's: one unsigned max finds both */
                 vu hb = splatu(0);
                 for (; c + VL <= gw; c += VL) {
+                    if (((base + c) & 31) == 0)
+                        __builtin_prefetch((const char *)w + (base + c + PREFETCH) * (dt == F32 ? 4 : 2));
                     vu u = (vu)vload(w, base + c, dt) & splatu(0x7fffffffu);
                     hb = sel(u > hb, u, hb);
                 }
@@ -226,6 +235,8 @@ INLINE void minmax_body(const void *w, int dt, Py_ssize_t rows, Py_ssize_t cols,
                 vf lo = splat(INFINITY), hi = splat(-INFINITY);
                 vi nan = {0};
                 for (; c + VL <= gw; c += VL) {
+                    if (((base + c) & 31) == 0)
+                        __builtin_prefetch((const char *)w + (base + c + PREFETCH) * (dt == F32 ? 4 : 2));
                     vf v = vload(w, base + c, dt);
                     nan |= v != v;
                     hi = vmax(v, hi);
@@ -609,7 +620,7 @@ static PyObject *py_quantize_rows(PyObject *self, PyObject *args) {
 /* ---- LoRA merge: out = cast(w + d * s) ---------------------------------------------------------- */
 
 /* finite: every stored value is finite (a float32 sum that overflows the output dtype counts as Inf) */
-typedef struct { double ww, tt; int finite; } MergeSums;
+typedef struct { double ww; int finite; } MergeSums;
 
 /* the smallest float32 magnitude a store in dtype dt turns into Inf (float32 itself: anything above FLT_MAX) */
 INLINE float overflow_at(int dt) {
@@ -618,38 +629,46 @@ INLINE float overflow_at(int dt) {
     return bits_f32(0x7f800000u);
 }
 
+/* out = cast(w + d·s): ‖ΔW‖ comes from the factors (qtool/lora/merge.py), so only Σw² is summed here. A result
+ * that is not finite is flagged and the job stops, so bf16 stores round without the NaN special case. */
 INLINE void merge_body(const void *w, int wdt, const float *d, float s, Py_ssize_t n, void *out, int odt,
                        MergeSums *acc) {
     const float lim = overflow_at(odt);
     const vf vs = splat(s), big = splat(lim);
+    vd dww = {0};
+    vi ok = ~(vi){0};
+    double sww = 0.0;
+    int fin = 1;
     for (Py_ssize_t b0 = 0; b0 < n; b0 += BLOCK) {
         const Py_ssize_t b1 = b0 + BLOCK < n ? b0 + BLOCK : n;
-        vf ww = splat(0.f), tt = splat(0.f);
-        vi ok = ~(vi){0};
+        vf ww = splat(0.f);
         Py_ssize_t i = b0;
         for (; i + VL <= b1; i += VL) {
+            if ((i & 31) == 0) __builtin_prefetch((const char *)w + (i + PREFETCH) * (wdt == F32 ? 4 : 2));
             vf x = vload(w, i, wdt);
             vf dv; memcpy(&dv, d + i, sizeof dv);
-            vf t = dv * vs;    /* PEFT: (B @ A) * scaling in float32 */
-            vf m = x + t;      /* weight (upcast) + delta, rounded once by the store */
+            vf m = x + dv * vs;   /* PEFT: weight (upcast) + (B @ A) * scaling, in float32, rounded once below */
             ok &= vabs(m) < big;  /* NaN compares false */
-            ww += x * x; tt += t * t;
-            vstore(out, i, m, odt);
+            ww += x * x;
+            if (odt == BF16) {
+                vh h = __builtin_convertvector((vf32_bits_rounded_bf16(m)) >> 16, vh);
+                memcpy((uint16_t *)out + i, &h, sizeof h);
+            } else {
+                vstore(out, i, m, odt);
+            }
         }
-        double sww = hsum(ww), stt = hsum(tt);
-        int fin = 1;
-        for (int l = 0; l < VL; l++) fin &= ok[l] != 0;
+        dww += widen(ww);
         for (; i < b1; i++) {
             float x = load(w, i, wdt);
-            float t = d[i] * s;
-            float m = x + t;
+            float m = x + d[i] * s;
             fin &= fabsf(m) < lim;
-            sww += x * x; stt += t * t;
+            sww += x * x;
             store(out, i, m, odt);
         }
-        acc->ww += sww; acc->tt += stt;
-        if (!fin) acc->finite = 0;
     }
+    for (int l = 0; l < VL; l++) fin &= ok[l] != 0;
+    acc->ww += sww + hsumd(dww);
+    if (!fin) acc->finite = 0;
 }
 
 HOT static void merge_any(const void *w, int wdt, const float *d, float s, Py_ssize_t n, void *out, int odt,
@@ -668,11 +687,11 @@ static PyObject *py_merge(PyObject *self, PyObject *args) {
     float s;
     Py_ssize_t n;
     if (!PyArg_ParseTuple(args, "KiKfnKi", &w, &wdt, &d, &s, &n, &out, &odt)) return NULL;
-    MergeSums acc = {0.0, 0.0, 1};
+    MergeSums acc = {0.0, 1};
     Py_BEGIN_ALLOW_THREADS
     merge_any((const void *)w, wdt, (const float *)d, s, n, (void *)out, odt, &acc);
     Py_END_ALLOW_THREADS
-    return Py_BuildValue("ddO", acc.ww, acc.tt, acc.finite ? Py_True : Py_False);
+    return Py_BuildValue("dO", acc.ww, acc.finite ? Py_True : Py_False);
 }
 
 static PyMethodDef methods[] = {
@@ -685,7 +704,7 @@ static PyMethodDef methods[] = {
     {"quantize_rows", py_quantize_rows, METH_VARARGS,
      "quantize_rows(w, dtype, rows, cols, group_width, symmetric, bits, search, weights, grid, n_grid, scale, zp, out,"
      " out_stride) -> (sum w*w, sum w*d, sum d*d, max |d|)"},
-    {"merge", py_merge, METH_VARARGS, "merge(w, w_dtype, d, s, n, out, out_dtype) -> (sum w*w, sum t*t, finite)"},
+    {"merge", py_merge, METH_VARARGS, "merge(w, w_dtype, d, s, n, out, out_dtype) -> (sum w*w, finite)"},
     {NULL, NULL, 0, NULL},
 };
 

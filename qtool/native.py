@@ -109,7 +109,8 @@ def merge_applies(w: torch.Tensor, out_dtype: torch.dtype) -> bool:
 
 def merge_into(w: torch.Tensor, delta: torch.Tensor, scaling: float, out: torch.Tensor):
     """out = cast(float(w) + delta·scaling) (delta float32, all three of one shape and contiguous), returning
-    (Σw², Σ(delta·scaling)², every merged value finite). Check merge_applies first."""
+    (Σw², every stored value finite). Check merge_applies first. Where a value is not finite, out's bytes there
+    are unspecified (the caller stops)."""
     if delta.dtype != torch.float32 or delta.shape != w.shape or out.shape != w.shape:
         raise ValueError("merge_into needs a float32 delta and an output of the weight's shape")
     if not (merge_applies(w, out.dtype) and _applies(delta, out)):

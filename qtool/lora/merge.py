@@ -116,7 +116,7 @@ def merge_linear_cast(W: torch.Tensor, terms: list[LoraTerm], dtype: torch.dtype
     rows, cols = W.shape
     out = torch.empty(W.shape, dtype=dtype) if sink is None else None
     step = max(1, _BLOCK_ELEMS // max(cols, 1))
-    ww = tt = 0.0
+    ww = 0.0
     finite = True
     for r0 in range(0, rows, step):
         r1 = min(rows, r0 + step)
@@ -129,11 +129,22 @@ def merge_linear_cast(W: torch.Tensor, terms: list[LoraTerm], dtype: torch.dtype
                 D.add_(torch.matmul(t.B[r0:r1], t.A, out=scratch("term", (r1 - r0, cols))).mul_(_scale(t)))
             s = 1.0
         block = out[r0:r1] if sink is None else sink.buffer((r1 - r0, cols), dtype)
-        a, b, ok = native.merge_into(W[r0:r1], D, s, block)
+        a, ok = native.merge_into(W[r0:r1], D, s, block)
         if sink is not None:
             sink.write(r0 * cols * dtype.itemsize, block)
-        ww, tt, finite = ww + a, tt + b, finite and ok
-    return out, _ratio(math.sqrt(tt), math.sqrt(ww)), finite
+        ww, finite = ww + a, finite and ok
+    return out, _ratio(delta_norm(terms), math.sqrt(ww)), finite
+
+
+def delta_norm(terms: list[LoraTerm]) -> float:
+    """‖Σ wᵢsᵢ·BᵢAᵢ‖_F from the factors, in float64: Σᵢⱼ cᵢcⱼ·⟨BᵢᵀBⱼ, AᵢAⱼᵀ⟩ (r×r products, no out×in pass)."""
+    total = 0.0
+    for ti in terms:
+        for tj in terms:
+            gram_b = ti.B.double().T @ tj.B.double()
+            gram_a = ti.A.double() @ tj.A.double().T
+            total += _scale(ti) * _scale(tj) * float((gram_b * gram_a).sum())
+    return math.sqrt(max(total, 0.0))
 
 
 def _scale(t: LoraTerm) -> float:
