@@ -132,6 +132,21 @@ def test_odd_rows_tail_word_padding():
     assert torch.equal(packed_n, pack_int32(core.quantize(w, scale, zp, spec), 4))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_fused_rows_odd_widths(dtype, symmetric, monkeypatch):
+    """Rows whose width is not a multiple of the 8-wide vectors: the scalar tails and the partial last word."""
+    w = _weight(9, 13 * 8 + 5, dtype, seed=4)
+    for bits in (4, 8):
+        spec = QuantSpec(bits, symmetric, -1, "rtn")
+        monkeypatch.setenv("QTOOL_NATIVE", "0")
+        ref = quantize_weight(w, spec)
+        monkeypatch.setenv("QTOOL_NATIVE", "1")
+        got = quantize_weight(w, spec)
+        assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+        assert got[3]["max_abs"] == ref[3]["max_abs"]
+
+
 def test_nonfinite_weight_poisons_the_error():
     w = _weight(8, 128, torch.bfloat16)
     w[4, 7] = float("nan")
