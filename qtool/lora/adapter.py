@@ -118,7 +118,7 @@ def _load(ckpt, key: str) -> torch.Tensor:
     info = ckpt.tensors[key]
     if not info.dtype.is_floating_point:
         raise QtoolError(key, f"adapter tensor has dtype {info.dtype}, expected a float type")
-    t = ckpt.get(key).float()
+    t = ckpt.get(key).to(torch.float32, copy=True)  # owned: the reader maps the file
     if not torch.isfinite(t).all():
         raise QtoolError(key, "adapter tensor holds NaN or Inf")
     return t

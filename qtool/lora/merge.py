@@ -43,14 +43,14 @@ class LoraTerm:
 _SCRATCH = threading.local()
 
 
-def scratch(slot: str, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """A buffer of this thread, reused from tensor to tensor: a fresh 40 MB tensor costs more in page faults than
-    the arithmetic done in it. Valid until the next call for the same slot."""
+def scratch(slot: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """A float32 buffer of this thread, reused from tensor to tensor: a fresh 40 MB tensor costs more in page
+    faults than the arithmetic done in it. Valid until the next call for the same slot."""
     bufs = _SCRATCH.__dict__.setdefault("bufs", {})
     n = math.prod(shape)
-    buf = bufs.get((slot, dtype))
+    buf = bufs.get(slot)
     if buf is None or buf.numel() < n:
-        buf = bufs[(slot, dtype)] = torch.empty(n, dtype=dtype)
+        buf = bufs[slot] = torch.empty(n, dtype=torch.float32)
     return buf[:n].view(shape)
 
 

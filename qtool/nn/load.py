@@ -105,10 +105,12 @@ def _fill(model: nn.Module, ckpt, spec, modules: list[str], device: torch.device
             continue
         if tuple(target.shape) != tuple(info.shape):
             raise QtoolError(name, f"checkpoint shape {list(info.shape)} does not fit the model's {list(target.shape)}")
-        t = ckpt.get(name)
+        t = read = ckpt.get(name)
         if t.is_floating_point():
             t = t.to(dtype or (target.dtype if target.dtype in FLOAT_DTYPES else t.dtype))
         t = t.to(device)
+        if t.data_ptr() == read.data_ptr():
+            t = t.clone()  # the reader maps the file (copy-on-write): a loaded model owns its memory
         if name in own:
             names = aliases.get(id(target), [name])
             param = nn.Parameter(t, requires_grad=target.requires_grad)
@@ -130,8 +132,9 @@ def _swap_quantized(model: nn.Module, ckpt, spec, m: str, device, dtype) -> set[
     except AttributeError:
         raise QtoolError(m, "the checkpoint quantizes a module the model does not have") from None
     out_in = (getattr(old, "out_features", None), getattr(old, "in_features", None))
-    parts = {p: ckpt.get(f"{m}.{p}") for p in ct.PARAM_NAMES if f"{m}.{p}" in ckpt.tensors}
-    bias = ckpt.get(f"{m}.bias") if f"{m}.bias" in ckpt.tensors else None
+    # clone: the reader maps the file (copy-on-write), and a loaded model owns its memory
+    parts = {p: ckpt.get(f"{m}.{p}").clone() for p in ct.PARAM_NAMES if f"{m}.{p}" in ckpt.tensors}
+    bias = ckpt.get(f"{m}.bias").clone() if f"{m}.bias" in ckpt.tensors else None
     if bias is not None:
         old_b = getattr(old, "bias", None)
         bias = bias.to(dtype or (old_b.dtype if old_b is not None else bias.dtype))
