@@ -15,6 +15,11 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#if defined(__unix__) || defined(__APPLE__)
+#include <errno.h>
+#include <unistd.h>
+#define HAVE_PWRITE 1
+#endif
 
 enum { F32 = 0, BF16 = 1, F16 = 2 };
 
@@ -694,6 +699,40 @@ static PyObject *py_merge(PyObject *self, PyObject *args) {
     return Py_BuildValue("dO", acc.ww, acc.finite ? Py_True : Py_False);
 }
 
+/* ---- positional write of a tensor's bytes, without the GIL and without a Python view per block -------- */
+
+static PyObject *py_pwrite(PyObject *self, PyObject *args) {
+    (void)self;
+#ifdef HAVE_PWRITE
+    int fd;
+    unsigned long long addr;
+    Py_ssize_t n;
+    long long offset;
+    if (!PyArg_ParseTuple(args, "iKnL", &fd, &addr, &n, &offset)) return NULL;
+    const char *p = (const char *)addr;
+    int err = 0;
+    Py_BEGIN_ALLOW_THREADS
+    while (n > 0) {
+        ssize_t k = pwrite(fd, p, (size_t)n, (off_t)offset);
+        if (k < 0) {
+            if (errno == EINTR) continue;
+            err = errno;
+            break;
+        }
+        p += k; n -= k; offset += k;
+    }
+    Py_END_ALLOW_THREADS
+    if (err) {
+        errno = err;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    Py_RETURN_TRUE;
+#else
+    (void)args;
+    Py_RETURN_FALSE;
+#endif
+}
+
 static PyMethodDef methods[] = {
     {"minmax", py_minmax, METH_VARARGS, "minmax(w, dtype, rows, cols, group_width, symmetric, mn, mx)"},
     {"quantize_pack", py_quantize_pack, METH_VARARGS,
@@ -704,6 +743,7 @@ static PyMethodDef methods[] = {
     {"quantize_rows", py_quantize_rows, METH_VARARGS,
      "quantize_rows(w, dtype, rows, cols, group_width, symmetric, bits, search, weights, grid, n_grid, scale, zp, out,"
      " out_stride) -> (sum w*w, sum w*d, sum d*d, max |d|)"},
+    {"pwrite", py_pwrite, METH_VARARGS, "pwrite(fd, address, nbytes, offset) -> True (False where unsupported)"},
     {"merge", py_merge, METH_VARARGS, "merge(w, w_dtype, d, s, n, out, out_dtype) -> (sum w*w, finite)"},
     {NULL, NULL, 0, NULL},
 };

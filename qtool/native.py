@@ -108,12 +108,19 @@ def merge_applies(w: torch.Tensor, out_dtype: torch.dtype) -> bool:
 
 
 def merge_into(w: torch.Tensor, delta: torch.Tensor, scaling: float, out: torch.Tensor):
-    """out = cast(float(w) + delta·scaling) (delta float32, all three of one shape and contiguous), returning
-    (Σw², every stored value finite). Check merge_applies first. Where a value is not finite, out's bytes there
-    are unspecified (the caller stops)."""
-    if delta.dtype != torch.float32 or delta.shape != w.shape or out.shape != w.shape:
-        raise ValueError("merge_into needs a float32 delta and an output of the weight's shape")
-    if not (merge_applies(w, out.dtype) and _applies(delta, out)):
-        raise ValueError("merge_into needs contiguous CPU tensors of float32, bfloat16 or float16")
-    return _native.merge(w.data_ptr(), DTYPE_CODES[w.dtype], delta.data_ptr(), float(scaling), w.numel(),
+    """out = cast(float(w) + delta·scaling) (delta float32, all three of one shape, contiguous, on the CPU: the
+    caller guarantees it, having checked merge_applies once per weight), returning (Σw², every stored value
+    finite). Where a value is not finite, out's bytes there are unspecified (the caller stops)."""
+    n = w.numel()
+    if delta.numel() != n or out.numel() != n or delta.dtype != torch.float32:
+        raise ValueError("merge_into needs a float32 delta and an output of the weight's size")
+    return _native.merge(w.data_ptr(), DTYPE_CODES[w.dtype], delta.data_ptr(), float(scaling), n,
                          out.data_ptr(), DTYPE_CODES[out.dtype])
+
+
+def pwrite(fd: int, t: torch.Tensor, offset: int) -> bool:
+    """Write a contiguous CPU tensor's bytes at `offset` of file descriptor `fd` with the GIL released; False (and
+    nothing written) where the kernel does not apply."""
+    if not _applies(t):
+        return False
+    return _native.pwrite(fd, t.data_ptr(), t.numel() * t.element_size(), offset)

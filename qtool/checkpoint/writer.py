@@ -25,6 +25,7 @@ from typing import Iterable
 
 import torch
 
+from .. import native
 from ..errors import QtoolError
 from .safetensors_header import DTYPE_CODES
 
@@ -66,7 +67,12 @@ _SEEK_LOCK = threading.Lock()
 
 
 def _pwrite(fd: int, data, offset: int) -> None:
-    """All of `data` (a bytes-like object) at `offset` of the open file `fd`: the writer's only way to a file."""
+    """All of `data` (bytes or a contiguous CPU tensor) at `offset` of the open file `fd`: the writer's only way
+    to a file. Tensors go through the native kernel where it is built (no Python view, GIL released)."""
+    if isinstance(data, torch.Tensor):
+        if native.pwrite(fd, data, offset):
+            return
+        data = data.reshape(-1).view(torch.uint8).numpy()
     view = memoryview(data).cast("B")
     while view:
         if hasattr(os, "pwrite"):
@@ -76,10 +82,6 @@ def _pwrite(fd: int, data, offset: int) -> None:
                 os.lseek(fd, offset, os.SEEK_SET)
                 n = os.write(fd, view)
         view, offset = view[n:], offset + n
-
-
-def _bytes(t: torch.Tensor):
-    return t.reshape(-1).view(torch.uint8).numpy()
 
 
 class CheckpointWriter:
@@ -220,7 +222,7 @@ class CheckpointWriter:
                     break
                 name, offset, t, last, pooled = item
                 if t.numel():
-                    self._store(name, _bytes(t), offset)
+                    self._store(name, t, offset)
                 if last:
                     self._done(name)
                 if pooled is not None:
