@@ -121,6 +121,7 @@ def merge_into(w: torch.Tensor, delta: torch.Tensor, scaling: float, out: torch.
 def pwrite(fd: int, t: torch.Tensor, offset: int) -> bool:
     """Write a contiguous CPU tensor's bytes at `offset` of file descriptor `fd` with the GIL released; False (and
     nothing written) where the kernel does not apply."""
-    if not _applies(t):
+    # plain I/O, not arithmetic: QTOOL_NATIVE does not switch it off
+    if _native is None or t.device.type != "cpu" or not t.is_contiguous():
         return False
     return _native.pwrite(fd, t.data_ptr(), t.numel() * t.element_size(), offset)

@@ -123,3 +123,41 @@ def test_missing_parent_folders_are_created(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(QtoolError, match="is not a folder"):
         _write(tmp_path / "file" / "out", _tensors())
+
+
+def test_sink_pieces_land_where_write_would_put_them(tmp_path):
+    """A tensor streamed in pieces (pooled buffers and plain tensors, out of order) gives the same bytes as
+    write(); more pieces than the pool holds wait for buffers to come back."""
+    big = torch.randn(40, 16, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    ts = {**_tensors(), "e.big": big}
+    _write(tmp_path / "ref", ts)
+    with CheckpointWriter(tmp_path / "out") as w:
+        w.plan([(k, v.shape, v.dtype) for k, v in sorted(ts.items())])
+        for k in ts:
+            if k != "e.big":
+                w.write(k, ts[k])
+        with w.sink("e.big") as out:
+            rows = list(range(0, 40, 2))
+            for r0 in reversed(rows):  # 20 pieces, last rows first
+                piece = big[r0:r0 + 2].reshape(-1)
+                if r0 % 4:
+                    buf = out.buffer(piece.numel(), torch.bfloat16)
+                    buf.copy_(piece)
+                    piece = buf
+                out.write(r0 * 16 * 2, piece)
+        w.write_json("config.json", {"z": 1, "a": 2})
+    assert _digest(tmp_path / "out") == _digest(tmp_path / "ref")
+
+
+def test_sink_must_cover_its_tensor(tmp_path):
+    with pytest.raises(RuntimeError, match="e.big: 64 of 128 bytes written"):
+        with CheckpointWriter(tmp_path / "out") as w:
+            w.plan([("e.big", (8, 8), torch.int16)])
+            with w.sink("e.big") as out:
+                out.write(0, torch.zeros(32, dtype=torch.int16))
+    with pytest.raises(ValueError, match="fall outside"):
+        with CheckpointWriter(tmp_path / "out2") as w:
+            w.plan([("e.big", (8, 8), torch.int16)])
+            with w.sink("e.big") as out:
+                out.write(100, torch.zeros(32, dtype=torch.int16))
+    assert os.listdir(tmp_path) == []

@@ -308,7 +308,7 @@ class TensorSink:
     """One planned tensor produced piece by piece by a worker:
 
         with writer.sink(name) as out:
-            for each block:  buf = out.buffer(shape, dtype); <fill buf>; out.write(byte_offset, buf)
+            for each block:  buf = out.buffer(numel, dtype); <fill buf>; out.write(byte_offset, buf)
 
     `buffer` lends a pooled block buffer (no fresh pages per block); `write` queues it for the file thread, which
     returns it to the pool once on disk. Pieces may come in any order but must cover the tensor exactly; it counts
@@ -320,10 +320,10 @@ class TensorSink:
         self.written = 0
         self._lent: dict[int, torch.Tensor] = {}  # data pointer of a lent view -> its pooled buffer
 
-    def buffer(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        n = math.prod(shape) * dtype.itemsize
-        raw = self.writer._block(n)
-        view = raw[:n].view(dtype).view(shape)
+    def buffer(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        """A flat pooled buffer for `numel` values of `dtype` (reshape it if needed; write() takes any view)."""
+        raw = self.writer._block(numel * dtype.itemsize)
+        view = raw[:numel * dtype.itemsize].view(dtype)
         self._lent[view.data_ptr()] = raw
         return view
 

@@ -128,7 +128,7 @@ def merge_linear_cast(W: torch.Tensor, terms: list[LoraTerm], dtype: torch.dtype
             for t in terms[1:]:
                 D.add_(torch.matmul(t.B[r0:r1], t.A, out=scratch("term", (r1 - r0, cols))).mul_(_scale(t)))
             s = 1.0
-        block = out[r0:r1] if sink is None else sink.buffer((r1 - r0, cols), dtype)
+        block = out[r0:r1] if sink is None else sink.buffer((r1 - r0) * cols, dtype)
         a, ok = native.merge_into(W[r0:r1], D, s, block)
         if sink is not None:
             sink.write(r0 * cols * dtype.itemsize, block)
