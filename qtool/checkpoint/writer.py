@@ -31,7 +31,7 @@ from .safetensors_header import DTYPE_CODES
 
 DEFAULT_MAX_SHARD_BYTES = 5_000_000_000  # transformers' long-standing default shard size
 WRITE_BEHIND_BYTES = 64 * 2**20  # bytes handed to the file thread but not yet on disk (beyond one tensor)
-SINK_BLOCKS = 8  # block buffers shared by all sinks: workers fill some while the file thread writes others
+SINK_BLOCKS = 16  # block buffers shared by all sinks: workers fill some while the file thread writes others
 
 
 @dataclass(frozen=True)
