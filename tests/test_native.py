@@ -12,6 +12,13 @@ from qtool.quant.search import mse_qparams, quantize_weight
 from qtool.quant.spec import QuantSpec
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+@pytest.fixture(autouse=True)
+def kernels_on(monkeypatch):
+    """These tests compare both paths and switch QTOOL_NATIVE themselves; start each with the kernels on (the rest
+    of the suite may be run with QTOOL_NATIVE=0 to test the torch path)."""
+    monkeypatch.setenv("QTOOL_NATIVE", "1")
 SPECS = [
     QuantSpec(4, True, 128, "rtn"), QuantSpec(4, False, 128, "rtn"), QuantSpec(4, False, 32, "rtn"),
     QuantSpec(8, True, -1, "rtn"), QuantSpec(8, False, -1, "rtn"), QuantSpec(4, True, 0, "rtn"),
