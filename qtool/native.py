@@ -1,7 +1,9 @@
-"""The fused CPU kernels of qtool/_native.c, behind checks: each function returns None when the kernel does not
-apply (no compiled extension, a GPU tensor, another dtype), and the caller runs its torch path, which gives the
-same bits. QTOOL_NATIVE=0 in the environment turns the kernels off (the tests compare both paths).
-`spec` arguments are qtool.quant.QuantSpec (not imported here: qtool.quant imports this module).
+"""The fused CPU kernels of qtool/_native.c, behind checks: each function says when its kernel does not apply
+(None or False: no compiled extension, a GPU tensor, another dtype) and the caller then runs its torch path, which
+gives the same bytes (mse: the same search, whose sums run in another order, so a near-tie may pick the other
+scale). QTOOL_NATIVE=0 in the environment turns the arithmetic kernels off (the tests compare both paths);
+`pwrite` is plain I/O and stays. `spec` arguments are qtool.quant.QuantSpec (not imported here: qtool.quant
+imports this module).
 """
 from __future__ import annotations
 
