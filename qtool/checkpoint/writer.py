@@ -164,9 +164,8 @@ class CheckpointWriter:
         if index if index is not None else len(by_shard) > 1:
             self._index = {
                 "metadata": {"total_size": sum(p.nbytes for p in planned)},
-                "weight_map": {p.name: shard for shard, group in sorted(by_shard.items()) for p in group},
+                "weight_map": dict(sorted((p.name, shard) for shard, group in by_shard.items() for p in group)),
             }
-            self._index["weight_map"] = dict(sorted(self._index["weight_map"].items()))
         self._thread = threading.Thread(target=self._drain, name="qtool-writer", daemon=True)
         self._thread.start()
 

@@ -177,10 +177,8 @@ def quantize_packed(
     check_shape(w, spec)
     fused = native.quantize_pack(w, scale, zero_point, spec)
     if fused is not None:
-        packed, (ww, wd, dd, max_abs) = fused
-        acc = ErrorAccumulator()
-        acc.add_sums(ww, wd, dd, max_abs, w.numel())
-        return packed, acc.stats()
+        packed, sums = fused
+        return packed, stats_from_sums(sums, w.numel())
     acc = ErrorAccumulator()
     q = quantize(w, scale, zero_point, spec, errors=acc)
     return pack_int32(q, spec.bits, dim=1), acc.stats()
@@ -269,6 +267,13 @@ class ErrorAccumulator:
             cosine = 1.0 if nw == nh else 0.0
         return {"rel_error": rel, "sqnr_db": sqnr, "max_abs": self.max_abs, "mse": self.ss_d / max(self.n, 1),
                 "cosine": cosine}
+
+
+def stats_from_sums(sums: tuple[float, float, float, float], n: int) -> dict:
+    """error_stats' dict from a native kernel's (Σw², Σw·d, Σd², max|d|) over n elements."""
+    acc = ErrorAccumulator()
+    acc.add_sums(*sums, n)
+    return acc.stats()
 
 
 def error_stats(w: torch.Tensor, w_hat: torch.Tensor) -> dict:

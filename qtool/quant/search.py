@@ -16,7 +16,6 @@ import torch
 
 from .. import native
 from .core import (
-    ErrorAccumulator,
     check_shape,
     group_minmax,
     grouped,
@@ -24,6 +23,7 @@ from .core import (
     qparams_from_minmax,
     quantize_packed,
     scale_dtype_for,
+    stats_from_sums,
 )
 from .spec import QuantSpec
 
@@ -195,10 +195,8 @@ def quantize_weight(w: torch.Tensor, spec: QuantSpec, importance: torch.Tensor |
         wt = _weights(importance, w.shape[1], spec, w.device) if mse else None
         fused = native.quantize_rows(w, spec, wt, (SYM_GRID if spec.symmetric else ASYM_GRID) if mse else None)
         if fused is not None:
-            scale, zp, packed, (ww, wd, dd, max_abs) = fused
-            acc = ErrorAccumulator()
-            acc.add_sums(ww, wd, dd, max_abs, w.numel())
-            return packed, scale, zp, acc.stats()
+            scale, zp, packed, sums = fused
+            return packed, scale, zp, stats_from_sums(sums, w.numel())
     scale, zp = choose_qparams(w, spec, importance=importance)
     packed, err = quantize_packed(w, scale, zp, spec)
     return packed, scale, zp, err
