@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from . import __version__
+from . import __version__, runtime
 from .errors import GateFailed, QtoolError
 
 DTYPES = click.Choice(["float16", "bfloat16", "float32"])
@@ -84,9 +84,7 @@ def main():
     file, or a hub id (org/name) already in the local Hugging Face cache. Exit codes: 0 success, 1 error,
     2 usage error, 3 quality gate failed.
     """
-    # This process runs no numpy BLAS (torch does the math): OpenBLAS's worker threads would only spin on the
-    # cores the job needs. Set before numpy is first imported, and only where the user has not chosen.
-    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    runtime.prepare_process()  # before any command imports torch (and numpy)
 
 
 @main.command()
@@ -157,9 +155,7 @@ def quantize(source, out, bits, symmetric, group_size, method, calib, calib_samp
     from .quant.spec import QuantSpec
     _imports_done()
     b = int(bits)
-    if group_size is None:
-        group_size = QuantSpec.default(b).group_size
-    if group_size < -1:
+    if group_size is not None and group_size < -1:
         raise click.BadParameter("must be N > 0, -1 (per channel) or 0 (per tensor)", param_hint="--group-size")
     spec = QuantSpec(bits=b, symmetric=symmetric, group_size=group_size, method=method)
     with make_progress(quiet or as_json) as progress:

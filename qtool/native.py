@@ -1,13 +1,11 @@
-"""The fused CPU kernels of qtool/_native.c, behind checks: each function says when its kernel does not apply
-(None or False: no compiled extension, a GPU tensor, another dtype) and the caller then runs its torch path, which
-gives the same bytes (mse: the same search, whose sums run in another order, so a near-tie may pick the other
-scale). QTOOL_NATIVE=0 in the environment turns the arithmetic kernels off (the tests compare both paths);
-`pwrite` is plain I/O and stays. `spec` arguments are qtool.quant.QuantSpec (not imported here: qtool.quant
-imports this module).
+"""The fused CPU kernels of qtool/_native.c as calls on torch tensors. Each call checks that its kernel can take the
+tensors it is given (on the CPU, contiguous, a dtype it knows) and returns None or False where it cannot: the caller
+then runs its torch path, which gives the same bytes (mse: the same search, whose sums run in another order, so a
+near-tie may pick the other scale). Nothing here decides whether the kernels run at all: qtool.quant.backend does,
+once. Outputs are allocated by the caller, which knows their layout. `spec` arguments are qtool.quant.QuantSpec.
 """
 from __future__ import annotations
 
-import os
 import sys
 
 import torch
@@ -20,69 +18,58 @@ except ImportError:  # built without a C compiler: the torch path does everythin
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
-def enabled() -> bool:
-    # the packing writes int32 words byte by byte in little-endian order
-    return _native is not None and sys.byteorder == "little" and os.environ.get("QTOOL_NATIVE", "1") != "0"
+def available() -> bool:
+    """The extension is built, and this machine stores int32 words little-endian (the packing writes them byte by
+    byte in that order)."""
+    return _native is not None and sys.byteorder == "little"
 
 
-def _applies(*tensors: torch.Tensor) -> bool:
-    return enabled() and all(t.device.type == "cpu" and t.is_contiguous() for t in tensors)
+def _fits(*tensors: torch.Tensor) -> bool:
+    return all(t.device.type == "cpu" and t.is_contiguous() for t in tensors)
 
 
-def group_minmax(w: torch.Tensor, spec) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Per-group (min, max) of a 2-D weight in its dtype, [rows, n_groups]; symmetric: (-max|x|, max|x|).
+def group_minmax(w: torch.Tensor, spec, mn: torch.Tensor, mx: torch.Tensor) -> bool:
+    """Per-group (min, max) of a 2-D weight into float32 mn, mx [rows, n_groups]; symmetric: (-max|x|, max|x|).
     Group and channel strategies only (a tensor-wide reduction is one torch op already)."""
-    if spec.strategy == "tensor" or w.dtype not in DTYPE_CODES or not _applies(w):
-        return None
+    if spec.strategy == "tensor" or w.dtype not in DTYPE_CODES or not _fits(w):
+        return False
     rows, cols = w.shape
-    ng = spec.n_groups(cols)
-    mn = torch.empty((rows, ng), dtype=torch.float32)
-    mx = torch.empty((rows, ng), dtype=torch.float32)
     _native.minmax(w.data_ptr(), DTYPE_CODES[w.dtype], rows, cols, spec.group_width(cols), int(spec.symmetric),
                    mn.data_ptr(), mx.data_ptr())
-    # min and max are values of w: converting back to its dtype is exact
-    return mn.to(w.dtype), mx.to(w.dtype)
+    return True
 
 
-def quantize_pack(w: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, spec):
-    """compressed-tensors' packed int32 codes of w [rows, packed_len(cols)] and the error sums
-    (Σw², Σw·d, Σd², max|d|) of its reconstruction d = w − ŵ, in one pass; None where the kernel does not apply.
-    The scale must be in w's dtype (as compressed-tensors keeps it)."""
+def quantize_pack(w: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, spec, out: torch.Tensor):
+    """compressed-tensors' packed int32 codes of w into `out` and the error sums (Σw², Σw·d, Σd², max|d|) of its
+    reconstruction d = w − ŵ, in one pass; None where the kernel does not apply. The scale must be in w's dtype (as
+    compressed-tensors keeps it)."""
     if w.dtype not in DTYPE_CODES or scale.dtype != w.dtype or spec.bits not in (4, 8):
         return None
     zp = None if zero_point is None else zero_point.to(torch.int8).contiguous()
-    if not _applies(w, scale) or (zp is not None and not _applies(zp)):
+    if not _fits(w, scale) or (zp is not None and not _fits(zp)):
         return None
     rows, cols = w.shape
     per_row = 0 if spec.strategy == "tensor" else spec.n_groups(cols)
-    words = -(-cols * spec.bits // 32)
-    out = torch.empty((rows, words), dtype=torch.int32)
-    sums = _native.quantize_pack(
+    return _native.quantize_pack(
         w.data_ptr(), DTYPE_CODES[w.dtype], rows, cols, spec.group_width(cols), scale.data_ptr(), per_row,
-        0 if zp is None else zp.data_ptr(), per_row, spec.bits, out.data_ptr(), words)
-    return out, sums
+        0 if zp is None else zp.data_ptr(), per_row, spec.bits, out.data_ptr(), out.shape[1])
 
 
-def quantize_rows(w: torch.Tensor, spec, weights: torch.Tensor | None, grid: tuple[float, ...] | None):
+def quantize_rows(w: torch.Tensor, spec, weights: torch.Tensor | None, grid: tuple[float, ...] | None,
+                  scale: torch.Tensor, zero_point: torch.Tensor | None, out: torch.Tensor):
     """The whole rtn (grid None) or mse (grid given) quantization of a group/channel-strategy weight in one pass
-    over its rows: (scale in w's dtype, int8 zero point or None, packed int32 codes, error sums). None where the
-    kernel does not apply."""
+    over its rows, into scale (w's dtype), zero_point (int8, or None when symmetric) and out (packed int32 codes);
+    returns the error sums, or None where the kernel does not apply."""
     if spec.strategy == "tensor" or w.dtype not in DTYPE_CODES or spec.bits not in (4, 8):
         return None
-    if not _applies(w) or (weights is not None and (not _applies(weights) or weights.dtype != torch.float32)):
+    if not _fits(w) or (weights is not None and (not _fits(weights) or weights.dtype != torch.float32)):
         return None
     rows, cols = w.shape
-    ng = spec.n_groups(cols)
-    scale = torch.empty((rows, ng), dtype=w.dtype)
-    zp = None if spec.symmetric else torch.empty((rows, ng), dtype=torch.int8)
-    words = -(-cols * spec.bits // 32)
-    out = torch.empty((rows, words), dtype=torch.int32)
     g = torch.tensor(grid or (), dtype=torch.float32)
-    sums = _native.quantize_rows(
+    return _native.quantize_rows(
         w.data_ptr(), DTYPE_CODES[w.dtype], rows, cols, spec.group_width(cols), int(spec.symmetric), spec.bits,
         int(grid is not None), 0 if weights is None else weights.data_ptr(), g.data_ptr(), len(g),
-        scale.data_ptr(), 0 if zp is None else zp.data_ptr(), out.data_ptr(), words)
-    return scale, zp, out, sums
+        scale.data_ptr(), 0 if zero_point is None else zero_point.data_ptr(), out.data_ptr(), out.shape[1])
 
 
 def mse_search(w: torch.Tensor, spec, weights: torch.Tensor | None, grid: tuple[float, ...],
@@ -93,7 +80,7 @@ def mse_search(w: torch.Tensor, spec, weights: torch.Tensor | None, grid: tuple[
     if spec.strategy == "tensor" or w.dtype not in DTYPE_CODES or scale.dtype != w.dtype:
         return False
     tensors = [w, scale, mn, mx] + [t for t in (weights, zero_point) if t is not None]
-    if not _applies(*tensors) or mn.dtype != torch.float32 or mx.dtype != torch.float32:
+    if not _fits(*tensors) or mn.dtype != torch.float32 or mx.dtype != torch.float32:
         return False
     if (zero_point is None) != spec.symmetric or (zero_point is not None and zero_point.dtype != torch.int8):
         return False
@@ -106,7 +93,7 @@ def mse_search(w: torch.Tensor, spec, weights: torch.Tensor | None, grid: tuple[
 
 
 def merge_applies(w: torch.Tensor, out_dtype: torch.dtype) -> bool:
-    return w.dtype in DTYPE_CODES and out_dtype in DTYPE_CODES and _applies(w)
+    return w.dtype in DTYPE_CODES and out_dtype in DTYPE_CODES and _fits(w)
 
 
 def merge_into(w: torch.Tensor, delta: torch.Tensor, scaling: float, out: torch.Tensor):
@@ -123,7 +110,7 @@ def merge_into(w: torch.Tensor, delta: torch.Tensor, scaling: float, out: torch.
 def pwrite(fd: int, t: torch.Tensor, offset: int) -> bool:
     """Write a contiguous CPU tensor's bytes at `offset` of file descriptor `fd` with the GIL released; False (and
     nothing written) where the kernel does not apply."""
-    # plain I/O, not arithmetic: QTOOL_NATIVE does not switch it off
+    # plain I/O, not arithmetic: it runs wherever the extension is built
     if _native is None or t.device.type != "cpu" or not t.is_contiguous():
         return False
     return _native.pwrite(fd, t.data_ptr(), t.numel() * t.element_size(), offset)

@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "int4"
-        quantize(args.model, str(folder), QuantSpec.default(4, method="rtn"), device="cpu")
+        quantize(args.model, str(folder), QuantSpec(bits=4, method="rtn"), device="cpu")
         model = qnn.load(folder, device=args.device)
         fp = qnn.memory_footprint(model)
         base_text = generate(model, tokenizer, args.prompt, args.tokens, args.device)

@@ -8,14 +8,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from qtool.calib.data import is_stats_file, load_calibration
-from qtool.calib.device import resolve_device
+from qtool.runtime import resolve_device
 from qtool.calib.layerwise import collect_stats, quantize_layerwise
 from qtool.calib.stats import load_stats, read_stats
 from qtool.checkpoint import open_checkpoint
 from qtool.errors import QtoolError
 from qtool.jobs.calibrate import calibrate
 from qtool.plan import plan_quantization
-from qtool.quant.search import mse_qparams
+from qtool.quant import mse_qparams
 from qtool.quant.spec import QuantSpec
 
 from .test_calib_helpers import reference_stats, samples, save_tiny

@@ -6,7 +6,7 @@ import torch
 
 from qtool.errors import QtoolError
 from qtool.formats import compressed_tensors as ctf
-from qtool.quant import core
+from qtool.quant import core, minmax_qparams
 from qtool.quant.spec import QuantSpec
 
 ctq = pytest.importorskip("compressed_tensors.quantization")
@@ -26,7 +26,7 @@ def test_ct_decompresses_our_output(bits, sym, gs, dtype):
     g = torch.Generator().manual_seed(bits * 10 + gs)
     w = (torch.randn(40, 96, generator=g) * 0.02).to(dtype)  # 40 rows: zero points straddle words
     spec = QuantSpec(bits, sym, gs, "rtn")
-    scale, zp = core.minmax_qparams(w, spec)
+    scale, zp = minmax_qparams(w, spec)
     q = core.quantize(w, scale, zp, spec)
     tensors = ctf.compress("model.layers.0.mlp.down_proj", q, scale, zp, spec, w.shape)
     planned = ctf.compressed_specs("model.layers.0.mlp.down_proj", w.shape, dtype, spec)
@@ -116,7 +116,7 @@ def test_module_discovery():
 def test_decompress_reports_broken_module():
     spec = QuantSpec(4, True, 32, "rtn")
     w = torch.randn(8, 64)
-    s, z = core.minmax_qparams(w, spec)
+    s, z = minmax_qparams(w, spec)
     t = {k.rsplit(".", 1)[1]: v for k, v in ctf.compress("m", core.quantize(w, s, z, spec), s, z, spec, w.shape).items()}
     with pytest.raises(QtoolError, match="missing weight_scale"):
         ctf.decompress({k: v for k, v in t.items() if k != "weight_scale"}, spec, name="m")

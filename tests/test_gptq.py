@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from qtool.errors import QtoolError
-from qtool.quant import core
+from qtool.quant import core, minmax_qparams
 from qtool.quant.gptq import gptq_quantize, output_error
 from qtool.quant.spec import QuantSpec
 
@@ -23,7 +23,7 @@ def layer(rows=48, cols=128, n=512, seed=0):
 def test_gptq_beats_rtn_on_outputs(spec, act_order):
     w, h = layer()
     w = w.to(torch.bfloat16)
-    s0, z0 = core.minmax_qparams(w, spec)
+    s0, z0 = minmax_qparams(w, spec)
     rtn = core.dequantize(core.quantize(w, s0, z0, spec), s0, z0, spec)
     q, s, z = gptq_quantize(w, h, spec, act_order=act_order)
     assert q.dtype == torch.int8 and q.shape == w.shape

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from .lora_helpers import make_adapter, read_folder, save_base
 from qtool.formats import compressed_tensors as ct
 from qtool.jobs.merge import merge_lora
-from qtool.quant.core import dequantize, minmax_qparams, quantize
+from qtool.quant import dequantize, minmax_qparams, quantize
 from qtool.quant.spec import QuantSpec
 
 LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -102,7 +102,7 @@ def test_quantized_base_rtn(dense, tmp_path, spec):
 
 
 def test_quantized_base_default_mse(dense, tmp_path):
-    from qtool.quant.search import mse_qparams
+    from qtool.quant import mse_qparams
     root, dense_dir, adapter = dense
     spec = QuantSpec(4, True, 32, "mse")
     base = quantized_base(dense_dir, tmp_path / "qbase", spec, None)

@@ -112,7 +112,7 @@ class Tiny(nn.Module):
 
 def _tiny_checkpoint(folder, spec):
     """A compressed-tensors folder for Tiny written with qtool's quant + format functions (no transformers)."""
-    from qtool.quant.core import minmax_qparams, quantize as q_codes
+    from qtool.quant import minmax_qparams, quantize as q_codes
     torch.manual_seed(3)
     dense = Tiny()
     sd = {"norm.weight": dense.norm.weight.detach() + 0.5, "norm.bias": dense.norm.bias.detach(),

@@ -15,7 +15,7 @@ import qtool.nn.quant_linear as ql
 from qtool.errors import QtoolError
 from qtool.formats import compressed_tensors as ct
 from qtool.nn import QuantLinear
-from qtool.quant.core import minmax_qparams, quantize
+from qtool.quant import minmax_qparams, quantize
 from qtool.quant.spec import QuantSpec
 
 SCHEMES = [(bits, sym, gs) for bits in (4, 8) for sym in (True, False) for gs in (32, -1, 0)]

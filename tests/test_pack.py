@@ -53,3 +53,19 @@ def test_rejects_bad_input():
         pack_int32(torch.zeros(2, 8, dtype=torch.int8), 3)
     with pytest.raises(ValueError, match="does not match"):
         unpack_int32(torch.zeros(2, 1, dtype=torch.int32), 4, (2, 16))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_int4_int8_unpack_on_bytes_only(bits, monkeypatch):
+    """4- and 8-bit codes unpack from the words' bytes; the generic int64 shift path (which int8 used to run after
+    computing, and throwing away, the byte result) must not run for them."""
+    g = torch.Generator().manual_seed(3)
+    q = torch.randint(-(1 << (bits - 1)), 1 << (bits - 1), (7, 13), generator=g, dtype=torch.int8)
+    packed = pack_int32(q, bits, dim=1)
+
+    def no_shift_path(*args, **kwargs):
+        raise AssertionError("the generic shift-and-mask path ran")
+
+    monkeypatch.setattr(torch, "arange", no_shift_path)
+    got = unpack_int32(packed, bits, q.shape, dim=1)
+    assert got.dtype == torch.int8 and torch.equal(got, q)

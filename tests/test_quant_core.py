@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from qtool.quant import core
+from qtool.quant import core, fake_quantize, minmax_qparams
 from qtool.quant.spec import QuantSpec
 
 ct_args = pytest.importorskip("compressed_tensors.quantization")
@@ -52,7 +52,7 @@ def test_minmax_quantize_dequantize_bit_identical_to_ct(dtype, bits, sym, gs):
     spec = QuantSpec(bits, sym, gs, "rtn")
     args = ct_quant_args(bits, sym, gs)
     s_ct, z_ct = calculate_qparams(*ct_minmax(w, gs), args)
-    s, z = core.minmax_qparams(w, spec)
+    s, z = minmax_qparams(w, spec)
     assert s.dtype == dtype and s.shape == s_ct.shape
     assert torch.equal(s, s_ct)
     expected_shape = {64: (48, 4), -1: (48, 1), 0: (1,)}[gs]
@@ -74,18 +74,18 @@ def test_minmax_quantize_dequantize_bit_identical_to_ct(dtype, bits, sym, gs):
 def test_quantize_chunking_does_not_change_result(monkeypatch):
     w = weight(torch.bfloat16, rows=37, cols=128)
     spec = QuantSpec(4, False, 32, "rtn")
-    s, z = core.minmax_qparams(w, spec)
+    s, z = minmax_qparams(w, spec)
     full = core.quantize(w, s, z, spec)
     monkeypatch.setattr(core, "CHUNK_ELEMS", 300)  # 2 rows per chunk, ragged tail
     assert torch.equal(core.quantize(w, s, z, spec), full)
-    s2, z2 = core.minmax_qparams(w, spec)
+    s2, z2 = minmax_qparams(w, spec)
     assert torch.equal(s, s2) and torch.equal(z, z2)
 
 
 def test_symmetric_int4_known_values():
     w = torch.tensor([[0.75, -0.375, 0.1, 0.0]], dtype=torch.float32)
     spec = QuantSpec(4, True, -1, "rtn")
-    s, z = core.minmax_qparams(w, spec)
+    s, z = minmax_qparams(w, spec)
     assert z is None and s.item() == pytest.approx(0.1)  # amax / 7.5, not / 7
     q = core.quantize(w, s, z, spec)
     assert q.tolist() == [[7, -4, 1, 0]]  # 7.5 clamps to 7; -3.75 -> -4; 1.0 -> 1
@@ -100,7 +100,7 @@ def test_round_half_even():
 
 def test_group_size_must_divide_columns():
     with pytest.raises(ValueError, match="divisible"):
-        core.minmax_qparams(torch.zeros(4, 100), QuantSpec(4, True, 64, "rtn"))
+        minmax_qparams(torch.zeros(4, 100), QuantSpec(4, True, 64, "rtn"))
 
 
 def test_non_float_scale_dtype_follows_ct():
@@ -124,7 +124,7 @@ def test_error_stats_values():
 def test_error_stats_matches_float64_reference():
     g = torch.Generator().manual_seed(1)
     w = torch.randn(300, 500, generator=g).to(torch.bfloat16)
-    w_hat = core.fake_quantize(w, QuantSpec(4, True, 100, "rtn"))
+    w_hat = fake_quantize(w, QuantSpec(4, True, 100, "rtn"))
     e = core.error_stats(w, w_hat)
     a, b = w.double(), w_hat.double()
     rel = ((a - b).norm() / a.norm()).item()
@@ -132,3 +132,14 @@ def test_error_stats_matches_float64_reference():
     assert e["rel_error"] == pytest.approx(rel, rel=1e-6)
     assert e["cosine"] == pytest.approx(cos, abs=1e-7)
     assert e["max_abs"] == pytest.approx((a - b).abs().max().item())
+
+
+def test_spec_defaults_follow_the_bits():
+    """The contract's defaults live in QuantSpec itself: int4 → group 128, int8 → per channel (the API used to give
+    int8 group 128 while the command line gave per channel)."""
+    assert QuantSpec(bits=8).group_size == -1 and QuantSpec(bits=8).strategy == "channel"
+    assert QuantSpec().group_size == 128 and QuantSpec(bits=4).strategy == "group"
+    assert QuantSpec(bits=8, group_size=128).group_size == 128  # asked for: kept
+    assert QuantSpec(bits=8) == QuantSpec(8, True, -1, "mse")
+    with pytest.raises(ValueError, match="group size"):
+        QuantSpec(bits=8, group_size=-2)

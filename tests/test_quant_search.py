@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from qtool.quant import core
-from qtool.quant.search import mse_qparams
+from qtool.quant import core, minmax_qparams
+from qtool.quant import mse_qparams
 from qtool.quant.spec import QuantSpec
 
 
@@ -24,7 +24,7 @@ def test_never_worse_than_minmax_per_group(spec, dtype):
     w[0] = 0
     w[1, 3] = 0.4
     w = w.to(dtype)
-    s0, z0 = core.minmax_qparams(w, spec)
+    s0, z0 = minmax_qparams(w, spec)
     s, z = mse_qparams(w, spec)
     assert s.shape == s0.shape and s.dtype == s0.dtype
     assert (z is None) == (z0 is None)

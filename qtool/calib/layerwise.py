@@ -17,12 +17,11 @@ from ..errors import QtoolError
 from ..plan import module_of
 from ..progress import NullProgress
 from ..quant.spec import QuantSpec
+from ..quant.gptq import output_error
+from ..quant.weight import quantize_weight
+from ..runtime import exact_matmul, resolve_device
 from .collect import Hooks
 from .data import is_stats_file, load_calibration
-from ..quant.gptq import exact_matmul
-from .device import resolve_device
-from ..quant.gptq import output_error
-from .methods import quantize_weight, reconstruct
 from .model import is_conv1d, layer_prefix, model_type
 from .stats import load_stats
 
@@ -72,11 +71,11 @@ def _plain(ckpt, plan, spec: QuantSpec, device, importance=None, note: str = "")
     w = ckpt.get(plan.name)
     method = "rtn" if spec.method == "rtn" else "mse"
     imp = None if importance is None else importance.to(device)
-    q, scale, zp, info = quantize_weight(w.to(device), spec, method, importance=imp)
-    extra = {**info, "calibrated": importance is not None, "output_error_before": None, "output_error_after": None}
+    qw = quantize_weight(w.to(device), spec.with_method(method), importance=imp).cpu()
+    extra = {**qw.info, "calibrated": importance is not None, "output_error_before": None, "output_error_after": None}
     if note:
         extra["note"] = note
-    return w, q.cpu(), scale.cpu(), None if zp is None else zp.cpu(), extra
+    return w, qw.codes(), qw.scale, qw.zero_point, extra
 
 
 def quantize_layerwise(ckpt, plans, spec: QuantSpec, calib, *, samples: int = 128, seq_len: int = 512,
@@ -126,19 +125,19 @@ def quantize_layerwise(ckpt, plans, spec: QuantSpec, calib, *, samples: int = 12
                 w_orig = ckpt.get(name)
                 w = w_orig.to(device)
                 h = st.hessian
-                q, scale, zp, info = quantize_weight(w, spec, spec.method, hessian=h, importance=st.importance(),
-                                                     damp=damp, name=name)
-                w_hat = reconstruct(q, scale, zp, spec)
+                qw = quantize_weight(w, spec, hessian=h, importance=st.importance(), damp=damp, name=name)
+                w_hat = qw.dequantize(torch.float32)
                 if spec.method == "rtn":
                     before = after = output_error(w, w_hat, h)
                 else:
-                    rq, rs, rz, _ = quantize_weight(w, spec, "rtn")
-                    before = output_error(w, reconstruct(rq, rs, rz, spec), h)
+                    rtn = quantize_weight(w, spec.with_method("rtn"))
+                    before = output_error(w, rtn.dequantize(torch.float32), h)
                     after = output_error(w, w_hat, h)
                 mod.weight.data = w_hat.to(mod.weight.dtype)
                 del h, st
-                extra = {**info, "calibrated": True, "output_error_before": before, "output_error_after": after}
-                emit(name, w_orig, q.cpu(), scale.cpu(), None if zp is None else zp.cpu(), extra)
+                extra = {**qw.info, "calibrated": True, "output_error_before": before, "output_error_after": after}
+                qw = qw.cpu()
+                emit(name, w_orig, qw.codes(), qw.scale, qw.zero_point, extra)
                 calibrated.append(name)
                 todo.pop(name)
             if targets:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .device import release_host_memory
+from ..runtime import release_host_memory
 from .model import (ARCHITECTURES, build_skeleton, free_module, layer_prefix, layers_of, linear_modules,
                     load_module, model_type)
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from typing import Callable, Iterable, Iterator
 
 import torch
@@ -37,26 +36,6 @@ def prefetch(read, names: Iterable[str], sizes: dict[str, int]) -> Iterator[tupl
             yield name, fut.result()
 
 
-MAX_WORKERS = 4  # tensors transformed at once; each holds one tensor and its outputs
-
-
-def workers_for(device: torch.device) -> int:
-    """Tensors to process side by side: one per core on cpu (each op single-threaded: small ops split over
-    threads spend more time synchronising than computing), one on a GPU (its kernels are parallel already)."""
-    return 1 if device.type != "cpu" else max(1, min(MAX_WORKERS, torch.get_num_threads()))
-
-
-@contextmanager
-def per_worker_threads(workers: int):
-    """Share torch's intra-op threads among `workers` tensors processed at once; restore afterwards."""
-    total = torch.get_num_threads()
-    torch.set_num_threads(max(1, total // workers))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(total)
-
-
 def ordered_map(fn: Callable, items: Iterable[tuple], workers: int) -> Iterator:
     """fn(*item) for each item on `workers` threads, results in input order, at most workers+1 in flight."""
     if workers <= 1:
@@ -64,7 +43,7 @@ def ordered_map(fn: Callable, items: Iterable[tuple], workers: int) -> Iterator:
             yield fn(*item)
         return
     # A new thread starts with the process's default intra-op thread count (OpenMP's is per thread), not with what
-    # per_worker_threads set here: without this each worker's BLAS calls would fan out over every core again.
+    # the job's runtime session set here: without this each worker's BLAS calls would fan out over every core again.
     threads = torch.get_num_threads()
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="qtool-work", initializer=torch.set_num_threads,
                             initargs=(threads,)) as pool:

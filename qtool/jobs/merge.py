@@ -17,7 +17,8 @@ from ..lora.merge import all_finite, fused_merge_applies, merge_bias, merge_line
 from ..lora.plan import ModuleWeight, TensorOp, plan_merge
 from ..plan import FLOAT_DTYPES, dense_dtype
 from ..progress import NullProgress
-from .common import ordered_map, per_worker_threads, prefetch, workers_for
+from ..runtime import threads_per_worker, workers_for
+from .common import ordered_map, prefetch
 
 
 
@@ -75,7 +76,7 @@ def merge_lora(base: str, adapters: list[str], out: str, weights: list[float] | 
             return ([] if out is None else [(key, out)]), bck.tensors[key].nbytes
 
         workers = workers_for(torch.device("cpu"))
-        with per_worker_threads(workers):
+        with threads_per_worker(workers):
             for outputs, nbytes in ordered_map(work, items(), workers):
                 for n, t in outputs:
                     w.write(n, t)
@@ -254,14 +255,11 @@ class _QuantizedBase:
         The merged float32 weight is first rounded to the scales' dtype (the dtype the base was quantized
         from), then quantized as `qtool quantize` would quantize that weight: same bits, symmetry, grouping.
         """
-        from ..quant import core
+        from ..quant.weight import quantize_weight
         names = self.parts(module)
         scale_dtype = self.bck.tensors[f"{module}.weight_scale"].dtype
-        w = merged.to(scale_dtype)
-        from ..quant.search import choose_qparams
-        scale, zp = choose_qparams(w, self.spec)
-        q = core.quantize(w, scale, zp, self.spec)
-        stored = self.ct.compress(module, q, scale, zp, self.spec, tuple(merged.shape))
+        qw = quantize_weight(merged.to(scale_dtype), self.spec)
+        stored = self.ct.compress_packed(module, qw.packed, qw.scale, qw.zero_point, self.spec, tuple(merged.shape))
         if sorted(stored) != sorted(names):
             raise QtoolError(module, f"requantized parts {sorted(stored)} differ from the base's {sorted(names)}")
         for n in names:
@@ -269,7 +267,7 @@ class _QuantizedBase:
             if tuple(t.shape) != tuple(info.shape) or t.dtype != info.dtype:
                 raise QtoolError(n, f"requantized part is {list(t.shape)} {t.dtype}, base has "
                                     f"{list(info.shape)} {info.dtype}")
-        return stored, core.dequantize(q, scale, zp, self.spec, dtype=torch.float32)
+        return stored, qw.dequantize(torch.float32)
 
 
 # -- report -----------------------------------------------------------------------------------------------

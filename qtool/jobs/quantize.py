@@ -17,12 +17,13 @@ from ..formats import compressed_tensors as ct
 from ..plan import TensorPlan, plan_quantization
 from ..progress import NullProgress
 from ..quant.core import dequantize, error_stats, scale_dtype_for
-from ..quant.search import quantize_weight
+from ..quant.weight import quantize_weight
 from ..quant.spec import QuantSpec
 from ..report.errors import gate, summarize
 from ..report.render import write_json
 from ..report.size import describe_scheme, size_report
-from .common import copy_side_files, ordered_map, per_worker_threads, prefetch, timing, workers_for
+from ..runtime import resolve_device, threads_per_worker, workers_for
+from .common import copy_side_files, ordered_map, prefetch, timing
 
 
 def _check_finite(name: str, w: torch.Tensor) -> None:
@@ -41,10 +42,8 @@ def quantize(source, out, spec: QuantSpec | None = None, *, include=(), exclude=
              seq_len=512, damp=0.01, device="auto", report_path=None, max_rel_error=None, allow_nonfinite=False,
              max_shard_bytes=None, overwrite=False, revision=None, progress=None) -> dict:
     """Quantize SOURCE into OUT (compressed-tensors pack-quantized); returns the report (design §7)."""
-    from ..calib.device import resolve_device
-
     start = time.perf_counter()
-    spec = spec or QuantSpec.default(4)
+    spec = spec or QuantSpec()
     progress = progress or NullProgress()
     ckpt = open_checkpoint(source, revision)
     if ((ckpt.config or {}).get("quantization_config") or {}).get("quant_method"):
@@ -96,10 +95,10 @@ def quantize(source, out, spec: QuantSpec | None = None, *, include=(), exclude=
         if not p.quantize:
             return name, {name: t}, None
         w = t.to(dev)
-        packed, scale, zp, err = quantize_weight(w, spec, importance.get(p.module))
-        check(name, w, err)
-        parts = ct.compress_packed(p.module, packed.cpu(), scale.cpu(), None if zp is None else zp.cpu(), spec, p.shape)
-        return name, parts, err
+        qw = quantize_weight(w, spec, importance=importance.get(p.module)).cpu()
+        check(name, w, qw.error)
+        parts = ct.compress_packed(p.module, qw.packed, qw.scale, qw.zero_point, spec, p.shape)
+        return name, parts, qw.error
 
     if allow_nonfinite:
         # Which weights hold NaN/Inf decides the output layout, so find them before planning the files.
@@ -128,7 +127,7 @@ def quantize(source, out, spec: QuantSpec | None = None, *, include=(), exclude=
             progress.start("quantizing", total=sum(ckpt.tensors[n].nbytes for n in order))
             workers = workers_for(dev)
             reads = prefetch(ckpt.get, order, {n: i.nbytes for n, i in ckpt.tensors.items()})
-            with per_worker_threads(workers):
+            with threads_per_worker(workers):
                 for name, parts, err in ordered_map(transform, reads, workers):
                     if err is not None:
                         errors[name] = err

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import native
+from ..quant.backend import active
 
 KINDS = ("linear", "conv1d", "embedding")
 
@@ -103,7 +103,7 @@ _BLOCK_ELEMS = 1 << 19
 def fused_merge_applies(W: torch.Tensor, terms: list[LoraTerm], dtype: torch.dtype) -> bool:
     """merge_linear_cast handles these: nn.Linear LoRA terms (no DoRA) on a 2-D CPU weight the kernel reads."""
     return (W.ndim == 2 and all(t.kind == "linear" and t.magnitude is None and t.B.device.type == "cpu" for t in terms)
-            and native.merge_applies(W, dtype))
+            and active().merge_applies(W, dtype))
 
 
 def merge_linear_cast(W: torch.Tensor, terms: list[LoraTerm], dtype: torch.dtype, sink=None):
@@ -129,7 +129,7 @@ def merge_linear_cast(W: torch.Tensor, terms: list[LoraTerm], dtype: torch.dtype
                 D.add_(torch.matmul(t.B[r0:r1], t.A, out=scratch("term", (r1 - r0, cols))).mul_(_scale(t)))
             s = 1.0
         block = out[r0:r1] if sink is None else sink.buffer((r1 - r0) * cols, dtype)
-        a, ok = native.merge_into(W[r0:r1], D, s, block)
+        a, ok = active().merge_into(W[r0:r1], D, s, block)
         if sink is not None:
             sink.write(r0 * cols * dtype.itemsize, block)
         ww, finite = ww + a, finite and ok

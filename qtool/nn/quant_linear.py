@@ -98,14 +98,13 @@ class QuantLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, spec: QuantSpec) -> "QuantLinear":
-        """Quantize a dense linear with min-max round-to-nearest (compressed-tensors' RTN)."""
+        """Quantize a dense linear with min-max round-to-nearest (compressed-tensors' RTN), whatever spec.method says."""
         from ..formats import compressed_tensors as ct
-        from ..quant import minmax_qparams, quantize
+        from ..quant.weight import quantize_weight
 
         w = linear.weight.detach()
-        scale, zp = minmax_qparams(w, spec)
-        q = quantize(w, scale, zp, spec)
-        parts = ct.compress("m", q, scale, zp, spec, tuple(w.shape))
+        qw = quantize_weight(w, spec.with_method("rtn"))
+        parts = ct.compress_packed("m", qw.packed, qw.scale, qw.zero_point, spec, tuple(w.shape))
         parts = {k[len("m."):]: v for k, v in parts.items()}
         bias = None if linear.bias is None else linear.bias.detach().clone()
         return cls(parts, spec, bias=bias)

@@ -1,7 +1,9 @@
-"""Min-max round-to-nearest quantization, matching compressed-tensors 0.20.1 byte for byte.
+"""Min-max round-to-nearest quantization in torch ops, matching compressed-tensors 0.20.1 byte for byte, and the
+error statistics of a reconstruction.
 
-Every function is pure and runs on the device of its inputs. The arithmetic mirrors CT's eager path
-(`quantization/utils/helpers.py::calculate_qparams`, `lifecycle/forward_helpers.py::_quantize/_dequantize`):
+Every function is pure and runs on the device of its inputs (qtool.quant.backend puts the native kernels in
+front of the hot ones). The arithmetic mirrors CT's eager path (`quantization/utils/helpers.py::calculate_qparams`,
+`lifecycle/forward_helpers.py::_quantize/_dequantize`):
 scales are computed in the weight's dtype, `x / scale (+ zp)` is evaluated in the promoted dtype of
 `x` and `scale` (so bf16 weights round the quotient to bf16 before `round`), round is half-to-even, and
 divisions always take tensor operands (CUDA turns a division by a Python scalar into a multiplication
@@ -13,8 +15,6 @@ import math
 
 import torch
 
-from .. import native
-from .pack import pack_int32
 from .spec import QuantSpec
 
 # Dtypes CT keeps for scales; any other weight dtype gets float16 scales (initialize_qparams step 2).
@@ -91,9 +91,6 @@ def group_minmax(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.
 
     Symmetric schemes only need max|x| (= max(|min(mn,0)|, max(mx,0)) exactly), returned as (-amax, amax).
     """
-    fused = native.group_minmax(w, spec)
-    if fused is not None:
-        return fused
     rows, cols = w.shape
     if spec.strategy == "tensor":
         if spec.symmetric:
@@ -114,18 +111,6 @@ def group_minmax(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.
     if spec.symmetric:
         torch.neg(mx, out=mn)
     return mn, mx
-
-
-def minmax_qparams(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Min-max scales and zero points as CT/llm-compressor compute them for a 2-D [out, in] weight.
-
-    scale: tensor (1,), channel (out, 1), group (out, n_groups); dtype = w's dtype (fp16/bf16/fp32/fp64,
-    else fp16). zero_point: int8 of the same shape, or None when symmetric.
-    """
-    check_shape(w, spec)
-    w = w.to(scale_dtype_for(w.dtype))
-    mn, mx = group_minmax(w, spec)
-    return qparams_from_minmax(mn, mx, spec)
 
 
 def quantize(
@@ -166,24 +151,6 @@ def quantize(
     return out
 
 
-def quantize_packed(
-    w: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, spec: QuantSpec
-) -> tuple[torch.Tensor, dict]:
-    """compressed-tensors' packed int32 codes of w and the error stats of its reconstruction (error_stats' keys).
-
-    One fused pass over w where the native kernel applies (CPU; bf16, fp16 or fp32); otherwise `quantize` with
-    an ErrorAccumulator, then `pack_int32`. The packed bytes are the same either way.
-    """
-    check_shape(w, spec)
-    fused = native.quantize_pack(w, scale, zero_point, spec)
-    if fused is not None:
-        packed, sums = fused
-        return packed, stats_from_sums(sums, w.numel())
-    acc = ErrorAccumulator()
-    q = quantize(w, scale, zero_point, spec, errors=acc)
-    return pack_int32(q, spec.bits, dim=1), acc.stats()
-
-
 def dequantize(
     q: torch.Tensor,
     scale: torch.Tensor,
@@ -202,12 +169,6 @@ def dequantize(
     x.mul_(s)
     x = x.view(rows, cols)
     return x if dtype is None or dtype == x.dtype else x.to(dtype)
-
-
-def fake_quantize(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """Min-max quantize then dequantize, in w's dtype."""
-    scale, zp = minmax_qparams(w, spec)
-    return dequantize(quantize(w, scale, zp, spec), scale, zp, spec, dtype=w.dtype)
 
 
 def _dot(x: torch.Tensor, y: torch.Tensor, run: int = 1024) -> float:

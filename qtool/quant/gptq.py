@@ -8,31 +8,15 @@ Matrix math is float32 (TF32 off on cuda) and deterministic for a given device.
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 from ..errors import QtoolError
-from .core import check_shape, minmax_qparams, scale_dtype_for
-from .search import mse_qparams
+from ..runtime import exact_matmul
+from .core import check_shape, scale_dtype_for
+from .qparams import minmax_qparams, mse_qparams
 from .spec import QuantSpec
 
 DAMP_RETRIES = 3  # damping is raised x10 this many times before giving up
-
-
-@contextlib.contextmanager
-def exact_matmul(device: torch.device):
-    """TF32 off while Hessians and GPTQ updates run: TF32's 10-bit mantissa would change results by device."""
-    if device.type != "cuda":
-        yield
-        return
-    old = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
 
 def _inverse_cholesky(h: torch.Tensor, damp: float, name: str) -> torch.Tensor:

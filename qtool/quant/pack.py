@@ -20,6 +20,11 @@ def packed_len(n: int, bits: int) -> int:
     return -(-n * bits // 32)
 
 
+def packed_shape(rows: int, cols: int, bits: int) -> tuple[int, int]:
+    """Shape of the int32 words of [rows, cols] codes packed along the columns (compressed-tensors' weight_packed)."""
+    return (rows, packed_len(cols, bits))
+
+
 def _check_bits(bits: int) -> None:
     if bits not in SUPPORTED_BITS:
         raise ValueError(f"packing supports {SUPPORTED_BITS} bits, not {bits}")
@@ -66,15 +71,14 @@ def _pack_rows(q: torch.Tensor, bits: int) -> torch.Tensor:
 
 def _unpack_rows(p: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
     rows = p.shape[0]
-    if bits in (4, 8):
+    if bits == 8:  # one code per byte: xor 0x80 turns q + 128 back into q as a two's-complement byte
+        return (_words_to_bytes(p)[:, :cols] ^ 0x80).view(torch.int8)
+    if bits == 4:
         b = _words_to_bytes(p)
-        if bits == 8:
-            u = b ^ 0x80
-        else:
-            u = torch.empty((rows, b.shape[1] * 2), dtype=torch.uint8, device=p.device)
-            u[:, 0::2] = b & 0xF
-            u[:, 1::2] = b >> 4
-            return u[:, :cols].view(torch.int8).sub(8)
+        u = torch.empty((rows, b.shape[1] * 2), dtype=torch.uint8, device=p.device)
+        u[:, 0::2] = b & 0xF
+        u[:, 1::2] = b >> 4
+        return u[:, :cols].view(torch.int8).sub(8)
     per_word = 32 // bits
     shifts = torch.arange(per_word, device=p.device, dtype=torch.int64) * bits
     u = (p.to(torch.int64).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)

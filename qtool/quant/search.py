@@ -14,17 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import native
-from .core import (
-    check_shape,
-    group_minmax,
-    grouped,
-    minmax_qparams,
-    qparams_from_minmax,
-    quantize_packed,
-    scale_dtype_for,
-    stats_from_sums,
-)
+from .core import check_shape, grouped, group_minmax
 from .spec import QuantSpec
 
 # Symmetric: fractions of max|x| mapped to the code range. Asymmetric: per-side shrink ratios.
@@ -37,33 +27,8 @@ ASYM_GRID = (1.0, 0.88, 0.76)
 _SEARCH_CHUNK = 1 << 18
 
 
-def _weights(importance: torch.Tensor | None, cols: int, spec: QuantSpec, device) -> torch.Tensor | None:
-    if importance is None:
-        return None
-    imp = importance.to(device=device, dtype=torch.float32).reshape(-1)
-    if imp.numel() != cols:
-        raise ValueError(f"importance has {imp.numel()} values for {cols} input columns")
-    # a column no input ever reached still deserves a little weight, so its group is not left arbitrary
-    floor = imp.mean().clamp_min(1e-12) * 1e-3 if imp.numel() else 1.0
-    return torch.clamp(torch.nan_to_num(imp, nan=0.0), min=0.0) + floor
-
-
-def _group_err(x, wt, s, z, spec: QuantSpec):
-    """Σ w (x - (q - z) s)² per group for the exact float32 codes under scale s [.., 1]."""
-    q = x / s
-    if z is not None:
-        q.add_(z)
-    q.clamp_(spec.qmin, spec.qmax).round_()
-    if z is not None:
-        q.sub_(z)
-    q.mul_(s).sub_(x).square_()
-    if wt is not None:
-        q.mul_(wt)
-    return q.sum(-1)
-
-
 def _exact_err(xd, x32, wt, s, z, spec: QuantSpec):
-    """Like _group_err but with the quantizer's own dtype semantics (quotient rounded to w's dtype,
+    """Σ w (x - (q - z) s)² per group with the quantizer's own dtype semantics (quotient rounded to w's dtype,
     dequant in the scale's dtype), so min-max vs searched comparisons are about the stored bytes."""
     q = xd / s
     if z is not None:
@@ -122,27 +87,30 @@ def _search_chunk(x, wt, mn, mx, spec: QuantSpec):
     return best_s, best_z
 
 
-def mse_qparams(
-    w: torch.Tensor, spec: QuantSpec, importance: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Scales (and zero points) that minimise the importance-weighted squared error per group.
+def grid(spec: QuantSpec) -> tuple[float, ...]:
+    return SYM_GRID if spec.symmetric else ASYM_GRID
 
-    Same shapes and dtypes as minmax_qparams; never worse than min-max on any group.
-    """
-    check_shape(w, spec)
-    sdt = scale_dtype_for(w.dtype)
-    w = w.to(sdt)
+
+def importance_weights(importance: torch.Tensor | None, cols: int, device) -> torch.Tensor | None:
+    """The search's float32 per-column weights from an importance vector (None: unweighted)."""
+    if importance is None:
+        return None
+    imp = importance.to(device=device, dtype=torch.float32).reshape(-1)
+    if imp.numel() != cols:
+        raise ValueError(f"importance has {imp.numel()} values for {cols} input columns")
+    # a column no input ever reached still deserves a little weight, so its group is not left arbitrary
+    floor = imp.mean().clamp_min(1e-12) * 1e-3 if imp.numel() else 1.0
+    return torch.clamp(torch.nan_to_num(imp, nan=0.0), min=0.0) + floor
+
+
+def refine(w: torch.Tensor, spec: QuantSpec, weights: torch.Tensor | None, scale: torch.Tensor,
+           zp: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The search over a group/channel-strategy weight (already in its scale dtype) from its min-max scale and zero
+    point, row chunk by row chunk: each group keeps min-max's parameters unless the searched ones are strictly
+    better with the exact quantizer."""
     rows, cols = w.shape
-    mn, mx = group_minmax(w, spec)
-    scale, zp = qparams_from_minmax(mn, mx, spec)
-    if spec.strategy == "tensor":
-        return _tensor_search(w, spec, importance, scale, zp)
-    wt_all = _weights(importance, cols, spec, w.device)
     out_s, out_z = scale.clone(), None if zp is None else zp.clone()
-    grid = SYM_GRID if spec.symmetric else ASYM_GRID
-    if native.mse_search(w, spec, wt_all, grid, mn.float(), mx.float(), out_s, out_z):
-        return out_s, out_z
-    wt_g = None if wt_all is None else wt_all.view(1, -1, spec.group_width(cols))
+    wt_g = None if weights is None else weights.view(1, -1, spec.group_width(cols))
     step = max(1, _SEARCH_CHUNK // cols)
     for r0 in range(0, rows, step):
         r1 = min(rows, r0 + step)
@@ -150,7 +118,7 @@ def mse_qparams(
         x = xd.float()
         mn, mx = group_minmax(w[r0:r1], spec)
         s_new, z_new = _search_chunk(x, wt_g, mn.float(), mx.float(), spec)
-        s_new = s_new.to(sdt)
+        s_new = s_new.to(w.dtype)
         s_new = torch.where(s_new > 0, s_new, scale[r0:r1])
         z_new = None if z_new is None else z_new.to(torch.int8)
         s_mm = scale[r0:r1]
@@ -164,11 +132,13 @@ def mse_qparams(
     return out_s, out_z
 
 
-def _tensor_search(w, spec, importance, scale, zp):
+def tensor_search(w: torch.Tensor, spec: QuantSpec, importance: torch.Tensor | None, scale: torch.Tensor,
+                  zp: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One scale for the whole tensor: the same search over the tensor as a single group."""
+    check_shape(w, spec)
     rows, cols = w.shape
     flat = QuantSpec(spec.bits, spec.symmetric, -1, spec.method)
-    wt = _weights(importance, cols, spec, w.device)
+    wt = importance_weights(importance, cols, w.device)
     wt_g = None if wt is None else wt.view(1, 1, -1)
     x = w.float().view(1, 1, -1)
     wt_flat = None if wt_g is None else wt_g.expand(rows, 1, cols).reshape(1, 1, -1)
@@ -182,32 +152,3 @@ def _tensor_search(w, spec, importance, scale, zp):
     e_mm = _exact_err(xd, x, wt_flat, scale.view(1, 1, 1), None if zp is None else zp.view(1, 1, 1), spec)
     e_new = _exact_err(xd, x, wt_flat, s_new.view(1, 1, 1), None if z_new is None else z_new.view(1, 1, 1), spec)
     return (s_new, z_new) if bool(e_new < e_mm) else (scale, zp)
-
-
-def quantize_weight(w: torch.Tensor, spec: QuantSpec, importance: torch.Tensor | None = None):
-    """Scales by the spec's data-free method, packed codes and the error of the reconstruction:
-    (packed int32, scale, zero_point, error stats). Where the native kernel applies, one pass over the rows does it
-    all (each row's min-max, search and quantization while the row is in cache); the bytes are the same as
-    choose_qparams → quantize_packed, which runs otherwise."""
-    if spec.method in ("rtn", "mse"):
-        check_shape(w, spec)
-        mse = spec.method == "mse"
-        wt = _weights(importance, w.shape[1], spec, w.device) if mse else None
-        fused = native.quantize_rows(w, spec, wt, (SYM_GRID if spec.symmetric else ASYM_GRID) if mse else None)
-        if fused is not None:
-            scale, zp, packed, sums = fused
-            return packed, scale, zp, stats_from_sums(sums, w.numel())
-    scale, zp = choose_qparams(w, spec, importance=importance)
-    packed, err = quantize_packed(w, scale, zp, spec)
-    return packed, scale, zp, err
-
-
-def choose_qparams(w: torch.Tensor, spec: QuantSpec, method: str | None = None,
-                   importance: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Scales and zero points by a data-free method (default: the spec's): rtn → min-max, mse → the search."""
-    method = method or spec.method
-    if method == "rtn":
-        return minmax_qparams(w, spec)
-    if method == "mse":
-        return mse_qparams(w, spec, importance=importance)
-    raise ValueError(f"{method!r} scales need more than the weight (gptq: use gptq_quantize)")

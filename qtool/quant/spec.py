@@ -1,27 +1,32 @@
 """What a quantization scheme is: bits, symmetry, grouping, and the scale-search method."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 METHODS = ("rtn", "mse", "gptq")
+# The contract's grouping when none is asked for: int4 → groups of 128 input columns, int8 → one scale per channel.
+DEFAULT_GROUP_SIZE = {4: 128, 8: -1}
 
 
 @dataclass(frozen=True)
 class QuantSpec:
     """A weight-only integer scheme.
 
-    group_size: N > 0 groups of N input columns; -1 one scale per output channel; 0 one scale per tensor.
-    Values are stored signed in [-2^(bits-1), 2^(bits-1) - 1]; x̂ = (q - zero_point) * scale.
+    group_size: N > 0 groups of N input columns; -1 one scale per output channel; 0 one scale per tensor;
+    None (the default) the contract's default for `bits` (int4: 128, int8: -1), so `QuantSpec(bits=8)` is per channel
+    here as on the command line. Values are stored signed in [-2^(bits-1), 2^(bits-1) - 1]; x̂ = (q - zero_point) * scale.
     """
 
     bits: int = 4
     symmetric: bool = True
-    group_size: int = 128
+    group_size: int | None = None
     method: str = "mse"
 
     def __post_init__(self):
-        if self.bits not in (4, 8):
+        if self.bits not in DEFAULT_GROUP_SIZE:
             raise ValueError(f"bits must be 4 or 8, not {self.bits}")
+        if self.group_size is None:
+            object.__setattr__(self, "group_size", DEFAULT_GROUP_SIZE[self.bits])
         if self.group_size < -1:
             raise ValueError(f"group size must be N > 0, -1 (per channel) or 0 (per tensor), not {self.group_size}")
         if self.method not in METHODS:
@@ -29,8 +34,11 @@ class QuantSpec:
 
     @classmethod
     def default(cls, bits: int = 4, method: str = "mse") -> "QuantSpec":
-        """Defaults of the contract: int4 symmetric group 128; int8 symmetric per channel."""
-        return cls(bits=bits, symmetric=True, group_size=128 if bits == 4 else -1, method=method)
+        """The contract's scheme for `bits` (the same as QuantSpec(bits=bits, method=method))."""
+        return cls(bits=bits, method=method)
+
+    def with_method(self, method: str) -> "QuantSpec":
+        return replace(self, method=method)
 
     @property
     def qmin(self) -> int:
@@ -58,3 +66,9 @@ class QuantSpec:
     def group_width(self, in_features: int) -> int:
         """Input columns covered by one scale."""
         return self.group_size if self.group_size > 0 else in_features
+
+    def scale_shape(self, out_features: int, in_features: int) -> tuple[int, ...]:
+        """Shape of the scales (and zero points) of an [out, in] weight: (1,) per tensor, else [out, n_groups]."""
+        if self.strategy == "tensor":
+            return (1,)
+        return (out_features, self.n_groups(in_features))

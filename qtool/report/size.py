@@ -59,7 +59,7 @@ def estimate_bytes(rows: list[dict], config: dict | None) -> dict[str, int]:
     """Bytes of the same model stored at float32, float16, and int8/int4 with qtool's default schemes
     (pack-quantized weights with 16-bit scales; other floating tensors at 16 bits)."""
     est = {"float32": 0, "float16": 0, "int8": 0, "int4": 0}
-    schemes = {"int8": QuantSpec.default(8), "int4": QuantSpec.default(4)}
+    schemes = {"int8": QuantSpec(bits=8), "int4": QuantSpec(bits=4)}
     for r in rows:
         numel = math.prod(r["shape"])
         stored = next(iter(r["stored"].values()))
