@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..arch import linear_features
+
 
 class InputStats:
     """Σx², max|x|, token count and optionally XᵀX of everything a module receives."""
@@ -29,16 +31,11 @@ class InputStats:
         return self.sum_sq / max(self.count, 1)
 
 
-def in_features(module: nn.Module) -> int:
-    # nn.Linear: weight [out, in]; GPT-2 Conv1D: weight [in, out]
-    return module.weight.shape[0] if type(module).__name__ == "Conv1D" else module.weight.shape[1]
-
-
 class Hooks:
     """Attach InputStats to modules for the duration of a `with` block."""
 
     def __init__(self, modules: dict[str, nn.Module], device: torch.device, hessian_for=()):
-        self.stats = {name: InputStats(in_features(m), device, name in hessian_for) for name, m in modules.items()}
+        self.stats = {name: InputStats(linear_features(m)[1], device, name in hessian_for) for name, m in modules.items()}
         self._modules = modules
         self._handles = []
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ..errors import QtoolError
-from ..plan import module_of
+from ..arch import is_conv1d_module, module_of
 from ..progress import NullProgress
 from ..quant.spec import QuantSpec
 from ..quant.gptq import output_error
@@ -22,7 +22,7 @@ from ..quant.weight import quantize_weight
 from ..runtime import exact_matmul, resolve_device
 from .collect import Hooks
 from .data import is_stats_file, load_calibration
-from .model import is_conv1d, layer_prefix, model_type
+from .model import layer_prefix, model_type
 from .stats import load_stats
 
 
@@ -109,7 +109,7 @@ def quantize_layerwise(ckpt, plans, spec: QuantSpec, calib, *, samples: int = 12
             # every planned tensor of this block, in layer_order's (sorted) order; nn.Linear ones get calibrated
             block_todo = sorted(n for n in todo if n.startswith(prefix))
             targets = {module_of(n): linears[module_of(n)] for n in block_todo
-                       if module_of(n) in linears and n.endswith(".weight") and not is_conv1d(linears[module_of(n)])}
+                       if module_of(n) in linears and n.endswith(".weight") and not is_conv1d_module(linears[module_of(n)])}
             with Hooks(targets, device, hessian_for=set(targets)) as stats:
                 walk.run(layer, keep=not targets)
             for name in block_todo:

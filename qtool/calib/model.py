@@ -4,24 +4,15 @@ transformers is an optional extra (`pip install qtool[calib]`), imported only he
 """
 from __future__ import annotations
 
-import re
-from collections import Counter
-
 import torch
 from torch import nn
 
+from ..arch import DECODER_LAYERS, decoder_layers
 from ..errors import QtoolError
 
-# model_type → where the repeated blocks sit in transformers' base model (AutoModel). Every architecture here
-# passes the same extra arguments to each block (mask, rotary cos/sin, position ids), which the walk captures
-# from the model's own forward at the first block and replays for the others.
-ARCHITECTURES = {
-    "llama": "layers",
-    "mistral": "layers",
-    "qwen2": "layers",
-    "gpt2": "h",
-    "bert": "encoder.layer",
-}
+# Every architecture of arch.DECODER_LAYERS passes the same extra arguments to each block (mask, rotary cos/sin,
+# position ids), which the walk captures from the model's own forward at the first block and replays for the others.
+ARCHITECTURES = DECODER_LAYERS
 
 
 def supported() -> str:
@@ -47,25 +38,12 @@ def model_type(ckpt) -> str:
 
 
 def layer_prefix(ckpt) -> tuple[str, dict[int, list[str]]]:
-    """('model.layers.' or 'layers.' or ..., {layer index: its tensor names}) from the checkpoint's names alone."""
+    """('model.' or '' or ..., {layer index: its tensor names}) from the checkpoint's names alone."""
     path = ARCHITECTURES[model_type(ckpt)]
-    pat = re.compile(rf"^((?:[\w]+\.)*?){re.escape(path)}\.(\d+)\.")
-    prefixes: Counter = Counter()
-    for name in ckpt.tensors:
-        m = pat.match(name)
-        if m:
-            prefixes[m.group(1)] += 1
-    if not prefixes:
+    found = decoder_layers(ckpt.tensors, path)
+    if found is None:
         raise QtoolError(ckpt.path, f"no tensors named like '{path}.N.*' for a {model_type(ckpt)} model")
-    outer = prefixes.most_common(1)[0][0]          # e.g. 'model.' for a *ForCausalLM checkpoint
-    layers: dict[int, list[str]] = {}
-    start = f"{outer}{path}."
-    for name in ckpt.tensors:
-        if name.startswith(start):
-            idx, _, _ = name[len(start):].partition(".")
-            if idx.isdigit():
-                layers.setdefault(int(idx), []).append(name)
-    return outer, dict(sorted(layers.items()))
+    return found
 
 
 def _materialize_buffers(model) -> None:
@@ -149,6 +127,3 @@ def linear_modules(layer: nn.Module) -> dict[str, nn.Module]:
     from transformers.pytorch_utils import Conv1D
     return {n: m for n, m in layer.named_modules() if isinstance(m, (nn.Linear, Conv1D))}
 
-
-def is_conv1d(module: nn.Module) -> bool:
-    return type(module).__name__ == "Conv1D"

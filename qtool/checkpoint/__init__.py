@@ -1,5 +1,6 @@
 """Open checkpoints lazily and write them atomically."""
-from .reader import Checkpoint, TensorInfo, open_checkpoint
+from .info import TensorInfo
+from .reader import Checkpoint, open_checkpoint
 from .writer import CheckpointWriter
 
 __all__ = ["Checkpoint", "CheckpointWriter", "TensorInfo", "open_checkpoint"]

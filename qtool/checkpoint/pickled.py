@@ -13,6 +13,7 @@ from typing import Iterator
 import torch
 
 from ..errors import QtoolError
+from .info import TensorInfo
 
 
 class PickledFile:
@@ -39,8 +40,7 @@ class PickledFile:
                 raise QtoolError(self.path, f"not a plain state dict: entry {k!r} is a {type(v).__name__}, not a tensor")
         return dict(sorted(obj.items()))
 
-    def infos(self) -> Iterator:
-        from .reader import TensorInfo
+    def infos(self) -> Iterator[TensorInfo]:
         for name, t in self._state.items():
             yield TensorInfo(name, tuple(t.shape), t.dtype, self.path, t.numel() * t.element_size())
 

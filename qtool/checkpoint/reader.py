@@ -6,36 +6,22 @@ a single .safetensors/.bin/.pt file, or a hub id found in the local huggingface-
 from __future__ import annotations
 
 import json
-import math
 import mmap
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import torch
 
 from ..errors import QtoolError
-from .safetensors_header import read_header
+from .info import TensorInfo
 from .pickled import PickledFile
+from .safetensors_header import read_header
 
 INDEX_SUFFIX = ".index.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 # Files in a model folder that are weights or their indexes: never copied as "extra" files.
 _SKIP_DIRS = {".git", ".cache", ".huggingface"}
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    name: str
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-    file: Path
-    nbytes: int
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
 
 
 class SafetensorsFile:

@@ -3,10 +3,21 @@ from __future__ import annotations
 
 import torch
 
+from ..arch import FLOAT_DTYPES
 from ..checkpoint import Checkpoint
 from ..errors import QtoolError
-from ..plan import FLOAT_DTYPES
 from . import compressed_tensors as ct
+
+DENSE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}  # --dtype choices
+
+
+def dense_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """A `--dtype` value (a name, a torch dtype or None) as a torch dtype."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DENSE_DTYPES:
+        raise QtoolError("--dtype", f"{dtype!r} is not one of {', '.join(DENSE_DTYPES)}")
+    return DENSE_DTYPES[dtype]
 
 
 class DenseView:

@@ -8,8 +8,7 @@ import torch
 
 from ..checkpoint import CheckpointWriter, open_checkpoint
 from ..errors import QtoolError
-from ..formats.dense import DenseView
-from ..plan import dense_dtype
+from ..formats.dense import DenseView, dense_dtype
 from ..progress import NullProgress
 from ..report.render import write_json
 from ..report.size import size_report

@@ -15,7 +15,8 @@ from ..errors import QtoolError
 from ..lora.adapter import Adapter, read_adapter
 from ..lora.merge import all_finite, fused_merge_applies, merge_bias, merge_linear_cast, merge_weight, relative_norm
 from ..lora.plan import ModuleWeight, TensorOp, plan_merge
-from ..plan import FLOAT_DTYPES, dense_dtype
+from ..arch import FLOAT_DTYPES
+from ..formats.dense import dense_dtype
 from ..progress import NullProgress
 from ..runtime import threads_per_worker, workers_for
 from .common import ordered_map, prefetch

@@ -14,7 +14,7 @@ import torch
 from ..checkpoint import CheckpointWriter, open_checkpoint
 from ..errors import QtoolError
 from ..formats import compressed_tensors as ct
-from ..plan import TensorPlan, plan_quantization
+from ..plan import keep_nonfinite, plan_quantization
 from ..progress import NullProgress
 from ..quant.core import dequantize, error_stats, scale_dtype_for
 from ..quant.weight import quantize_weight
@@ -101,10 +101,7 @@ def quantize(source, out, spec: QuantSpec | None = None, *, include=(), exclude=
         return name, parts, qw.error
 
     if allow_nonfinite:
-        # Which weights hold NaN/Inf decides the output layout, so find them before planning the files.
-        for name, p in plans.items():
-            if p.quantize and not torch.isfinite(ckpt.get(name)).all():
-                plans[name] = TensorPlan(p.name, p.shape, p.dtype, False, "kept unquantized: holds NaN/Inf (--allow-nonfinite)", p.linear)
+        plans = {p.name: p for p in keep_nonfinite(list(plans.values()), ckpt.get)}
 
     if calib_data is not None:
         # Dense tensors first, straight from the source; then quantized weights in the order the walk emits them.

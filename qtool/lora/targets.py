@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass
 
 from ..errors import QtoolError
-from ..plan import CONV1D_MODEL_TYPES, CONV1D_PARTS as CONV1D_LEAVES  # one list of GPT-2-style Conv1D models
+from .. import arch
 from .config import LoraSettings
 
 PREFIX = "base_model.model."
@@ -95,13 +95,6 @@ def layer_index(module: str, layers_pattern) -> int | None:
     return int(m.group("idx")) if m else None
 
 
-def model_type(base_config: dict | None) -> str | None:
-    """model_type of config.json (text_config's for multimodal wrappers is not needed: Conv1D models are flat)."""
-    if not base_config:
-        return None
-    return base_config.get("model_type")
-
-
 def is_conv1d(module: str, weight_shape: tuple, out_in: tuple[int, int], base_config: dict | None) -> bool:
     """Whether a LoRA'd module is a transformers Conv1D (weight [in, out]) rather than nn.Linear ([out, in]).
 
@@ -110,13 +103,10 @@ def is_conv1d(module: str, weight_shape: tuple, out_in: tuple[int, int], base_co
     names rather than guessed.
     """
     out_f, in_f = out_in
-    leaf = module.rsplit(".", 1)[-1]
-    mt = model_type(base_config)
-    if mt is not None:
-        conv = mt in CONV1D_MODEL_TYPES and leaf in CONV1D_LEAVES
-    elif leaf in CONV1D_LEAVES and out_f == in_f:
-        raise QtoolError(module, "no config.json: cannot tell a square GPT-2 Conv1D weight from a Linear one")
-    else:
+    conv = arch.is_conv1d(module, base_config)
+    if conv is None:
+        if arch.conv1d_name(module) and out_f == in_f:
+            raise QtoolError(module, "no config.json: cannot tell a square GPT-2 Conv1D weight from a Linear one")
         conv = tuple(weight_shape) == (in_f, out_f) and out_f != in_f
     want = (in_f, out_f) if conv else (out_f, in_f)
     if tuple(weight_shape) != want:

@@ -12,7 +12,8 @@ import torch
 import torch.nn as nn
 
 from ..report.size import dtype_name
-from .lora import LoRALinear, _features, _is_conv1d
+from ..arch import is_conv1d_module
+from .lora import LoRALinear, _features
 from .quant_linear import QuantLinear
 
 ADAM_STATES = 2  # exp_avg and exp_avg_sq, each the shape of the parameter
@@ -72,7 +73,7 @@ def _linear_layers(model: nn.Module) -> dict[str, tuple[int, int]]:
     for name, m in model.named_modules():
         if id(m) in inner:
             continue
-        if isinstance(m, LoRALinear) or isinstance(m, (nn.Linear, QuantLinear)) or _is_conv1d(m):
+        if isinstance(m, LoRALinear) or isinstance(m, (nn.Linear, QuantLinear)) or is_conv1d_module(m):
             out[name] = _features(m.base if isinstance(m, LoRALinear) else m)
     return out
 

@@ -12,10 +12,10 @@ import os
 import torch
 import torch.nn as nn
 
+from ..arch import FLOAT_DTYPES
 from ..checkpoint import open_checkpoint
 from ..errors import QtoolError
 from ..formats import compressed_tensors as ct
-from ..plan import FLOAT_DTYPES
 from .quant_linear import QuantLinear
 
 

@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..arch import is_conv1d_module, linear_features
 from ..checkpoint import open_checkpoint
 from ..errors import QtoolError
 from ..lora.adapter import read_adapter
@@ -25,17 +26,10 @@ from ..lora.targets import PREFIX, is_targeted
 from .quant_linear import QuantLinear
 
 
-def _is_conv1d(module: nn.Module) -> bool:
-    """transformers' Conv1D (GPT-2): weight stored [in, out], y = x @ W + b."""
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
-
-
 def _features(base: nn.Module) -> tuple[int, int]:
     """(out, in) of a linear-like base layer."""
-    if _is_conv1d(base):
-        return int(base.weight.shape[1]), int(base.weight.shape[0])
-    if isinstance(base, (nn.Linear, QuantLinear)):
-        return base.out_features, base.in_features
+    if is_conv1d_module(base) or isinstance(base, (nn.Linear, QuantLinear)):
+        return linear_features(base)
     raise TypeError(f"LoRALinear wraps nn.Linear, QuantLinear or transformers Conv1D, not {type(base).__name__}")
 
 
@@ -136,7 +130,7 @@ class LoRALinear(nn.Module):
                          for r0 in range(0, self.out_features, step)]
                 norm = torch.cat(parts)
             else:
-                W = self.base.weight.T if _is_conv1d(self.base) else self.base.weight
+                W = self.base.weight.T if is_conv1d_module(self.base) else self.base.weight
                 norm = torch.linalg.norm(W.to(A.dtype) + ad.scaling * (B @ A), dim=1)
         if not training:
             ad._norm = norm

@@ -9,10 +9,9 @@ import math
 
 import torch
 
-from .. import __version__
+from .. import __version__, arch
 from ..checkpoint import Checkpoint
 from ..formats import compressed_tensors as ct
-from ..plan import FLOAT_DTYPES, default_role
 from ..quant.spec import QuantSpec
 
 
@@ -63,14 +62,14 @@ def estimate_bytes(rows: list[dict], config: dict | None) -> dict[str, int]:
     for r in rows:
         numel = math.prod(r["shape"])
         stored = next(iter(r["stored"].values()))
-        floating = r["quantized"] or stored.dtype in FLOAT_DTYPES
+        floating = r["quantized"] or stored.dtype in arch.FLOAT_DTYPES
         if not floating:
             for k in est:
                 est[k] += r["bytes"]
             continue
         est["float32"] += numel * 4
         est["float16"] += numel * 2
-        quantizable, _, _ = default_role(r["name"], tuple(r["shape"]), torch.float16, config)
+        quantizable = arch.role(r["name"], tuple(r["shape"]), torch.float16, config).quantize
         for key, spec in schemes.items():
             if quantizable and not (spec.group_size > 0 and r["shape"][1] % spec.group_size):
                 est[key] += sum(math.prod(s) * d.itemsize for _, s, d in ct.compressed_specs("m", r["shape"], torch.float16, spec))
@@ -86,8 +85,7 @@ def lora_training_estimate(report: dict, config: dict | None, rank: int, adapter
     Adam states. The same convention as `qtool.nn.accounting.lora_training_memory` for a live model."""
     params, targets = 0, 0
     for row in report["layers"]:
-        quantizable, _, reason = default_role(row["name"], tuple(row["shape"]), torch.float16, config)
-        if row["quantized"] or quantizable or reason.startswith("GPT-2 Conv1D"):
+        if row["quantized"] or arch.role(row["name"], tuple(row["shape"]), torch.float16, config).lora_target:
             params += rank * sum(row["shape"])
             targets += 1
     weights = params * adapter_itemsize
