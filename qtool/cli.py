@@ -9,7 +9,8 @@ import sys
 import click
 
 from . import __version__, runtime
-from .errors import GateFailed, QtoolError
+from .errors import GateFailed, Interrupted, QtoolError
+from .interrupts import stop_on_signals
 
 DTYPES = click.Choice(["float16", "bfloat16", "float32"])
 
@@ -24,13 +25,16 @@ def handle_errors(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            return fn(*args, **kwargs)
+            with stop_on_signals():  # SIGINT/SIGTERM/SIGHUP unwind the job (outputs cleaned up), exit 128+signum
+                return fn(*args, **kwargs)
         except QtoolError as e:
             _fail(str(e), e.exit_code)
         except MemoryError:
             _fail("out of memory")
+        except Interrupted as e:
+            _fail(e.message(), e.exit_code)
         except KeyboardInterrupt:
-            _fail("interrupted; no output was written", 130)
+            _fail("interrupted by SIGINT; nothing was written or replaced", 130)
         except BrokenPipeError:
             # stdout's reader went away (`qtool inspect ... | head`): the work is done, say nothing more
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -66,7 +70,9 @@ def _finish(report: dict, as_json: bool, quiet: bool = False, top: int = 10) -> 
 
 
 revision_option = click.option("--revision", default=None, help="Revision of a hub id (branch, tag or commit), from the local cache.")
-overwrite_option = click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+overwrite_option = click.option("--overwrite", is_flag=True,
+                                help="Replace an existing output, only when it is one qtool could have written "
+                                     "(a checkpoint folder, a qtool report or statistics file).")
 device_option = click.option("--device", default="auto", show_default=True,
                              help="auto (cuda when available, else cpu), cpu, cuda or cuda:N.")
 report_option = click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None,
@@ -75,7 +81,27 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print one JS
 quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress bars and no summary table.")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+class _Commands(click.Group):
+    """Click's group, with its usage errors on one line like every other error: `error: <reason> (see ... --help)`,
+    exit 2 (Click itself prints the usage text and the reason on three)."""
+
+    def main(self, args=None, prog_name=None, **extra):
+        extra.pop("standalone_mode", None)
+        try:
+            code = super().main(args, prog_name, standalone_mode=False, **extra)
+        except click.exceptions.Abort:
+            _fail("aborted")
+        except click.ClickException as e:
+            if isinstance(e, getattr(click.exceptions, "NoArgsIsHelpError", ())):
+                e.show()  # bare `qtool`: the help text is the message
+                sys.exit(e.exit_code)
+            ctx = getattr(e, "ctx", None)
+            hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+            _fail(" ".join(e.format_message().split()) + hint, e.exit_code)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(__version__, prog_name="qtool")
 def main():
     """Quantize checkpoints to int8/int4 (compressed-tensors), merge LoRA adapters, report sizes and errors.

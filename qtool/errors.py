@@ -28,3 +28,27 @@ class GateFailed(QtoolError):
     """A quality gate failed; the output and report were still written."""
 
     exit_code = EXIT_GATE
+
+
+class Interrupted(BaseException):
+    """A signal (SIGINT, SIGTERM, SIGHUP) stopped the run: exit 128 + its number, like a shell reports it.
+
+    A BaseException, as KeyboardInterrupt is, so that no `except Exception` on the way out can swallow it.
+    `outputs` is filled on the way out: (output as named, whether it was already in place)."""
+
+    def __init__(self, signum: int):
+        import signal
+        self.signum = signum
+        self.exit_code = 128 + signum
+        self.name = signal.Signals(signum).name
+        self.outputs: list[tuple[str, bool]] = []
+        super().__init__(f"interrupted by {self.name}")
+
+    def message(self) -> str:
+        if not self.outputs:
+            return f"interrupted by {self.name}"
+        first = self.outputs[0][0]
+        done = [name for name, written in self.outputs if written]
+        if not done:
+            return f"{first}: interrupted by {self.name}; nothing was written or replaced"
+        return f"{first}: interrupted by {self.name} after {', '.join(done)} was written; the rest was not"

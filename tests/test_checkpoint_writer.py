@@ -77,12 +77,23 @@ def test_unwritten_planned_tensor_fails_and_leaves_nothing(tmp_path):
 
 def test_existing_output_needs_overwrite(tmp_path):
     (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "keep.txt").write_text("mine")
+    (tmp_path / "out" / "model.safetensors").write_bytes(b"old")
+    (tmp_path / "out" / "README.md").write_text("mine")
     with pytest.raises(QtoolError, match="already exists; pass --overwrite"):
         _write(tmp_path / "out", _tensors())
-    assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+    assert (tmp_path / "out" / "README.md").read_text() == "mine"
     _write(tmp_path / "out", _tensors(), overwrite=True)
     assert sorted(os.listdir(tmp_path / "out")) == ["config.json", "model.safetensors"]
+    assert sorted(os.listdir(tmp_path)) == ["out"]
+
+
+def test_overwrite_refuses_a_folder_holding_other_things(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "model.safetensors").write_bytes(b"old")
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    with pytest.raises(QtoolError, match="holds 'keep.txt', which is not part of a checkpoint"):
+        _write(tmp_path / "out", _tensors(), overwrite=True)
+    assert sorted(os.listdir(tmp_path / "out")) == ["keep.txt", "model.safetensors"]
     assert sorted(os.listdir(tmp_path)) == ["out"]
 
 

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint.outputs import STATS_FORMAT
 from ..errors import QtoolError
 
-STATS_FORMAT = "qtool-calib-stats"
 JSONL_SUFFIXES = (".jsonl", ".json")
 
 
@@ -30,7 +30,12 @@ def _safetensors_metadata(path: Path) -> dict:
         with safe_open(str(path), framework="pt") as f:
             return f.metadata() or {}
     except Exception as e:  # safetensors raises its own error types for a bad header
-        raise QtoolError(path, f"not a valid safetensors file ({e})") from None
+        raise QtoolError(path, f"not a valid safetensors file ({_first_line(e)})") from None
+
+
+def _first_line(e: Exception) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0][:200] if lines else type(e).__name__
 
 
 def is_stats_file(path: str | Path) -> bool:
@@ -70,6 +75,8 @@ def _texts(path: Path, samples: int) -> list[str]:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise QtoolError(path, f"line {lineno} is not valid JSON ({e.msg})") from None
+        except (RecursionError, ValueError):  # nested too deeply, or an integer too long to read
+            raise QtoolError(path, f"line {lineno} is not valid JSON (nested too deeply or a number too long)") from None
         if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
             raise QtoolError(path, f"line {lineno} has no string field 'text'")
         if obj["text"].strip():
@@ -106,7 +113,10 @@ def _token_file(path: Path, samples: int, seq_len: int) -> list[torch.Tensor]:
     from safetensors.torch import load_file
     if _safetensors_metadata(path).get("format") == STATS_FORMAT:
         raise QtoolError(path, "is a calibration statistics file, not calibration data (it can only feed --method mse)")
-    tensors = load_file(str(path))
+    try:
+        tensors = load_file(str(path))
+    except Exception as e:  # a header safe_open accepted but data torch cannot hold (dtype, size)
+        raise QtoolError(path, f"not a readable safetensors file ({_first_line(e)})") from None
     ids = tensors.get("input_ids")
     if ids is None:
         raise QtoolError(path, "safetensors calibration data needs a tensor 'input_ids' [samples, tokens]")

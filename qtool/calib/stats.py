@@ -9,8 +9,6 @@ Importance for --method mse is the mean square `input_sum_sq / input_count` (lla
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -34,24 +32,17 @@ def stats_tensors(stats: dict[str, dict]) -> dict[str, torch.Tensor]:
 
 
 def save_stats(path: str | Path, stats: dict[str, dict], metadata: dict) -> None:
-    """Write atomically: a temporary file beside `path`, renamed over it when complete."""
+    """Write atomically (checkpoint.outputs): complete, or no file at all."""
     from safetensors.torch import save_file
-    path = Path(path)
+    from ..checkpoint.outputs import STATS, output_file
     meta = {"format": STATS_FORMAT, "version": VERSION, **{k: str(v) for k, v in metadata.items()}}
+    from safetensors import SafetensorError
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as e:
-        raise QtoolError(path.parent, f"cannot write here: {e.strerror or e}") from None
-    os.close(fd)
-    try:
-        save_file(stats_tensors(stats), tmp, metadata=meta)
-        os.replace(tmp, path)
-    except OSError as e:
-        raise QtoolError(path, f"cannot write the statistics file ({e.strerror})") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        with output_file(path, STATS) as tmp:
+            save_file(stats_tensors(stats), str(tmp), metadata=meta)
+    except (OSError, SafetensorError) as e:
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0][:200]
+        raise QtoolError(path, f"cannot write the statistics file ({why}); no file was left") from None
 
 
 def read_stats(path: str | Path) -> tuple[dict[str, dict], dict]:
@@ -96,7 +87,24 @@ def importance(entry: dict) -> torch.Tensor:
     return entry["sum_sq"] / entry["count"]
 
 
-def load_stats(path: str | Path) -> dict[str, torch.Tensor]:
-    """{module: importance [in] float32} (mean square of the module's input per channel)."""
+def load_stats(path: str | Path, tensors: dict | None = None, quantized=()) -> dict[str, torch.Tensor]:
+    """{module: importance [in] float32} (mean square of the module's input per channel). With the model's
+    `tensors` (name -> info with .shape) and the `quantized` modules, a file made from another model is refused."""
     stats, _ = read_stats(path)
+    if tensors is not None:
+        check_fit(path, stats, tensors, quantized)
     return {module: importance(entry) for module, entry in stats.items()}
+
+
+def check_fit(path, stats: dict[str, dict], tensors: dict, quantized) -> None:
+    """Every module of the file is one of the model's, and each module to quantize has its input width."""
+    modules = {name.rpartition(".")[0] for name in tensors}
+    for module in sorted(stats):
+        if module not in modules:
+            raise QtoolError(path, f"has statistics of module {module!r}, which the model does not have "
+                                   "(made from another model?)")
+    for module in sorted(set(quantized) & set(stats)):
+        width, have = tensors[f"{module}.weight"].shape[1], stats[module]["sum_sq"].numel()
+        if width != have:
+            raise QtoolError(path, f"module {module!r} has {have} input channels in the statistics file but "
+                                   f"{width} in the model (made from another model?)")

@@ -5,7 +5,6 @@ a single .safetensors/.bin/.pt file, or a hub id found in the local huggingface-
 """
 from __future__ import annotations
 
-import json
 import mmap
 import os
 from pathlib import Path
@@ -14,14 +13,11 @@ from typing import Iterable, Iterator
 import torch
 
 from ..errors import QtoolError
+from . import jsonfile
 from .info import TensorInfo
+from .layout import INDEX_SUFFIX, WEIGHT_SUFFIXES, side_files
 from .pickled import PickledFile
 from .safetensors_header import read_header
-
-INDEX_SUFFIX = ".index.json"
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
-# Files in a model folder that are weights or their indexes: never copied as "extra" files.
-_SKIP_DIRS = {".git", ".cache", ".huggingface"}
 
 
 class SafetensorsFile:
@@ -72,15 +68,15 @@ class Checkpoint:
                 if weight_map is not None and weight_map.get(info.name) != os.path.relpath(f, root).replace(os.sep, "/"):
                     continue  # the index is the allow-list: a tensor it does not map to this shard is not ours
                 if info.name in tensors:
-                    raise QtoolError(f, f"tensor {info.name!r} is also in {tensors[info.name].file.name}")
+                    raise QtoolError(f, f"tensor {jsonfile.brief(info.name)} is also in {tensors[info.name].file.name}")
                 tensors[info.name] = info
         if weight_map is not None:
             for name, shard in weight_map.items():
                 if name not in tensors:
-                    raise QtoolError(root / shard, f"tensor {name!r} is listed in the index but missing from the shard")
+                    raise QtoolError(root / shard, f"tensor {jsonfile.brief(name)} is listed in the index but missing from the shard")
         self.tensors: dict[str, TensorInfo] = dict(sorted(tensors.items()))
-        self.config = self._read_json("config.json")
-        self.adapter_config = self._read_json("adapter_config.json")
+        self.config = self._read_json("config.json", jsonfile.CONFIG)
+        self.adapter_config = self._read_json("adapter_config.json", jsonfile.ADAPTER_CONFIG)
 
     @property
     def kind(self) -> str:
@@ -93,17 +89,11 @@ class Checkpoint:
             return f"compressed-tensors {q.get('format', '')} ({fmt})".replace("  ", " ")
         return fmt + (f", {len(self.files)} shards" if len(self.files) > 1 else "")
 
-    def _read_json(self, name: str) -> dict | None:
+    def _read_json(self, name: str, schema) -> dict | None:
         p = self.root / name
         if not self.is_folder or not p.is_file():
             return None
-        try:
-            data = json.loads(p.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise QtoolError(p, f"not valid JSON ({e})") from None
-        if not isinstance(data, dict):
-            raise QtoolError(p, "not a JSON object")
-        return data
+        return jsonfile.read(p, name, schema)
 
     def get(self, name: str) -> torch.Tensor:
         info = self.tensors.get(name)
@@ -119,19 +109,9 @@ class Checkpoint:
         return os.path.relpath(self.tensors[name].file, self.root).replace(os.sep, "/")
 
     def extra_files(self) -> list[Path]:
-        """Non-weight files of a folder source (config, tokenizer, generation config, ...), to copy beside outputs."""
-        if not self.is_folder:
-            return []
-        skip = {f.resolve() for f in self.files}
-        out = []
-        for dirpath, dirnames, filenames in os.walk(self.root):
-            dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS)
-            for fn in sorted(filenames):
-                p = Path(dirpath) / fn
-                if p.resolve() in skip or fn.endswith(INDEX_SUFFIX) or fn.endswith(WEIGHT_SUFFIXES):
-                    continue
-                out.append(p)
-        return out
+        """The side files of a folder source (checkpoint.layout: config, tokenizer, generation config, chat
+        template, model card, licence; top level only), to carry into outputs."""
+        return side_files(self.root) if self.is_folder else []
 
     def __repr__(self):
         return f"Checkpoint({str(self.path)!r}, {len(self.tensors)} tensors, {self.kind})"
@@ -146,20 +126,22 @@ def _open_weight_file(path: Path):
 
 
 def _index_files(root: Path, index_path: Path) -> tuple[list[Path], dict[str, str]]:
-    try:
-        index = json.loads(index_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise QtoolError(index_path, f"not a valid index ({e})") from None
-    weight_map = index.get("weight_map") if isinstance(index, dict) else None
-    if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+    index = jsonfile.read(index_path, "the index", jsonfile.INDEX)
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict):
         raise QtoolError(index_path, "not a valid index: no weight_map of tensor names to shard files")
     real_root = root.resolve()
     shards = []
     for shard in sorted(set(weight_map.values())):
         p = Path(shard)
-        if p.is_absolute() or ".." in p.parts or not (root / p).resolve().is_relative_to(real_root):
-            raise QtoolError(index_path, f"shard {shard!r} lies outside the checkpoint folder")
-        if not (root / p).is_file():
+        try:
+            outside = p.is_absolute() or ".." in p.parts or not (root / p).resolve().is_relative_to(real_root)
+            found = not outside and (root / p).is_file()
+        except (OSError, ValueError):  # a name the file system cannot hold (NUL, too long)
+            raise QtoolError(index_path, f"shard {jsonfile.brief(shard)} is not a usable file name") from None
+        if outside:
+            raise QtoolError(index_path, f"shard {jsonfile.brief(shard)} lies outside the checkpoint folder")
+        if not found:
             raise QtoolError(root / p, f"shard listed in {index_path.name} is missing")
         shards.append(root / p)
     return shards, {k: str(Path(v).as_posix()) for k, v in weight_map.items()}

@@ -7,7 +7,6 @@ that a bad file gives a one-line error naming it instead of a library traceback.
 """
 from __future__ import annotations
 
-import json
 import math
 import struct
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 import torch
 
 from ..errors import QtoolError
+from .jsonfile import brief, parse
 
 # safetensors dtype code → torch dtype (only those this torch build has).
 DTYPES: dict[str, torch.dtype] = {
@@ -30,6 +30,7 @@ DTYPES: dict[str, torch.dtype] = {
 DTYPE_CODES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 
 MAX_HEADER = 100 * 1024 * 1024  # the safetensors library's own limit
+MAX_DIMS = 64
 
 
 def read_header(path: Path) -> tuple[dict[str, dict], dict[str, str], int]:
@@ -45,16 +46,14 @@ def read_header(path: Path) -> tuple[dict[str, dict], dict[str, str], int]:
                 raise QtoolError(path, "not a safetensors file: shorter than its 8-byte header length")
             (n,) = struct.unpack("<Q", head)
             if n > MAX_HEADER:
-                raise QtoolError(path, f"corrupt safetensors header: header length {n} is implausibly large")
+                raise QtoolError(path, f"not a safetensors file, or a corrupt one: its header length {n} is implausibly large")
             if 8 + n > size:
-                raise QtoolError(path, f"truncated safetensors file: header length {n} runs past the end of the file ({size} bytes)")
+                raise QtoolError(path, f"not a safetensors file, or a truncated one: its header length {n} runs past "
+                                       f"the end of the file ({size} bytes)")
             raw = f.read(n)
     except OSError as e:
         raise QtoolError(path, f"cannot read: {e.strerror or e}") from None
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise QtoolError(path, f"corrupt safetensors header: not valid JSON ({e})") from None
+    header = parse(raw, path, "the safetensors header")
     if not isinstance(header, dict):
         raise QtoolError(path, "corrupt safetensors header: not a JSON object")
     metadata = header.pop("__metadata__", None) or {}
@@ -67,24 +66,25 @@ def read_header(path: Path) -> tuple[dict[str, dict], dict[str, str], int]:
     spans = []
     for name, e in header.items():
         if not isinstance(e, dict):
-            raise QtoolError(path, f"corrupt safetensors header: entry {name!r} is not an object")
+            raise QtoolError(path, f"corrupt safetensors header: entry {brief(name)} is not an object")
         code = e.get("dtype")
-        if code not in DTYPES:
-            raise QtoolError(path, f"tensor {name!r} has an unknown dtype {code!r}")
+        if not isinstance(code, str) or code not in DTYPES:
+            raise QtoolError(path, f"tensor {brief(name)} has an unknown dtype {brief(code)}")
         shape = e.get("shape")
-        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-            raise QtoolError(path, f"tensor {name!r} has an invalid shape {shape!r}")
+        if (not isinstance(shape, list) or len(shape) > MAX_DIMS
+                or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**63 for d in shape)):
+            raise QtoolError(path, f"tensor {brief(name)} has an invalid shape {brief(shape)}")
         offs = e.get("data_offsets")
         if (not isinstance(offs, list) or len(offs) != 2
                 or not all(isinstance(o, int) and not isinstance(o, bool) for o in offs)
                 or not 0 <= offs[0] <= offs[1]):
-            raise QtoolError(path, f"tensor {name!r} has invalid data offsets {offs!r}")
+            raise QtoolError(path, f"tensor {brief(name)} has invalid data offsets {brief(offs)}")
         if offs[1] > data_size:
-            raise QtoolError(path, f"tensor {name!r} has data offsets {offs} past the end of the data ({data_size} bytes): the file is truncated or corrupt")
+            raise QtoolError(path, f"tensor {brief(name)} has data offsets {offs} past the end of the data ({data_size} bytes): the file is truncated or corrupt")
         dtype = DTYPES[code]
         nbytes = math.prod(shape) * dtype.itemsize
         if nbytes != offs[1] - offs[0]:
-            raise QtoolError(path, f"tensor {name!r} has shape {shape} ({code}, {nbytes} bytes) but its data offsets span {offs[1] - offs[0]} bytes")
+            raise QtoolError(path, f"tensor {brief(name)} has shape {brief(shape)} ({code}, {nbytes} bytes) but its data offsets span {offs[1] - offs[0]} bytes")
         entries[name] = {"dtype": dtype, "shape": tuple(shape), "start": data_start + offs[0], "nbytes": nbytes}
         spans.append((offs[0], offs[1], name))
 
@@ -93,9 +93,9 @@ def read_header(path: Path) -> tuple[dict[str, dict], dict[str, str], int]:
     pos, prev = 0, None
     for begin, end, name in spans:
         if begin < pos:
-            raise QtoolError(path, f"corrupt safetensors header: tensors {prev!r} and {name!r} overlap")
+            raise QtoolError(path, f"corrupt safetensors header: tensors {brief(prev)} and {brief(name)} overlap")
         if begin > pos:
-            raise QtoolError(path, f"corrupt safetensors header: {begin - pos} bytes before tensor {name!r} belong to no tensor")
+            raise QtoolError(path, f"corrupt safetensors header: {begin - pos} bytes before tensor {brief(name)} belong to no tensor")
         pos, prev = end, name
     if pos != data_size:
         raise QtoolError(path, f"corrupt safetensors file: {data_size - pos} bytes after the last tensor belong to no tensor")

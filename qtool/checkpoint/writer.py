@@ -6,7 +6,8 @@ positional writes, all from one background thread (computing overlaps writing; a
 one writer because concurrent writes to a file only queue on its inode lock). `write` hands over a finished
 tensor; `sink` lets a worker produce a tensor piece by piece into pooled block buffers, so no full-size output
 buffer is ever allocated and each piece is written while it is still in cache. Everything goes into a temporary
-folder beside OUT that is renamed into place only when every planned byte is written.
+folder beside OUT that moves into place only when every planned byte is written (checkpoint.outputs: the rules
+for what it may replace, and who else may write there).
 """
 from __future__ import annotations
 
@@ -17,7 +18,6 @@ import os
 import queue
 import shutil
 import struct
-import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +27,8 @@ import torch
 
 from .. import native
 from ..errors import QtoolError
+from ..interrupts import deferred
+from . import outputs
 from .safetensors_header import DTYPE_CODES
 
 DEFAULT_MAX_SHARD_BYTES = 5_000_000_000  # transformers' long-standing default shard size
@@ -109,16 +111,14 @@ class CheckpointWriter:
 
     # -- set-up -------------------------------------------------------------------------------------------
     def __enter__(self) -> "CheckpointWriter":
-        if self.out.exists() and not self.overwrite:
-            raise QtoolError(self.out, "already exists; pass --overwrite to replace it")
-        parent = self.out.parent
-        if parent.exists() and not parent.is_dir():
-            raise QtoolError(parent, "is not a folder")
+        # The job's claim on OUT (checkpoint.outputs: the overlap, overwrite and one-writer rules), or our own.
+        self._claim = outputs.output(self.out, outputs.FOLDER, self.overwrite)
+        self._output = self._claim.__enter__()
         try:
-            parent.mkdir(parents=True, exist_ok=True)  # `-o out/model-int4` works on a fresh checkout
-            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.", suffix=".qtool-tmp", dir=parent))
-        except OSError as e:
-            raise QtoolError(parent, f"cannot write here: {e.strerror or e}") from None
+            self.tmp = self._output.temp(folder=True)  # the claim removes it if this run never gets to
+        except BaseException as e:
+            self._claim.__exit__(type(e), e, e.__traceback__)
+            raise
         return self
 
     def plan(self, specs: Iterable, shards: dict[str, str] | None = None, max_shard_bytes: int | None = None,
@@ -149,7 +149,7 @@ class CheckpointWriter:
             for shard, group in by_shard.items():
                 path = self.tmp / shard
                 path.parent.mkdir(parents=True, exist_ok=True)
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0), 0o644)
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0), 0o666)  # umask applies
                 self._fds.append(fd)
                 header = safetensors_header(group, self.metadata)
                 _pwrite(fd, header, 0)
@@ -270,13 +270,7 @@ class CheckpointWriter:
         self._close_files()
         if self._index is not None:
             self.write_json(f"{self.basename}.safetensors.index.json", self._index)
-        old = None
-        if self.out.exists():
-            old = self.out.with_name(self.tmp.name + ".old")
-            os.replace(self.out, old)
-        os.replace(self.tmp, self.out)
-        if old is not None:
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
+        self._output.publish(self.tmp)
 
     def _close_files(self) -> None:
         fds, self._fds = self._fds, []
@@ -284,23 +278,27 @@ class CheckpointWriter:
             os.close(fd)
 
     def _abort(self) -> None:
-        if self._thread is not None and self._thread.is_alive():
-            self._error = self._error or RuntimeError("aborted")
-            self._queue.put(None)
-            self._thread.join(timeout=10)
-        self._close_files()
-        if self.tmp is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
+        with deferred():
+            if self._thread is not None and self._thread.is_alive():
+                self._error = self._error or RuntimeError("aborted")
+                self._queue.put(None)
+                self._thread.join()  # it stops after what is queued (WRITE_BEHIND_BYTES at most)
+            self._close_files()
+            if self.tmp is not None:
+                shutil.rmtree(self.tmp, ignore_errors=True)
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            try:
-                self._finish()
-                return
-            except BaseException:
-                self._abort()
-                raise
-        self._abort()
+        try:
+            if exc_type is None:
+                try:
+                    self._finish()
+                    return
+                except BaseException:
+                    self._abort()
+                    raise
+            self._abort()
+        finally:
+            self._claim.__exit__(None, None, None)
 
 
 class TensorSink:

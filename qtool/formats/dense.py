@@ -50,7 +50,7 @@ class DenseView:
 
     def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         if name in self.packed:
-            return ct.decompress(self.parts(name), self.spec, dtype=dtype)
+            return ct.decompress(self.parts(name), self.spec, dtype=dtype, name=self.packed[name])
         if name not in self.ckpt.tensors:
             raise QtoolError(self.ckpt.path, f"no tensor named {name!r}")
         t = self.ckpt.get(name)

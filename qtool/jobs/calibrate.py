@@ -1,6 +1,6 @@
 """`qtool calibrate`: run calibration data through the original model and save per-channel input statistics.
 
-open → refuse an existing output → walk the model block by block collecting statistics → write the file atomically.
+open → walk the model block by block collecting statistics → write the file atomically.
 """
 from __future__ import annotations
 
@@ -9,20 +9,15 @@ from pathlib import Path
 from ..calib.layerwise import collect_stats
 from ..calib.stats import save_stats
 from ..checkpoint import open_checkpoint
-from ..errors import QtoolError
+from ..checkpoint.outputs import STATS, guarded
 
 
+@guarded(inputs=("source", "calib"), outputs={"out": STATS})
 def calibrate(source, calib, out, calib_samples: int = 128, seq_len: int = 512, device: str = "auto",
               overwrite: bool = False, revision: str | None = None, progress=None) -> dict:
     """Write `out` (a qtool-calib-stats safetensors file); returns {"layers" (linear modules), "blocks", "samples",
     "tokens", "seq_len", "device", "seconds", "out"}."""
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise QtoolError(out, "already exists; pass --overwrite to replace it")
-    if out.exists() and not out.is_file():
-        raise QtoolError(out, "exists and is not a file")
-    if not out.parent.is_dir():
-        raise QtoolError(out.parent, "output folder does not exist")
     ckpt = open_checkpoint(source, revision)
     stats, info = collect_stats(ckpt, calib, samples=calib_samples, seq_len=seq_len, device=device, progress=progress)
     save_stats(out, stats, {"samples": info["samples"], "tokens": info["tokens"], "seq_len": seq_len,

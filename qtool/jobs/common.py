@@ -56,13 +56,16 @@ def ordered_map(fn: Callable, items: Iterable[tuple], workers: int) -> Iterator:
             yield pending.popleft().result()
 
 
-def copy_side_files(ckpt: Checkpoint, writer: CheckpointWriter, skip: Iterable[str] = ("config.json",)) -> None:
-    """Copy the source's non-weight files (tokenizer, generation config, ...) except those rewritten."""
-    skip = set(skip)
+def copy_side_files(ckpt: Checkpoint, writer: CheckpointWriter, skip: Iterable[str] = ("config.json",)) -> list[str]:
+    """Copy the source's side files (checkpoint.layout) except those rewritten; returns every side file carried
+    into the output, the rewritten ones included (the report's `copied_files`)."""
+    skip, carried = set(skip), []
     for p in ckpt.extra_files():
         rel = p.relative_to(ckpt.root).as_posix()
         if rel not in skip:
             writer.copy_file(p, rel)
+        carried.append(rel)
+    return carried
 
 
 def timing(start: float, input_bytes: int) -> dict:

@@ -7,6 +7,7 @@ import time
 import torch
 
 from ..checkpoint import CheckpointWriter, open_checkpoint
+from ..checkpoint.outputs import FOLDER, REPORT, guarded
 from ..errors import QtoolError
 from ..formats.dense import DenseView, dense_dtype
 from ..progress import NullProgress
@@ -15,7 +16,7 @@ from ..report.size import size_report
 from .common import copy_side_files, timing
 
 
-
+@guarded(inputs=("source",), outputs={"out": FOLDER, "report_path": REPORT})
 def dequantize(source, out, dtype: str | torch.dtype | None = None, *, overwrite=False, revision=None,
                max_shard_bytes=None, report_path=None, progress=None) -> dict:
     start = time.perf_counter()
@@ -43,10 +44,11 @@ def dequantize(source, out, dtype: str | torch.dtype | None = None, *, overwrite
             config["dtype"] = str(dtype).removeprefix("torch.")
         if config:
             writer.write_json("config.json", config)
-        copy_side_files(ckpt, writer)
+        copied = copy_side_files(ckpt, writer)
     report = size_report(open_checkpoint(out), source=str(source))
     report["timing"] = timing(start, sum(i.nbytes for i in ckpt.tensors.values()))
     report["output"] = str(out)
+    report["copied_files"] = copied
     if report_path is not None:
         write_json(report, report_path)
     return report

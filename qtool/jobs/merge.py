@@ -11,6 +11,7 @@ import time
 import torch
 
 from ..checkpoint import CheckpointWriter, open_checkpoint
+from ..checkpoint.outputs import FOLDER, REPORT, guarded
 from ..errors import QtoolError
 from ..lora.adapter import Adapter, read_adapter
 from ..lora.merge import all_finite, fused_merge_applies, merge_bias, merge_linear_cast, merge_weight, relative_norm
@@ -22,7 +23,7 @@ from ..runtime import threads_per_worker, workers_for
 from .common import ordered_map, prefetch
 
 
-
+@guarded(inputs=("base", "adapters"), outputs={"out": FOLDER, "report_path": REPORT})
 def merge_lora(base: str, adapters: list[str], out: str, weights: list[float] | None = None,
                dtype: str | torch.dtype | None = None, overwrite: bool = False, revision: str | None = None,
                progress=None, report_path: str | None = None) -> dict:

@@ -12,6 +12,7 @@ import time
 import torch
 
 from ..checkpoint import CheckpointWriter, open_checkpoint
+from ..checkpoint.outputs import FOLDER, REPORT, guarded
 from ..errors import QtoolError
 from ..formats import compressed_tensors as ct
 from ..plan import keep_nonfinite, plan_quantization
@@ -38,6 +39,7 @@ def _output_specs(plan: TensorPlan, spec: QuantSpec) -> list[tuple]:
     return [(plan.name, plan.shape, plan.dtype)]
 
 
+@guarded(inputs=("source", "calib"), outputs={"out": FOLDER, "report_path": REPORT})
 def quantize(source, out, spec: QuantSpec | None = None, *, include=(), exclude=(), calib=None, calib_samples=128,
              seq_len=512, damp=0.01, device="auto", report_path=None, max_rel_error=None, allow_nonfinite=False,
              max_shard_bytes=None, overwrite=False, revision=None, progress=None) -> dict:
@@ -60,7 +62,7 @@ def quantize(source, out, spec: QuantSpec | None = None, *, include=(), exclude=
         if is_stats_file(calib):
             if spec.method != "mse":
                 raise QtoolError(calib, f"a statistics file feeds --method mse only; --method {spec.method} needs calibration data")
-            importance = load_stats(calib)
+            importance = load_stats(calib, ckpt.tensors, [p.module for p in plans.values() if p.quantize])
         elif spec.method == "rtn":
             raise QtoolError(calib, "--method rtn uses no calibration data; use --method mse or gptq")
         else:
@@ -135,7 +137,7 @@ def quantize(source, out, spec: QuantSpec | None = None, *, include=(), exclude=
         config = dict(ckpt.config or {})
         config["quantization_config"] = ct.quantization_config(spec, ignore)
         writer.write_json("config.json", config)
-        copy_side_files(ckpt, writer)
+        copied = copy_side_files(ckpt, writer)
 
     report = size_report(open_checkpoint(out), source=str(source))
     report["estimates"] = size_report(ckpt)["estimates"]  # what the source would weigh: about the model, not this file
@@ -153,6 +155,7 @@ def quantize(source, out, spec: QuantSpec | None = None, *, include=(), exclude=
     report["gate"] = gate(report["layers"], max_rel_error)
     report["timing"] = timing(start, sum(i.nbytes for i in ckpt.tensors.values()))
     report["output"] = str(out)
+    report["copied_files"] = copied
     if report_path is not None:
         write_json(report, report_path)
     return report

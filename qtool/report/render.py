@@ -32,13 +32,14 @@ def to_json(report: dict) -> str:
 
 
 def write_json(report: dict, path) -> None:
-    from pathlib import Path
+    """Write the report atomically (checkpoint.outputs): complete, or no file at all."""
+    from ..checkpoint.outputs import REPORT, output_file
     from ..errors import QtoolError
     try:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(to_json(report), encoding="utf-8")
+        with output_file(path, REPORT) as tmp:
+            tmp.write_text(to_json(report), encoding="utf-8")
     except OSError as e:
-        raise QtoolError(path, f"cannot write the report: {e.strerror or e}") from None
+        raise QtoolError(path, f"cannot write the report: {e.strerror or e}; no report file was left") from None
 
 
 def render(report: dict, top: int = 10, console: Console | None = None) -> None:
