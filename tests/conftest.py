@@ -86,3 +86,19 @@ def tiny_llama_sharded(tmp_path) -> Path:
     p = write_folder(tmp_path / "tiny-sharded", llama_state(), llama_config(), shards=2)
     (p / "tokenizer.json").write_text('{"version": "1.0"}')
     return p
+
+
+def packed_module(q: torch.Tensor, scale: torch.Tensor, zp, spec):
+    """The compressed-tensors module of int8 codes q [out, in] with their scale and zero point: the tests' reference
+    path (min-max scales → core.quantize → packing), independent of quantize_weight's."""
+    from qtool.formats import compressed_tensors as ct
+    from qtool.quant.pack import pack_int32
+    from qtool.quant.weight import QuantizedWeight
+    qw = QuantizedWeight(pack_int32(q, spec.bits), scale, zp, spec, tuple(q.shape), {}, {})
+    return ct.PackedModule.from_weight(qw)
+
+
+def decompress(parts: dict, spec) -> torch.Tensor:
+    """The dense weight of one module's stored parts (local names), as qtool reads it."""
+    from qtool.formats import compressed_tensors as ct
+    return ct.PackedModule.from_parts(parts, spec).dequantize()

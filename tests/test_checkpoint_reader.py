@@ -76,7 +76,9 @@ def test_peft_adapter_folder(tmp_path):
     (a / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8, "lora_alpha": 16}))
     ckpt = open_checkpoint(a)
     _same(ckpt, sd)
-    assert ckpt.adapter_config["r"] == 8 and ckpt.kind.startswith("peft-adapter")
+    assert ckpt.adapter_config["r"] == 8 and ckpt.storage == "safetensors"
+    from qtool.report.size import size_report
+    assert size_report(ckpt)["format"] == "peft-adapter (safetensors)"
 
 
 def test_hub_id_from_local_cache(tmp_path, monkeypatch):

@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from .conftest import packed_module
 from .lora_helpers import make_adapter, read_folder, save_base
 from qtool.formats import compressed_tensors as ct
 from qtool.jobs.merge import merge_lora
@@ -27,12 +28,12 @@ def quantized_base(dense: Path, out: Path, spec: QuantSpec, method: str | None) 
         module = name.removesuffix(".weight")
         if name.endswith(".weight") and module.rsplit(".", 1)[-1] in LINEAR:
             scale, zp = minmax_qparams(w, spec)
-            stored.update(ct.compress(module, quantize(w, scale, zp, spec), scale, zp, spec, w.shape))
+            stored.update(packed_module(quantize(w, scale, zp, spec), scale, zp, spec).named(module))
         else:
             stored[name] = w
     save_file(stored, out / "model.safetensors", metadata={"format": "pt"})
     cfg = json.loads((dense / "config.json").read_text())
-    cfg["quantization_config"] = ct.quantization_config(spec, ["lm_head"])
+    cfg["quantization_config"] = ct.Scheme.of(spec, ["lm_head"]).to_config()
     if method:
         cfg["quantization_config"]["qtool"] = {"method": method}
     (out / "config.json").write_text(json.dumps(cfg))

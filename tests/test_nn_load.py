@@ -19,6 +19,8 @@ from qtool.nn import QuantLinear, load, memory_footprint
 from qtool.quant.spec import QuantSpec
 from safetensors.torch import save_file
 
+from .conftest import decompress, packed_module
+
 
 warnings.filterwarnings("ignore")
 SPECS = [QuantSpec(4, True, 32, "rtn"), QuantSpec(4, False, 32, "rtn"), QuantSpec(8, True, -1, "rtn"),
@@ -65,7 +67,7 @@ def test_logits_match_transformers_dequantized(quantized, tie, spec):
     assert ours.dtype == ref.dtype == torch.bfloat16
     torch.testing.assert_close(ours, ref, **LOGIT_TOL)
     quant = {n for n, m in model.named_modules() if isinstance(m, QuantLinear)}
-    assert quant == set(ct.quantized_modules(json_names(folder))) and len(quant) == 14
+    assert quant == set(ct.packed_modules(json_names(folder))) and len(quant) == 14
     assert not any(t.is_meta for t in list(model.parameters()) + list(model.buffers()))
     assert (model.lm_head.weight is model.model.embed_tokens.weight) == tie
     assert not model.training
@@ -120,10 +122,10 @@ def _tiny_checkpoint(folder, spec):
     for name in ("up", "down"):
         w = getattr(dense, name).weight.detach()
         scale, zp = minmax_qparams(w, spec)
-        sd.update(ct.compress(name, q_codes(w, scale, zp, spec), scale, zp, spec, tuple(w.shape)))
+        sd.update(packed_module(q_codes(w, scale, zp, spec), scale, zp, spec).named(name))
     folder.mkdir()
     save_file({k: v.contiguous() for k, v in sd.items()}, folder / "model.safetensors")
-    (folder / "config.json").write_text(json.dumps({"quantization_config": ct.quantization_config(spec, [])}))
+    (folder / "config.json").write_text(json.dumps({"quantization_config": ct.Scheme.of(spec, []).to_config()}))
     return folder, sd
 
 
@@ -135,8 +137,8 @@ def test_into_a_plain_module_on_meta(tmp_path):
     load(folder, model=model)
     assert isinstance(model.up, QuantLinear) and isinstance(model.down, QuantLinear)
     x = torch.randn(3, 64)
-    up = ct.decompress({k.split(".", 1)[1]: v for k, v in sd.items() if k.startswith("up.w")}, spec)
-    down = ct.decompress({k.split(".", 1)[1]: v for k, v in sd.items() if k.startswith("down.w")}, spec)
+    up = decompress({k.split(".", 1)[1]: v for k, v in sd.items() if k.startswith("up.w")}, spec)
+    down = decompress({k.split(".", 1)[1]: v for k, v in sd.items() if k.startswith("down.w")}, spec)
     h = torch.nn.functional.layer_norm(x, (64,), sd["norm.weight"], sd["norm.bias"])
     ref = torch.relu(h @ up.T + sd["up.bias"]) @ down.T
     with torch.no_grad():

@@ -13,10 +13,11 @@ import torch.nn.functional as F
 
 import qtool.nn.quant_linear as ql
 from qtool.errors import QtoolError
-from qtool.formats import compressed_tensors as ct
 from qtool.nn import QuantLinear
 from qtool.quant import minmax_qparams, quantize
 from qtool.quant.spec import QuantSpec
+
+from .conftest import decompress, packed_module
 
 SCHEMES = [(bits, sym, gs) for bits in (4, 8) for sym in (True, False) for gs in (32, -1, 0)]
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
@@ -25,7 +26,7 @@ TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 def parts_for(w: torch.Tensor, spec: QuantSpec) -> dict[str, torch.Tensor]:
     scale, zp = minmax_qparams(w, spec)
     q = quantize(w, scale, zp, spec)
-    return {k.split(".", 1)[1]: v for k, v in ct.compress("m", q, scale, zp, spec, tuple(w.shape)).items()}
+    return packed_module(q, scale, zp, spec).parts
 
 
 @pytest.fixture(autouse=True)
@@ -47,7 +48,7 @@ def test_matches_dense_dequantized(bits, sym, gs, shape):
     parts = parts_for(w, spec)
     bias = torch.randn(shape[0], generator=g)
     layer = QuantLinear(parts, spec, bias=bias)
-    dense = ct.decompress(parts, spec)
+    dense = decompress(parts, spec)
     assert torch.equal(layer.dequantize(), dense)
     assert layer.tile_rows() == 32 < shape[0]
     for dtype, tol in TOL.items():
@@ -111,7 +112,7 @@ def test_input_gradient_matches_dense():
     w = torch.randn(77, 96)
     parts = parts_for(w, spec)
     layer = QuantLinear(parts, spec, bias=torch.randn(77))
-    dense = ct.decompress(parts, spec)
+    dense = decompress(parts, spec)
     x = torch.randn(5, 96, requires_grad=True)
     g = torch.randn(5, 77)
     (layer(x) * g).sum().backward()
@@ -121,13 +122,13 @@ def test_input_gradient_matches_dense():
 def test_rejects_wrong_tensors():
     spec = QuantSpec(4, False, 32, "rtn")
     parts = parts_for(torch.randn(64, 128), spec)
-    with pytest.raises(QtoolError, match="no weight_zero_point"):
+    with pytest.raises(QtoolError, match="missing weight_zero_point"):
         QuantLinear({k: v for k, v in parts.items() if k != "weight_zero_point"}, spec)
     with pytest.raises(QtoolError, match="weight_packed"):
         QuantLinear({**parts, "weight_packed": parts["weight_packed"][:, :-1]}, spec)
     with pytest.raises(QtoolError, match="weight_scale"):
         QuantLinear(parts, QuantSpec(4, False, 64, "rtn"))
-    with pytest.raises(QtoolError, match="no weight_scale"):
+    with pytest.raises(QtoolError, match="missing weight_scale"):
         QuantLinear({k: v for k, v in parts.items() if k != "weight_scale"}, spec)
 
 

@@ -79,15 +79,9 @@ class Checkpoint:
         self.adapter_config = self._read_json("adapter_config.json", jsonfile.ADAPTER_CONFIG)
 
     @property
-    def kind(self) -> str:
-        """safetensors | pytorch, plus what the folder is: a model, a quantized model or a LoRA adapter."""
-        fmt = "safetensors" if all(f.suffix == ".safetensors" for f in self.files) else "pytorch"
-        if self.adapter_config is not None:
-            return f"peft-adapter ({fmt})"
-        q = (self.config or {}).get("quantization_config") or {}
-        if q.get("quant_method") == "compressed-tensors":
-            return f"compressed-tensors {q.get('format', '')} ({fmt})".replace("  ", " ")
-        return fmt + (f", {len(self.files)} shards" if len(self.files) > 1 else "")
+    def storage(self) -> str:
+        """How the weights are stored: safetensors | pytorch (what they mean is for qtool.formats to say)."""
+        return "safetensors" if all(f.suffix == ".safetensors" for f in self.files) else "pytorch"
 
     def _read_json(self, name: str, schema) -> dict | None:
         p = self.root / name
@@ -114,7 +108,7 @@ class Checkpoint:
         return side_files(self.root) if self.is_folder else []
 
     def __repr__(self):
-        return f"Checkpoint({str(self.path)!r}, {len(self.tensors)} tensors, {self.kind})"
+        return f"Checkpoint({str(self.path)!r}, {len(self.tensors)} tensors, {self.storage}, {len(self.files)} files)"
 
 
 def _open_weight_file(path: Path):

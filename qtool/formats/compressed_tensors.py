@@ -1,23 +1,31 @@
-"""compressed-tensors `pack-quantized` (weight-only int4/int8) in and out.
+"""compressed-tensors `pack-quantized` (weight-only int4/int8): the stored parts of one quantized Linear
+(`PackedModule`), their layout (`layout`), and config.json's `quantization_config` in (`detect`) and out
+(`Scheme.to_config`).
 
-Tensors per quantized Linear `<prefix>` (CT 0.20.1, `compressors/pack_quantized/base.py`):
+Tensors per quantized Linear `<module>` (CT 0.20.1, `compressors/pack_quantized/base.py`), by local name:
   weight_packed      int32 [out, ceil(in*bits/32)]   codes + 2^(bits-1), LSB first along the input dim
   weight_scale       scale dtype: tensor (1,), channel (out, 1), group (out, n_groups)
   weight_shape       int64 [2] = [out, in]
   weight_zero_point  asymmetric only: int32 [ceil(out*bits/32), n_groups] packed along dim 0
                      (tensor strategy: int8 (1,), unpacked, as CT writes it)
-and the `quantization_config` block of config.json.
+A checkpoint names them `<module>.<local name>`; everything here speaks local names, `PackedModule.named` adds the
+module. A `quantization_config` may hold several config groups with different schemes: `Scheme.spec_for(module)`
+says which one a module has, by compressed-tensors' own precedence (exact name, then `re:` pattern, then class).
 """
 from __future__ import annotations
 
+import re
+from collections import Counter
+from dataclasses import dataclass
 from typing import Iterable, Mapping
 
 import torch
 
 from ..errors import QtoolError
-from ..quant.core import dequantize, scale_dtype_for
-from ..quant.pack import pack_int32, packed_len, unpack_int32
+from ..quant.core import SCALE_DTYPES, dequantize
+from ..quant.pack import pack_int32, packed_len, packed_shape, unpack_int32
 from ..quant.spec import QuantSpec
+from ..quant.weight import QuantizedWeight
 
 FORMAT = "pack-quantized"
 QUANT_METHOD = "compressed-tensors"
@@ -25,9 +33,11 @@ CT_VERSION = "0.20.1"  # the compressed-tensors release whose layout and config 
 PROVIDER = "qtool"
 TARGETS = ["Linear"]
 PACKED, SCALE, SHAPE, ZERO_POINT = "weight_packed", "weight_scale", "weight_shape", "weight_zero_point"
-PARAM_NAMES = (PACKED, SCALE, SHAPE, ZERO_POINT)
+PARTS = (PACKED, SCALE, SHAPE, ZERO_POINT)
 # strategies whose zero points CT packs along dim 0 (PACK_ZP_STRATS)
 _PACKED_ZP = ("group", "channel")
+# a packed module is a Linear: the class targets of a config group that match it
+_LINEAR_CLASSES = {"Linear", "LinearBase"}
 
 
 # --- names ---------------------------------------------------------------------------------------
@@ -35,131 +45,120 @@ _PACKED_ZP = ("group", "channel")
 def split_name(name: str) -> tuple[str, str] | None:
     """'model.x.q_proj.weight_scale' -> ('model.x.q_proj', 'weight_scale'); None for other names."""
     prefix, _, local = name.rpartition(".")
-    return (prefix, local) if local in PARAM_NAMES else None
+    return (prefix, local) if local in PARTS else None
 
 
-def is_quantized_module(names: Iterable[str]) -> bool:
-    """True if a module's local tensor names (or full names) include a packed weight."""
-    return any(n == PACKED or n.endswith("." + PACKED) for n in names)
+def packed_modules(names: Iterable[str]) -> dict[str, list[str]]:
+    """{module: the local part names it stores} for every module of a listing that stores `weight_packed`, sorted."""
+    parts: dict[str, list[str]] = {}
+    for name in names:
+        split = split_name(name)
+        if split is not None:
+            parts.setdefault(split[0], []).append(split[1])
+    return {m: sorted(p) for m, p in sorted(parts.items()) if PACKED in p}
 
 
-def quantized_modules(names: Iterable[str]) -> list[str]:
-    """Sorted module prefixes that carry `<prefix>.weight_packed` in a checkpoint's tensor names."""
-    return sorted(n[: -len(PACKED) - 1] for n in names if n.endswith("." + PACKED))
-
-
-def module_param_names(spec: QuantSpec) -> tuple[str, ...]:
-    """Local names written for one module under `spec`."""
-    return (PACKED, SCALE, SHAPE) + (() if spec.symmetric else (ZERO_POINT,))
-
-
-# --- compress ------------------------------------------------------------------------------------
+# --- layout --------------------------------------------------------------------------------------
 
 def _zp_packed(spec: QuantSpec) -> bool:
     return not spec.symmetric and spec.strategy in _PACKED_ZP
 
 
-def _scale_shape(out: int, inp: int, spec: QuantSpec) -> tuple[int, ...]:
-    if spec.strategy == "tensor":
-        return (1,)
-    return (out, spec.n_groups(inp))
-
-
-def compressed_specs(
-    prefix: str, shape, dtype: torch.dtype, spec: QuantSpec
-) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
-    """(name, shape, dtype) of every tensor compress() writes for a weight of `shape` and `dtype`,
-    in sorted name order, without touching data (the writer plans headers from it)."""
+def layout(shape, spec: QuantSpec, scale_dtype: torch.dtype) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """{local name: (shape, dtype)} of every part stored for an [out, in] weight under `spec`, in sorted name order,
+    without touching data (the writer plans headers from it). `scale_dtype`: the source weight's dtype as
+    qtool.quant.core.scale_dtype_for keeps it."""
     out, inp = (int(s) for s in shape)
-    sshape = _scale_shape(out, inp, spec)
-    specs = [
-        (f"{prefix}.{PACKED}", (out, packed_len(inp, spec.bits)), torch.int32),
-        (f"{prefix}.{SCALE}", sshape, scale_dtype_for(dtype)),
-        (f"{prefix}.{SHAPE}", (2,), torch.int64),
-    ]
+    sshape = spec.scale_shape(out, inp)
+    parts = {PACKED: (packed_shape(out, inp, spec.bits), torch.int32), SCALE: (sshape, scale_dtype),
+             SHAPE: ((2,), torch.int64)}
     if not spec.symmetric:
-        if _zp_packed(spec):
-            specs.append((f"{prefix}.{ZERO_POINT}", (packed_len(out, spec.bits), sshape[1]), torch.int32))
-        else:
-            specs.append((f"{prefix}.{ZERO_POINT}", sshape, torch.int8))
-    return sorted(specs)
+        parts[ZERO_POINT] = ((packed_len(out, spec.bits), sshape[1]), torch.int32) if _zp_packed(spec) else (sshape, torch.int8)
+    return dict(sorted(parts.items()))
 
 
-def compress(name_prefix: str, q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
-             spec: QuantSpec, shape) -> dict[str, torch.Tensor]:
-    """The CT tensors of one module from its int8 codes [out, in], scale and zero point."""
-    out, inp = (int(s) for s in shape)
-    if tuple(q.shape) != (out, inp):
-        raise ValueError(f"codes of shape {tuple(q.shape)} do not match weight shape {(out, inp)}")
-    return compress_packed(name_prefix, pack_int32(q, spec.bits, dim=1), scale, zero_point, spec, shape)
+# --- one module ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PackedModule:
+    """One pack-quantized Linear: its stored tensors by local name, its logical [out, in] shape and its scheme."""
+
+    spec: QuantSpec
+    shape: tuple[int, int]
+    parts: dict[str, torch.Tensor]
+
+    @classmethod
+    def from_weight(cls, qw: QuantizedWeight) -> "PackedModule":
+        """The stored parts of a quantized weight (zero points packed along the output dim where CT packs them)."""
+        out, inp = qw.shape
+        parts = {PACKED: qw.packed, SCALE: qw.scale.contiguous(), SHAPE: torch.tensor([out, inp], dtype=torch.int64)}
+        if not qw.spec.symmetric:
+            zp = qw.zero_point.to(torch.int8)
+            parts[ZERO_POINT] = pack_int32(zp, qw.spec.bits, dim=0) if _zp_packed(qw.spec) else zp.contiguous()
+        return cls(qw.spec, qw.shape, dict(sorted(parts.items())))
+
+    @classmethod
+    def from_parts(cls, parts: Mapping[str, torch.Tensor], spec: QuantSpec, name: str = "module") -> "PackedModule":
+        """Check a module's stored tensors against `spec` (so a wrong file fails here, not inside a matmul) and wrap
+        them without copying. A symmetric module's all-zero zero point is dropped; a tensor-strategy one becomes int8."""
+        missing = [p for p in (PACKED, SCALE, SHAPE) + (() if spec.symmetric else (ZERO_POINT,)) if p not in parts]
+        if missing:
+            raise QtoolError(name, f"missing {', '.join(missing)} for a {spec.bits}-bit pack-quantized weight")
+        shape = [int(s) for s in parts[SHAPE].reshape(-1).tolist()]
+        if len(shape) != 2:
+            raise QtoolError(name, f"weight_shape {shape} is not 2-D")
+        if spec.group_size > 0 and shape[1] % spec.group_size:
+            raise QtoolError(name, f"{shape[1]} input columns are not divisible by the group size {spec.group_size}")
+        kept = {p: parts[p] for p in (PACKED, SCALE, SHAPE)}
+        zp = parts.get(ZERO_POINT)
+        if spec.symmetric and zp is not None and bool(torch.any(zp != 0)):
+            raise QtoolError(name, "symmetric scheme but the module has non-zero weight_zero_point")
+        if not spec.symmetric:
+            kept[ZERO_POINT] = zp
+        _check_parts(kept, layout(shape, spec, parts[SCALE].dtype), name)
+        if ZERO_POINT in kept and not _zp_packed(spec):
+            kept[ZERO_POINT] = zp.reshape(1).to(torch.int8)
+        return cls(spec, (shape[0], shape[1]), dict(sorted(kept.items())))
+
+    def codes(self) -> torch.Tensor:
+        """The int8 codes q [out, in]."""
+        return unpack_int32(self.parts[PACKED], self.spec.bits, self.shape, dim=1)
+
+    def zero_point(self) -> torch.Tensor | None:
+        """int8 zero points of the scale's shape (None when symmetric)."""
+        zp = self.parts.get(ZERO_POINT)
+        if zp is None or not _zp_packed(self.spec):
+            return zp
+        return unpack_int32(zp, self.spec.bits, (self.shape[0], self.parts[SCALE].shape[-1]), dim=0)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The dense weight, computed in the scale's dtype as CT does, then cast to `dtype`."""
+        return dequantize(self.codes(), self.parts[SCALE], self.zero_point(), self.spec, dtype=dtype)
+
+    def named(self, module: str) -> dict[str, torch.Tensor]:
+        """The parts under their checkpoint names, `<module>.<local name>`."""
+        return {f"{module}.{local}": t for local, t in self.parts.items()}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.parts.values())
 
 
-def compress_packed(
-    name_prefix: str,
-    packed: torch.Tensor,
-    scale: torch.Tensor,
-    zero_point: torch.Tensor | None,
-    spec: QuantSpec,
-    shape,
-) -> dict[str, torch.Tensor]:
-    """The CT tensors of one module from its codes already packed along the input dim (pack_int32's layout)."""
-    out, inp = (int(s) for s in shape)
-    if tuple(packed.shape) != (out, packed_len(inp, spec.bits)) or packed.dtype != torch.int32:
-        raise ValueError(f"packed codes {packed.dtype} {tuple(packed.shape)} do not hold {spec.bits}-bit codes of {(out, inp)}")
-    expected = _scale_shape(out, inp, spec)
-    if tuple(scale.shape) != expected:
-        raise ValueError(f"scale shape {tuple(scale.shape)} should be {expected} for {spec.strategy} strategy")
-    tensors = {
-        f"{name_prefix}.{PACKED}": packed,
-        f"{name_prefix}.{SCALE}": scale.contiguous(),
-        f"{name_prefix}.{SHAPE}": torch.tensor([out, inp], dtype=torch.int64),
-    }
-    if not spec.symmetric:
-        if zero_point is None or tuple(zero_point.shape) != expected:
-            raise ValueError("an asymmetric scheme needs a zero point of the scale's shape")
-        zp = zero_point.to(torch.int8)
-        tensors[f"{name_prefix}.{ZERO_POINT}"] = pack_int32(zp, spec.bits, dim=0) if _zp_packed(spec) else zp.contiguous()
-    return tensors
-
-
-# --- decompress ----------------------------------------------------------------------------------
-
-def decompress(
-    tensors: Mapping[str, torch.Tensor], spec: QuantSpec, dtype: torch.dtype | None = None, name: str = ""
-) -> torch.Tensor:
-    """Dense weight of one pack-quantized module from its local tensors (weight_packed, weight_scale,
-    weight_shape[, weight_zero_point]); computed in the scale's dtype as CT does, then cast to `dtype`."""
-    path = name or "module"
-    missing = [n for n in module_param_names(spec) if n not in tensors]
-    if missing:
-        raise QtoolError(path, f"missing {', '.join(missing)} for a {spec.bits}-bit pack-quantized weight")
-    packed, scale = tensors[PACKED], tensors[SCALE]
-    shape = [int(s) for s in tensors[SHAPE].reshape(-1).tolist()]
-    if len(shape) != 2:
-        raise QtoolError(path, f"weight_shape {shape} is not 2-d")
-    out, inp = shape
-    if packed.dtype != torch.int32 or tuple(packed.shape) != (out, packed_len(inp, spec.bits)):
-        raise QtoolError(path, f"weight_packed {packed.dtype} {tuple(packed.shape)} does not hold {spec.bits}-bit codes of {shape}")
-    if tuple(scale.shape) != _scale_shape(out, inp, spec):
-        raise QtoolError(path, f"weight_scale shape {tuple(scale.shape)} does not fit {spec.strategy} strategy for {shape}")
-    if not scale.is_floating_point():
-        raise QtoolError(path, f"weight_scale has non-float dtype {scale.dtype}")
-    if spec.group_size > 0 and inp % spec.group_size:
-        raise QtoolError(path, f"{inp} input columns are not divisible by the group size {spec.group_size}")
-    zp = None
-    if not spec.symmetric:
-        zp = tensors[ZERO_POINT]
-        if _zp_packed(spec):
-            try:
-                zp = unpack_int32(zp, spec.bits, (out, scale.shape[-1]), dim=0)
-            except ValueError as e:
-                raise QtoolError(path, f"weight_zero_point: {e}") from None
-        elif zp.numel() != 1:
-            raise QtoolError(path, f"weight_zero_point has {zp.numel()} values for tensor strategy")
-        else:
-            zp = zp.reshape(1).to(torch.int8)
-    q = unpack_int32(packed, spec.bits, (out, inp), dim=1)
-    return dequantize(q, scale, zp, spec, dtype=dtype)
+def _check_parts(parts: dict, want: dict, name: str) -> None:
+    """Shapes and dtypes as `layout` plans them; scales may be any float dtype CT keeps, a tensor-strategy zero
+    point any integer width."""
+    for local, t in parts.items():
+        if local == SHAPE:
+            continue
+        shape, dtype = want[local]
+        dtypes = (dtype,)
+        if local == SCALE:
+            dtypes = SCALE_DTYPES
+        elif dtype == torch.int8:  # an unpacked (tensor-strategy) zero point
+            dtypes = (torch.int8, torch.int32, torch.int64)
+        if tuple(t.shape) != tuple(shape) or t.dtype not in dtypes:
+            raise QtoolError(f"{name}.{local}", f"is {t.dtype} {list(t.shape)}, expected {list(shape)} "
+                                                f"({', '.join(str(d).replace('torch.', '') for d in dtypes)})")
 
 
 # --- quantization_config -------------------------------------------------------------------------
@@ -177,30 +176,118 @@ def weights_args(spec: QuantSpec) -> dict:
     }
 
 
-def quantization_config(spec: QuantSpec, ignore: list[str]) -> dict:
-    """config.json's `quantization_config` for a weight-only pack-quantized model (dump with sort_keys)."""
-    return {
-        "config_groups": {
-            "group_0": {
-                "format": FORMAT,
-                "input_activations": None,
-                "output_activations": None,
-                "targets": list(TARGETS),
-                "weights": weights_args(spec),
-            }
-        },
-        "format": FORMAT,
-        "global_compression_ratio": None,
-        "ignore": sorted(ignore),
-        "kv_cache_scheme": None,
-        "moe_sparsity_config": None,
-        "provider": PROVIDER,
-        "quant_method": QUANT_METHOD,
-        "quantization_status": "compressed",
-        "sparsity_config": {},
-        "transform_config": {},
-        "version": CT_VERSION,
-    }
+@dataclass(frozen=True)
+class ConfigGroup:
+    name: str
+    spec: QuantSpec  # method "rtn": the file does not say how its scales were chosen
+    targets: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """A checkpoint's quantization_config: its config groups (each a scheme and the modules it targets), the linear
+    modules left dense (`ignore`), who wrote it, and qtool's record of the method when the file carries one."""
+
+    groups: tuple[ConfigGroup, ...]
+    ignore: tuple[str, ...] = ()
+    provider: str | None = PROVIDER
+    method: str | None = None
+
+    @classmethod
+    def of(cls, specs: QuantSpec | Mapping[str, QuantSpec], ignore: Iterable[str]) -> "Scheme":
+        """The scheme qtool writes: one group targeting Linear for one spec. For a mapping module → spec with several
+        specs, every spec but the most common gets a group naming its modules, and the most common one's group,
+        last, targets Linear: compressed-tensors' model path prefers an exact name to a class target, and its
+        model-free dequantizer takes the groups in order, with Linear matching whatever is left."""
+        if isinstance(specs, QuantSpec):
+            return cls((ConfigGroup("group_0", specs, tuple(TARGETS)),), tuple(sorted(ignore)))
+        counts = Counter(specs.values())
+        order = sorted(counts, key=lambda s: (-counts[s], min(m for m, x in specs.items() if x == s)))
+        groups = [ConfigGroup(f"group_{i}", spec, tuple(sorted(m for m, x in specs.items() if x == spec)))
+                  for i, spec in enumerate(order[1:])]
+        groups.append(ConfigGroup(f"group_{len(groups)}", order[0], tuple(TARGETS)))
+        return cls(tuple(groups), tuple(sorted(ignore)))
+
+    @property
+    def uniform(self) -> QuantSpec | None:
+        """The one scheme every group has, or None when they differ."""
+        specs = {g.spec for g in self.groups}
+        return specs.pop() if len(specs) == 1 else None
+
+    def spec_for(self, module: str) -> QuantSpec | None:
+        """The scheme of `module`, by compressed-tensors' precedence: an exact name, then `re:` patterns (each sorted
+        as CT sorts them), then a Linear class target; None when no group targets it or `ignore` lists it."""
+        if any(_name_match(module, t) for t in self.ignore):
+            return None
+        owner = {t: g for g in self.groups for t in g.targets}
+        for target in sorted(owner, key=lambda t: ("re:" in t, t)):
+            if _name_match(module, target):
+                return owner[target].spec
+        for target, group in owner.items():
+            if target in _LINEAR_CLASSES:
+                return group.spec
+        return None
+
+    def describe(self, storage: str) -> str:
+        """The report's `format`: 'compressed-tensors pack-quantized (safetensors)'."""
+        return f"{QUANT_METHOD} {FORMAT} ({storage})"
+
+    def to_config(self) -> dict:
+        """config.json's `quantization_config` for a weight-only pack-quantized model (dump with sort_keys)."""
+        groups = {g.name: {"format": FORMAT, "input_activations": None, "output_activations": None,
+                           "targets": list(g.targets), "weights": weights_args(g.spec)} for g in self.groups}
+        return {
+            "config_groups": groups,
+            "format": FORMAT,
+            "global_compression_ratio": None,
+            "ignore": sorted(self.ignore),
+            "kv_cache_scheme": None,
+            "moe_sparsity_config": None,
+            "provider": PROVIDER,
+            "quant_method": QUANT_METHOD,
+            "quantization_status": "compressed",
+            "sparsity_config": {},
+            "transform_config": {},
+            "version": CT_VERSION,
+        }
+
+
+def _name_match(module: str, target: str) -> bool:
+    if target.startswith("re:"):
+        return re.match(target[3:], module) is not None
+    return target == module
+
+
+def quant_method(config: Mapping | None) -> str | None:
+    """The quant_method of config.json's quantization_config (None when the model is not quantized)."""
+    qcfg = (config or {}).get("quantization_config")
+    return qcfg.get("quant_method") if isinstance(qcfg, Mapping) else None
+
+
+def detect(config: Mapping | None, path="config.json") -> Scheme | None:
+    """The compressed-tensors scheme of a model's config.json, or None when it is not a compressed-tensors model.
+    Anything but int weight-only pack-quantized (qtool's, llm-compressor's, CT's) is refused, naming the field."""
+    qcfg = (config or {}).get("quantization_config")
+    if not isinstance(qcfg, Mapping) or qcfg.get("quant_method") != QUANT_METHOD:
+        return None
+    where = str(path)
+    for field in ("sparsity_config", "transform_config", "kv_cache_scheme"):
+        if qcfg.get(field):
+            _refuse(where, field, "is set")
+    groups = qcfg.get("config_groups")
+    if not isinstance(groups, Mapping) or not groups:
+        _refuse(where, "config_groups", "is missing or empty")
+    # in the file's order: as in compressed-tensors, a later group's target replaces an earlier one's
+    read = tuple(ConfigGroup(g, _group_spec(groups[g], f"config_groups.{g}", qcfg.get("format"), where),
+                             tuple(groups[g].get("targets") or ()))
+                 for g in groups)
+    record = qcfg.get("qtool")
+    method = record.get("method") if isinstance(record, Mapping) else None
+    return Scheme(read, tuple(qcfg.get("ignore") or []), qcfg.get("provider"), method)
+
+
+def _refuse(path: str, field: str, problem: str):
+    raise QtoolError(path, f"quantization_config.{field} {problem}; qtool reads only int weight-only pack-quantized")
 
 
 _WEIGHT_KEYS_OK = {
@@ -209,78 +296,46 @@ _WEIGHT_KEYS_OK = {
 }
 
 
-def spec_from_config(qcfg: Mapping, path: str = "config.json") -> tuple[QuantSpec, list[str], list[str]]:
-    """(QuantSpec, ignore, targets) of a compressed-tensors `quantization_config` written by qtool,
-    llm-compressor or CT. Anything but int weight-only pack-quantized is refused, naming the field."""
+def _group_spec(group, where: str, top_format, path: str) -> QuantSpec:
+    """The QuantSpec of one config group, every field it sets checked."""
+    if not isinstance(group, Mapping):
+        _refuse(path, where, "is not an object")
+    fmt = group.get("format") or top_format
+    if fmt != FORMAT:
+        _refuse(path, f"{where}.format", f"is {fmt!r}")
+    for act in ("input_activations", "output_activations"):
+        if group.get(act) is not None:
+            _refuse(path, f"{where}.{act}", "is set (activation quantization)")
+    w = group.get("weights")
+    if not isinstance(w, Mapping):
+        _refuse(path, f"{where}.weights", "is missing")
+    unknown = sorted(set(w) - _WEIGHT_KEYS_OK)
+    if unknown:
+        _refuse(path, f"{where}.weights", f"has unknown keys {unknown}")
+    if str(w.get("type", "int")).lower() != "int":
+        _refuse(path, f"{where}.weights.type", f"is {w.get('type')!r}")
+    bits = w.get("num_bits", 8)
+    if bits not in (4, 8):
+        _refuse(path, f"{where}.weights.num_bits", f"is {bits!r} (4 or 8 supported)")
+    if w.get("dynamic", False) not in (False, None):
+        _refuse(path, f"{where}.weights.dynamic", f"is {w.get('dynamic')!r}")
+    if w.get("actorder") not in (None, False, "static", "weight"):
+        _refuse(path, f"{where}.weights.actorder", f"is {w.get('actorder')!r} (needs g_idx)")
+    if w.get("scale_dtype") is not None:
+        _refuse(path, f"{where}.weights.scale_dtype", f"is {w.get('scale_dtype')!r}")
+    if w.get("zp_dtype") is not None and "int8" not in str(w.get("zp_dtype")):
+        _refuse(path, f"{where}.weights.zp_dtype", f"is {w.get('zp_dtype')!r}")
+    group_size = _group_size(w.get("strategy"), w.get("group_size"), f"{where}.weights", path)
+    return QuantSpec(bits=bits, symmetric=bool(w.get("symmetric", True)), group_size=group_size, method="rtn")
 
-    def refuse(field: str, problem: str):
-        raise QtoolError(path, f"quantization_config.{field} {problem}; qtool reads only int weight-only pack-quantized")
 
-    if not isinstance(qcfg, Mapping):
-        raise QtoolError(path, "quantization_config is not an object")
-    method = qcfg.get("quant_method", QUANT_METHOD)
-    if method != QUANT_METHOD:
-        refuse("quant_method", f"is {method!r}")
-    for field in ("sparsity_config", "transform_config", "kv_cache_scheme"):
-        if qcfg.get(field):
-            refuse(field, "is set")
-    groups = qcfg.get("config_groups")
-    if not isinstance(groups, Mapping) or not groups:
-        refuse("config_groups", "is missing or empty")
-    top_format = qcfg.get("format")
-    spec = None
-    targets: list[str] = []
-    for gname in sorted(groups):
-        scheme = groups[gname]
-        where = f"config_groups.{gname}"
-        if not isinstance(scheme, Mapping):
-            refuse(where, "is not an object")
-        fmt = scheme.get("format") or top_format
-        if fmt != FORMAT:
-            refuse(f"{where}.format", f"is {fmt!r}")
-        for act in ("input_activations", "output_activations"):
-            if scheme.get(act) is not None:
-                refuse(f"{where}.{act}", "is set (activation quantization)")
-        w = scheme.get("weights")
-        if not isinstance(w, Mapping):
-            refuse(f"{where}.weights", "is missing")
-        unknown = sorted(set(w) - _WEIGHT_KEYS_OK)
-        if unknown:
-            refuse(f"{where}.weights", f"has unknown keys {unknown}")
-        if str(w.get("type", "int")).lower() != "int":
-            refuse(f"{where}.weights.type", f"is {w.get('type')!r}")
-        bits = w.get("num_bits", 8)
-        if bits not in (4, 8):
-            refuse(f"{where}.weights.num_bits", f"is {bits!r} (4 or 8 supported)")
-        if w.get("dynamic", False) not in (False, None):
-            refuse(f"{where}.weights.dynamic", f"is {w.get('dynamic')!r}")
-        if w.get("actorder") not in (None, False, "static", "weight"):
-            refuse(f"{where}.weights.actorder", f"is {w.get('actorder')!r} (needs g_idx)")
-        for field in ("scale_dtype", "zp_dtype"):
-            v = w.get(field)
-            if v is not None and field == "scale_dtype":
-                refuse(f"{where}.weights.{field}", f"is {v!r}")
-            if v is not None and field == "zp_dtype" and "int8" not in str(v):
-                refuse(f"{where}.weights.{field}", f"is {v!r}")
-        gs = w.get("group_size")
-        strategy = w.get("strategy")
-        if strategy is None:
-            strategy = "tensor" if gs is None else "group" if gs > 0 else "channel" if gs == -1 else None
-        if strategy == "group":
-            if not isinstance(gs, int) or gs <= 0:
-                refuse(f"{where}.weights.group_size", f"is {gs!r} for group strategy")
-            group_size = gs
-        elif strategy == "channel":
-            group_size = -1
-        elif strategy == "tensor":
-            group_size = 0
-        else:
-            refuse(f"{where}.weights.strategy", f"is {strategy!r}")
-        this = QuantSpec(bits=bits, symmetric=bool(w.get("symmetric", True)), group_size=group_size, method="rtn")
-        if spec is not None and this != spec:
-            refuse(where, "differs from another config group (mixed schemes are not supported)")
-        spec = this
-        t = scheme.get("targets") or []
-        targets.extend(x for x in t if x not in targets)
-    ignore = list(qcfg.get("ignore") or [])
-    return spec, ignore, targets
+def _group_size(strategy, gs, where: str, path: str) -> int:
+    if strategy is None:
+        strategy = "tensor" if gs is None else "group" if gs > 0 else "channel" if gs == -1 else None
+    if strategy == "group":
+        if not isinstance(gs, int) or gs <= 0:
+            _refuse(path, f"{where}.group_size", f"is {gs!r} for group strategy")
+        return gs
+    if strategy in ("channel", "tensor"):
+        return -1 if strategy == "channel" else 0
+    _refuse(path, f"{where}.strategy", f"is {strategy!r}")

@@ -1,10 +1,13 @@
-"""A dense view of any checkpoint: packed compressed-tensors modules appear as their dequantized `.weight`."""
+"""A dense view of any checkpoint (packed compressed-tensors modules appear as their dequantized `.weight`), and the
+`--dtype` choices of the jobs that write dense tensors."""
 from __future__ import annotations
+
+import math
 
 import torch
 
 from ..arch import FLOAT_DTYPES
-from ..checkpoint import Checkpoint
+from ..checkpoint import Checkpoint, TensorInfo
 from ..errors import QtoolError
 from . import compressed_tensors as ct
 
@@ -21,21 +24,33 @@ def dense_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
 
 
 class DenseView:
-    """`names` are logical tensor names; `get(name)` returns the dense tensor (decompressed when packed)."""
+    """A checkpoint seen dense: a packed compressed-tensors module appears as its dequantized `<module>.weight`
+    (in its scale's dtype, as transformers' `dequantize=True` gives it), every other tensor as stored. It reads like a
+    Checkpoint (`tensors`, `get`, `config`, `path`, `root`), so code that walks a checkpoint walks a quantized one."""
 
     def __init__(self, ckpt: Checkpoint):
         self.ckpt = ckpt
-        qcfg = (ckpt.config or {}).get("quantization_config")
-        self.spec = None
-        self.packed: dict[str, str] = {}  # logical weight name → module prefix
-        if qcfg and qcfg.get("quant_method") == "compressed-tensors":
-            self.spec = ct.spec_from_config(qcfg, path=ckpt.root / "config.json")[0]
-            for name in ckpt.tensors:
-                if name.endswith(".weight_packed"):
-                    module = name[: -len(".weight_packed")]
-                    self.packed[f"{module}.weight"] = module
-        hidden = {f"{m}.{p}" for m in self.packed.values() for p in ct.PARAM_NAMES}
+        self.config, self.path, self.root, self.is_folder = ckpt.config, ckpt.path, ckpt.root, ckpt.is_folder
+        self.scheme = ct.detect(ckpt.config, ckpt.root / "config.json")
+        modules = ct.packed_modules(ckpt.tensors) if self.scheme is not None else {}
+        self.packed: dict[str, str] = {f"{m}.weight": m for m in modules}  # logical weight name → module
+        hidden = {f"{m}.{p}" for m, parts in modules.items() for p in parts}
         self.names = sorted([n for n in ckpt.tensors if n not in hidden] + list(self.packed))
+        self._tensors: dict[str, TensorInfo] | None = None
+
+    @property
+    def tensors(self) -> dict[str, TensorInfo]:
+        """Logical name → TensorInfo (a packed weight: its [out, in] shape, its dense dtype and bytes)."""
+        if self._tensors is None:
+            self._tensors = {n: self._info(n) for n in self.names}
+        return self._tensors
+
+    def _info(self, name: str) -> TensorInfo:
+        if name not in self.packed:
+            return self.ckpt.tensors[name]
+        shape, dtype = self.shape(name), self.dtype(name)
+        file = self.ckpt.tensors[f"{self.packed[name]}.{ct.PACKED}"].file
+        return TensorInfo(name, shape, dtype, file, math.prod(shape) * dtype.itemsize)
 
     def is_packed(self, name: str) -> bool:
         return name in self.packed
@@ -43,14 +58,18 @@ class DenseView:
     def is_floating(self, name: str) -> bool:
         return name in self.packed or self.ckpt.tensors[name].dtype in FLOAT_DTYPES
 
-    def parts(self, name: str) -> dict[str, torch.Tensor]:
-        """The stored tensors of a packed weight, by local name (weight_packed, weight_scale, ...)."""
+    def module(self, name: str) -> ct.PackedModule:
+        """The packed module behind logical weight `name`, its parts checked against its config group's scheme."""
         module = self.packed[name]
-        return {p: self.ckpt.get(f"{module}.{p}") for p in ct.PARAM_NAMES if f"{module}.{p}" in self.ckpt.tensors}
+        spec = self.scheme.spec_for(module)
+        if spec is None:
+            raise QtoolError(module, "stores packed weights but no config group of quantization_config targets it")
+        parts = {p: self.ckpt.get(f"{module}.{p}") for p in ct.PARTS if f"{module}.{p}" in self.ckpt.tensors}
+        return ct.PackedModule.from_parts(parts, spec, name=module)
 
     def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         if name in self.packed:
-            return ct.decompress(self.parts(name), self.spec, dtype=dtype, name=self.packed[name])
+            return self.module(name).dequantize(dtype)
         if name not in self.ckpt.tensors:
             raise QtoolError(self.ckpt.path, f"no tensor named {name!r}")
         t = self.ckpt.get(name)
@@ -58,11 +77,11 @@ class DenseView:
 
     def shape(self, name: str) -> tuple[int, ...]:
         if name in self.packed:
-            return tuple(int(d) for d in self.ckpt.get(f"{self.packed[name]}.weight_shape").tolist())
+            return tuple(int(d) for d in self.ckpt.get(f"{self.packed[name]}.{ct.SHAPE}").tolist())
         return self.ckpt.tensors[name].shape
 
     def dtype(self, name: str) -> torch.dtype:
         """Dense dtype: a packed weight decompresses to its scale's dtype."""
         if name in self.packed:
-            return self.ckpt.tensors[f"{self.packed[name]}.weight_scale"].dtype
+            return self.ckpt.tensors[f"{self.packed[name]}.{ct.SCALE}"].dtype
         return self.ckpt.tensors[name].dtype

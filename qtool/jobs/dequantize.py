@@ -9,6 +9,7 @@ import torch
 from ..checkpoint import CheckpointWriter, open_checkpoint
 from ..checkpoint.outputs import FOLDER, REPORT, guarded
 from ..errors import QtoolError
+from ..formats import compressed_tensors as ct
 from ..formats.dense import DenseView, dense_dtype
 from ..progress import NullProgress
 from ..report.render import write_json
@@ -24,8 +25,10 @@ def dequantize(source, out, dtype: str | torch.dtype | None = None, *, overwrite
     dtype = dense_dtype(dtype)
     ckpt = open_checkpoint(source, revision)
     view = DenseView(ckpt)
-    if view.spec is None:
-        raise QtoolError(source, "is not a compressed-tensors quantized checkpoint (no quantization_config in config.json)")
+    if view.scheme is None:
+        method = ct.quant_method(ckpt.config)
+        why = f"quantization_config's quant_method is {method!r}" if method else "no quantization_config in config.json"
+        raise QtoolError(source, f"is not a compressed-tensors quantized checkpoint ({why})")
 
     def out_dtype(name):
         d = view.dtype(name)

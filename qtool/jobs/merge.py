@@ -17,8 +17,10 @@ from ..lora.adapter import Adapter, read_adapter
 from ..lora.merge import all_finite, fused_merge_applies, merge_bias, merge_linear_cast, merge_weight, relative_norm
 from ..lora.plan import ModuleWeight, TensorOp, plan_merge
 from ..arch import FLOAT_DTYPES
+from ..formats import compressed_tensors as ct
 from ..formats.dense import dense_dtype
 from ..progress import NullProgress
+from ..quant.weight import quantize_weight
 from ..runtime import threads_per_worker, workers_for
 from .common import ordered_map, prefetch
 
@@ -206,36 +208,25 @@ def _copy_extra_files(w, bck, out_dtype) -> list[str]:
 # -- quantized bases --------------------------------------------------------------------------------------
 
 class _QuantizedBase:
-    """A compressed-tensors base (`quantization_config` in config.json): its modules' stored parts and scheme."""
+    """A compressed-tensors base: its packed modules (stored part names, logical shapes) and each one's scheme."""
 
-    def __init__(self, bck, ct, spec, qcfg):
-        self.bck, self.ct, self.spec, self.qcfg = bck, ct, spec, qcfg
-        self._parts: dict[str, list[str]] = {}
-        for name in bck.tensors:
-            module, _, local = name.rpartition(".")
-            if local in ct.PARAM_NAMES:
-                self._parts.setdefault(module, []).append(name)
+    def __init__(self, bck, scheme: ct.Scheme):
+        self.bck, self.scheme = bck, scheme
+        self._parts = {m: [f"{m}.{p}" for p in parts] for m, parts in ct.packed_modules(bck.tensors).items()}
         self.weights: dict[str, ModuleWeight] = {}
-        for module, names in self._parts.items():
-            if f"{module}.weight_packed" in bck.tensors:
-                shape = tuple(int(d) for d in bck.get(f"{module}.weight_shape").tolist())
-                self.weights[module] = ModuleWeight(f"{module}.weight_packed", shape, quantized=True)
+        for module in self._parts:
+            shape = tuple(int(d) for d in bck.get(f"{module}.{ct.SHAPE}").tolist())
+            self.weights[module] = ModuleWeight(f"{module}.{ct.PACKED}", shape, quantized=True)
 
     @classmethod
     def open(cls, bck) -> "_QuantizedBase | None":
-        qcfg = (bck.config or {}).get("quantization_config")
-        if not qcfg:
+        method = ct.quant_method(bck.config)
+        if method is None:
             return None
-        if qcfg.get("quant_method") != "compressed-tensors":
-            raise QtoolError(bck.root / "config.json", f"quantization method {qcfg.get('quant_method')!r}: "
+        if method != ct.QUANT_METHOD:
+            raise QtoolError(bck.root / "config.json", f"quantization method {method!r}: "
                                                        "merging into it is not implemented (compressed-tensors only)")
-        from ..formats import compressed_tensors as ct
-        spec = ct.spec_from_config(qcfg, path=bck.root / "config.json")[0]
-        method = (qcfg.get("qtool") or {}).get("method") if isinstance(qcfg.get("qtool"), dict) else None
-        if method not in ("rtn", "mse"):
-            method = "mse"  # gptq needs calibration data: mse is the best data-free requantization
-        spec = type(spec)(bits=spec.bits, symmetric=spec.symmetric, group_size=spec.group_size, method=method)
-        return cls(bck, ct, spec, qcfg)
+        return cls(bck, ct.detect(bck.config, bck.root / "config.json"))
 
     def module_weights(self) -> dict[str, ModuleWeight]:
         return self.weights
@@ -244,12 +235,23 @@ class _QuantizedBase:
         return self._parts.get(module, [])
 
     def is_param(self, name: str) -> bool:
-        module, _, local = name.rpartition(".")
-        return module in self._parts and local in self.ct.PARAM_NAMES
+        split = ct.split_name(name)
+        return split is not None and split[0] in self._parts
+
+    def spec(self, module: str):
+        """The module's scheme, requantized by the recorded method if it is data-free, else by mse (gptq needs
+        calibration data: mse is the best data-free requantization)."""
+        spec = self.scheme.spec_for(module)
+        if spec is None:
+            raise QtoolError(module, "stores packed weights but no config group of quantization_config targets it")
+        return spec.with_method(self.scheme.method if self.scheme.method in ("rtn", "mse") else "mse")
+
+    def module(self, module: str) -> ct.PackedModule:
+        local = {n.rpartition(".")[2]: self.bck.get(n) for n in self.parts(module)}
+        return ct.PackedModule.from_parts(local, self.spec(module), name=module)
 
     def dequantize(self, module: str) -> torch.Tensor:
-        local = {n.rpartition(".")[2]: self.bck.get(n) for n in self.parts(module)}
-        return self.ct.decompress(local, self.spec, dtype=torch.float32, name=module)
+        return self.module(module).dequantize(torch.float32)
 
     def requantize(self, module: str, merged: torch.Tensor):
         """Stored parts with the base's names, shapes and dtypes, and the dequantized result (for the error).
@@ -257,11 +259,10 @@ class _QuantizedBase:
         The merged float32 weight is first rounded to the scales' dtype (the dtype the base was quantized
         from), then quantized as `qtool quantize` would quantize that weight: same bits, symmetry, grouping.
         """
-        from ..quant.weight import quantize_weight
         names = self.parts(module)
-        scale_dtype = self.bck.tensors[f"{module}.weight_scale"].dtype
-        qw = quantize_weight(merged.to(scale_dtype), self.spec)
-        stored = self.ct.compress_packed(module, qw.packed, qw.scale, qw.zero_point, self.spec, tuple(merged.shape))
+        scale_dtype = self.bck.tensors[f"{module}.{ct.SCALE}"].dtype
+        qw = quantize_weight(merged.to(scale_dtype), self.spec(module))
+        stored = ct.PackedModule.from_weight(qw).named(module)
         if sorted(stored) != sorted(names):
             raise QtoolError(module, f"requantized parts {sorted(stored)} differ from the base's {sorted(names)}")
         for n in names:

@@ -18,7 +18,8 @@ from ..formats import compressed_tensors as ct
 from ..plan import keep_nonfinite, plan_quantization
 from ..progress import NullProgress
 from ..quant.core import dequantize, error_stats, scale_dtype_for
-from ..quant.weight import quantize_weight
+from ..quant.pack import pack_int32
+from ..quant.weight import QuantizedWeight, quantize_weight
 from ..quant.spec import QuantSpec
 from ..report.errors import gate, summarize
 from ..report.render import write_json
@@ -35,7 +36,8 @@ def _check_finite(name: str, w: torch.Tensor) -> None:
 
 def _output_specs(plan: TensorPlan, spec: QuantSpec) -> list[tuple]:
     if plan.quantize:
-        return ct.compressed_specs(plan.module, plan.shape, scale_dtype_for(plan.dtype), spec)
+        return [(f"{plan.module}.{local}", shape, dtype)
+                for local, (shape, dtype) in ct.layout(plan.shape, spec, scale_dtype_for(plan.dtype)).items()]
     return [(plan.name, plan.shape, plan.dtype)]
 
 
@@ -48,7 +50,7 @@ def quantize(source, out, spec: QuantSpec | None = None, *, include=(), exclude=
     spec = spec or QuantSpec()
     progress = progress or NullProgress()
     ckpt = open_checkpoint(source, revision)
-    if ((ckpt.config or {}).get("quantization_config") or {}).get("quant_method"):
+    if ct.quant_method(ckpt.config):
         raise QtoolError(ckpt.root / "config.json", "is already quantized; run `qtool dequantize` first")
     if ckpt.adapter_config is not None:
         raise QtoolError(source, "is a LoRA adapter; merge it first with `qtool merge-lora`")
@@ -82,7 +84,9 @@ def quantize(source, out, spec: QuantSpec | None = None, *, include=(), exclude=
         p = plans[name]
         err = error_stats(w, dequantize(q, scale, zp, spec, dtype=w.dtype))
         check(name, w, err)
-        return ct.compress(p.module, q.cpu(), scale.cpu(), None if zp is None else zp.cpu(), spec, p.shape), err
+        qw = QuantizedWeight(pack_int32(q.cpu(), spec.bits), scale.cpu(), None if zp is None else zp.cpu(), spec,
+                             p.shape, err, {})
+        return ct.PackedModule.from_weight(qw).named(p.module), err
 
     def emit(writer, name, w, q, scale, zp, extra=None):
         parts, errors[name] = encode(name, w, q, scale, zp)
@@ -99,7 +103,7 @@ def quantize(source, out, spec: QuantSpec | None = None, *, include=(), exclude=
         w = t.to(dev)
         qw = quantize_weight(w, spec, importance=importance.get(p.module)).cpu()
         check(name, w, qw.error)
-        parts = ct.compress_packed(p.module, qw.packed, qw.scale, qw.zero_point, spec, p.shape)
+        parts = ct.PackedModule.from_weight(qw).named(p.module)
         return name, parts, qw.error
 
     if allow_nonfinite:
@@ -135,7 +139,7 @@ def quantize(source, out, spec: QuantSpec | None = None, *, include=(), exclude=
                     progress.advance(ckpt.tensors[name].nbytes, description=name)
         ignore = sorted(p.module for p in plans.values() if p.linear and not p.quantize)
         config = dict(ckpt.config or {})
-        config["quantization_config"] = ct.quantization_config(spec, ignore)
+        config["quantization_config"] = ct.Scheme.of(spec, ignore).to_config()
         writer.write_json("config.json", config)
         copied = copy_side_files(ckpt, writer)
 

@@ -32,17 +32,14 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, device: str | 
     """
     ckpt = open_checkpoint(path, revision)
     device = torch.device(device)
-    spec = None
-    qcfg = (ckpt.config or {}).get("quantization_config")
-    if qcfg is not None:
-        spec = ct.spec_from_config(qcfg, path=str(ckpt.root / "config.json"))[0]
-    modules = ct.quantized_modules(ckpt.tensors)
-    if modules and spec is None:
+    scheme = ct.detect(ckpt.config, ckpt.root / "config.json")
+    modules = list(ct.packed_modules(ckpt.tensors))
+    if modules and scheme is None:
         raise QtoolError(ckpt.path, "holds packed weights but config.json has no compressed-tensors "
                                     "quantization_config")
     if model is None:
         model = _build_transformers(ckpt, dtype)
-    _fill(model, ckpt, spec, modules, device, dtype)
+    _fill(model, ckpt, scheme, modules, device, dtype)
     return model.eval()
 
 
@@ -78,7 +75,7 @@ def _stored_float_dtype(ckpt) -> torch.dtype:
     return torch.float32
 
 
-def _fill(model: nn.Module, ckpt, spec, modules: list[str], device: torch.device, dtype) -> None:
+def _fill(model: nn.Module, ckpt, scheme, modules: list[str], device: torch.device, dtype) -> None:
     """Replace the quantized modules, then load every other checkpoint tensor into its parameter or buffer."""
     # Every name a parameter is reachable by: tied weights (lm_head = embed_tokens) are one Parameter under
     # two names, and a meta Parameter replaced under one name must be replaced under all.
@@ -87,7 +84,7 @@ def _fill(model: nn.Module, ckpt, spec, modules: list[str], device: torch.device
         aliases.setdefault(id(p), []).append(name)
     consumed: set[str] = set()
     for m in modules:
-        consumed |= _swap_quantized(model, ckpt, spec, m, device, dtype)
+        consumed |= _swap_quantized(model, ckpt, scheme, m, device, dtype)
         # a quantized lm_head unties from the embedding: drop it from the alias lists
         for names in aliases.values():
             names[:] = [n for n in names if not n.startswith(m + ".")]
@@ -126,14 +123,17 @@ def _fill(model: nn.Module, ckpt, spec, modules: list[str], device: torch.device
     _finish(model, device, loaded)
 
 
-def _swap_quantized(model: nn.Module, ckpt, spec, m: str, device, dtype) -> set[str]:
+def _swap_quantized(model: nn.Module, ckpt, scheme, m: str, device, dtype) -> set[str]:
     try:
         old = model.get_submodule(m)
     except AttributeError:
         raise QtoolError(m, "the checkpoint quantizes a module the model does not have") from None
     out_in = (getattr(old, "out_features", None), getattr(old, "in_features", None))
     # clone: the reader maps the file (copy-on-write), and a loaded model owns its memory
-    parts = {p: ckpt.get(f"{m}.{p}").clone() for p in ct.PARAM_NAMES if f"{m}.{p}" in ckpt.tensors}
+    parts = {p: ckpt.get(f"{m}.{p}").clone() for p in ct.PARTS if f"{m}.{p}" in ckpt.tensors}
+    spec = scheme.spec_for(m)
+    if spec is None:
+        raise QtoolError(m, "stores packed weights but no config group of quantization_config targets it")
     bias = ckpt.get(f"{m}.bias").clone() if f"{m}.bias" in ckpt.tensors else None
     if bias is not None:
         old_b = getattr(old, "bias", None)

@@ -12,9 +12,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import QtoolError
+from ..formats import compressed_tensors as ct
 from ..quant.core import dequantize as dequantize_codes
 from ..quant.pack import packed_len, unpack_int32
 from ..quant.spec import QuantSpec
+from ..quant.weight import quantize_weight
 
 # Dense elements per tile. Small enough that a tile and its temporaries stay in a CPU's L2/L3 cache (the
 # matmul then reads the tile from cache) and a forward pass never allocates a large layer's dense weight;
@@ -40,43 +42,17 @@ class QuantLinear(nn.Module):
         weight_zero_point) without copying them (unless `device` moves them). Shapes and dtypes are checked
         against the scheme, so a wrong file fails here, not inside a matmul."""
         super().__init__()
-        for key in ("weight_packed", "weight_scale", "weight_shape"):
-            if key not in parts:
-                raise QtoolError(name, f"quantized module has no {key}")
-        shape = [int(s) for s in parts["weight_shape"].reshape(-1).tolist()]
-        if len(shape) != 2:
-            raise QtoolError(name, f"weight_shape {shape} is not 2-D")
-        out_f, in_f = shape
+        m = ct.PackedModule.from_parts(parts, spec, name)
+        out_f, in_f = m.shape
         self.in_features, self.out_features, self.spec = in_f, out_f, spec
-        zp = parts.get("weight_zero_point")
-        groups = spec.n_groups(in_f)
-        scale_shape = (1,) if spec.strategy == "tensor" else (out_f, groups)
-        expected = {"weight_packed": ((out_f, packed_len(in_f, spec.bits)), (torch.int32,)),
-                    "weight_scale": (scale_shape, (torch.float16, torch.bfloat16, torch.float32, torch.float64))}
-        if spec.symmetric:
-            if zp is not None and bool(torch.any(zp != 0)):
-                raise QtoolError(name, "symmetric scheme but the module has non-zero weight_zero_point")
-            zp = None
-        elif zp is None:
-            raise QtoolError(name, "asymmetric scheme but the module has no weight_zero_point")
-        elif spec.strategy == "tensor":  # not packed by compressed-tensors (tensor is not in PACK_ZP_STRATS)
-            expected["weight_zero_point"] = ((1,), (torch.int8, torch.int32, torch.int64))
-        else:
-            expected["weight_zero_point"] = ((packed_len(out_f, spec.bits), groups), (torch.int32,))
-        if spec.group_size > 0 and in_f % spec.group_size:
-            raise QtoolError(name, f"{in_f} input columns are not divisible by the group size {spec.group_size}")
-        for key, (want, dtypes) in expected.items():
-            t = zp if key == "weight_zero_point" else parts[key]
-            if tuple(t.shape) != want or t.dtype not in dtypes:
-                raise QtoolError(f"{name}.{key}", f"is {t.dtype} {list(t.shape)}, expected {list(want)} "
-                                                  f"({', '.join(str(d).replace('torch.', '') for d in dtypes)})")
-        self.register_buffer("weight_packed", parts["weight_packed"].to(device))
-        self.register_buffer("weight_scale", parts["weight_scale"].to(device))
-        self.register_buffer("weight_shape", torch.tensor(shape, dtype=torch.int64, device=device))
+        self.register_buffer(ct.PACKED, m.parts[ct.PACKED].to(device))
+        self.register_buffer(ct.SCALE, m.parts[ct.SCALE].to(device))
+        self.register_buffer(ct.SHAPE, torch.tensor(m.shape, dtype=torch.int64, device=device))
+        zp = m.parts.get(ct.ZERO_POINT)
         if zp is None:
             self.weight_zero_point = None
         else:
-            self.register_buffer("weight_zero_point", zp.to(device, torch.int8) if zp.dim() == 1 else zp.to(device))
+            self.register_buffer(ct.ZERO_POINT, zp.to(device))
         if bias is not None and tuple(bias.shape) != (out_f,):
             raise QtoolError(f"{name}.bias", f"has shape {list(bias.shape)}, expected [{out_f}]")
         self.bias = None if bias is None else nn.Parameter(bias.to(device), requires_grad=False)
@@ -85,27 +61,17 @@ class QuantLinear(nn.Module):
     def empty(cls, in_features: int, out_features: int, spec: QuantSpec, bias: bool = False,
               scale_dtype: torch.dtype = torch.bfloat16, device=None) -> "QuantLinear":
         """A zero layer of the given shape (fill it with load_state_dict)."""
-        groups = spec.n_groups(in_features)
-        parts = {"weight_packed": torch.zeros(out_features, packed_len(in_features, spec.bits), dtype=torch.int32),
-                 "weight_scale": torch.ones((1,) if spec.strategy == "tensor" else (out_features, groups),
-                                            dtype=scale_dtype),
-                 "weight_shape": torch.tensor([out_features, in_features])}
-        if not spec.symmetric:
-            parts["weight_zero_point"] = (torch.zeros(1, dtype=torch.int8) if spec.strategy == "tensor" else
-                                          torch.zeros(packed_len(out_features, spec.bits), groups, dtype=torch.int32))
+        parts = {local: torch.zeros(shape, dtype=dtype)
+                 for local, (shape, dtype) in ct.layout((out_features, in_features), spec, scale_dtype).items()}
+        parts[ct.SCALE] = torch.ones_like(parts[ct.SCALE])
+        parts[ct.SHAPE] = torch.tensor([out_features, in_features])
         b = torch.zeros(out_features, dtype=scale_dtype) if bias else None
         return cls(parts, spec, bias=b, device=device)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, spec: QuantSpec) -> "QuantLinear":
         """Quantize a dense linear with min-max round-to-nearest (compressed-tensors' RTN), whatever spec.method says."""
-        from ..formats import compressed_tensors as ct
-        from ..quant.weight import quantize_weight
-
-        w = linear.weight.detach()
-        qw = quantize_weight(w, spec.with_method("rtn"))
-        parts = ct.compress_packed("m", qw.packed, qw.scale, qw.zero_point, spec, tuple(w.shape))
-        parts = {k[len("m."):]: v for k, v in parts.items()}
+        parts = ct.PackedModule.from_weight(quantize_weight(linear.weight.detach(), spec.with_method("rtn"))).parts
         bias = None if linear.bias is None else linear.bias.detach().clone()
         return cls(parts, spec, bias=bias)
 

@@ -11,6 +11,7 @@ import torch
 
 from .. import __version__, arch
 from ..checkpoint import Checkpoint
+from ..errors import QtoolError
 from ..formats import compressed_tensors as ct
 from ..quant.spec import QuantSpec
 
@@ -19,34 +20,40 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def logical_tensors(ckpt: Checkpoint) -> list[dict]:
+def logical_tensors(ckpt: Checkpoint, scheme: ct.Scheme | None) -> list[dict]:
     """One row per logical tensor: name, shape, dtype, bytes, and for packed weights their stored parts."""
-    qcfg = (ckpt.config or {}).get("quantization_config")
-    spec = None
-    if qcfg and qcfg.get("quant_method") == "compressed-tensors":
-        spec = ct.spec_from_config(qcfg, path=ckpt.root / "config.json")[0]
-    parts: dict[str, dict[str, object]] = {}
-    for name, info in ckpt.tensors.items():
-        module, _, local = name.rpartition(".")
-        if spec is not None and local in ct.PARAM_NAMES:
-            parts.setdefault(module, {})[local] = info
+    packed = ct.packed_modules(ckpt.tensors) if scheme is not None else {}
     rows = []
     for name, info in ckpt.tensors.items():
         module, _, local = name.rpartition(".")
-        if module in parts and "weight_packed" in parts[module]:
-            if local != "weight_packed":
-                continue
-            group = parts[module]
-            shape = tuple(int(d) for d in ckpt.get(f"{module}.weight_shape").tolist()) if "weight_shape" in group else None
-            if shape is None:
-                shape = (info.shape[0], info.shape[1] * 32 // spec.bits)
-            rows.append({"name": f"{module}.weight", "shape": shape, "dtype": f"int{spec.bits}",
-                         "bytes": sum(p.nbytes for p in group.values()), "quantized": True,
-                         "reason": describe_scheme(spec), "stored": {k: v for k, v in sorted(group.items())}})
-        else:
+        if module not in packed:
             rows.append({"name": name, "shape": info.shape, "dtype": dtype_name(info.dtype), "bytes": info.nbytes,
                          "quantized": False, "reason": None, "stored": {local: info}})
-    return rows, spec
+            continue
+        if local != ct.PACKED:
+            continue
+        spec = scheme.spec_for(module)
+        if spec is None:
+            raise QtoolError(module, "stores packed weights but no config group of quantization_config targets it")
+        group = {p: ckpt.tensors[f"{module}.{p}"] for p in packed[module]}
+        if ct.SHAPE in group:
+            shape = tuple(int(d) for d in ckpt.get(f"{module}.{ct.SHAPE}").tolist())
+        else:
+            shape = (info.shape[0], info.shape[1] * 32 // spec.bits)
+        rows.append({"name": f"{module}.weight", "shape": shape, "dtype": f"int{spec.bits}",
+                     "bytes": sum(p.nbytes for p in group.values()), "quantized": True,
+                     "reason": describe_scheme(spec), "stored": group})
+    return rows
+
+
+def checkpoint_format(ckpt: Checkpoint, scheme: ct.Scheme | None) -> str:
+    """What a checkpoint is: 'peft-adapter (safetensors)', 'compressed-tensors pack-quantized (safetensors)',
+    'safetensors, 3 shards', 'pytorch', ..."""
+    if ckpt.adapter_config is not None:
+        return f"peft-adapter ({ckpt.storage})"
+    if scheme is not None:
+        return scheme.describe(ckpt.storage)
+    return ckpt.storage + (f", {len(ckpt.files)} shards" if len(ckpt.files) > 1 else "")
 
 
 def describe_scheme(spec: QuantSpec) -> str:
@@ -72,7 +79,7 @@ def estimate_bytes(rows: list[dict], config: dict | None) -> dict[str, int]:
         quantizable = arch.role(r["name"], tuple(r["shape"]), torch.float16, config).quantize
         for key, spec in schemes.items():
             if quantizable and not (spec.group_size > 0 and r["shape"][1] % spec.group_size):
-                est[key] += sum(math.prod(s) * d.itemsize for _, s, d in ct.compressed_specs("m", r["shape"], torch.float16, spec))
+                est[key] += sum(math.prod(s) * d.itemsize for s, d in ct.layout(r["shape"], spec, torch.float16).values())
             else:
                 est[key] += numel * 2
     return est
@@ -96,7 +103,8 @@ def lora_training_estimate(report: dict, config: dict | None, rank: int, adapter
 
 def size_report(ckpt: Checkpoint, source: str | None = None) -> dict:
     """The report schema of the design (§7) with the size fields filled; error fields empty."""
-    rows, spec = logical_tensors(ckpt)
+    scheme = ct.detect(ckpt.config, ckpt.root / "config.json")
+    rows = logical_tensors(ckpt, scheme)
     dtypes: dict[str, dict[str, int]] = {}
     for info in ckpt.tensors.values():
         d = dtypes.setdefault(dtype_name(info.dtype), {"tensors": 0, "parameters": 0, "bytes": 0})
@@ -106,24 +114,23 @@ def size_report(ckpt: Checkpoint, source: str | None = None) -> dict:
     parameters = sum(math.prod(r["shape"]) for r in rows)
     total = sum(info.nbytes for info in ckpt.tensors.values())
     quantization = None
-    if spec is not None:
-        qcfg = ckpt.config["quantization_config"]
+    if scheme is not None:
+        spec = scheme.uniform  # None when the config groups' schemes differ
         qrows = [r for r in rows if r["quantized"]]
         qparams = sum(math.prod(r["shape"]) for r in qrows)
         quantization = {
-            "bits": spec.bits, "symmetric": spec.symmetric, "group_size": spec.group_size,
-            "method": (qcfg.get("qtool") or {}).get("method") if isinstance(qcfg.get("qtool"), dict) else None,
-            "format": qcfg.get("format", "pack-quantized"), "ignored": list(qcfg.get("ignore") or []),
-            "provider": qcfg.get("provider"), "quantized_tensors": len(qrows),
+            "bits": spec and spec.bits, "symmetric": spec and spec.symmetric, "group_size": spec and spec.group_size,
+            "method": scheme.method, "format": ct.FORMAT, "ignored": list(scheme.ignore),
+            "provider": scheme.provider, "quantized_tensors": len(qrows),
             "bits_per_weight": round(8 * sum(r["bytes"] for r in qrows) / qparams, 4) if qparams else None,
-            "vllm_servable": spec.strategy != "tensor",
+            "vllm_servable": all(g.spec.strategy != "tensor" for g in scheme.groups),
         }
     layers = [{"name": r["name"], "shape": list(r["shape"]), "dtype": r["dtype"], "bytes": r["bytes"],
                "quantized": r["quantized"], "reason": r["reason"], "error": None} for r in rows]
     return {
         "qtool_version": __version__,
         "source": source if source is not None else str(ckpt.path),
-        "format": ckpt.kind,
+        "format": checkpoint_format(ckpt, scheme),
         "tensors": len(ckpt.tensors),
         "parameters": parameters,
         "bytes": total,
