@@ -61,12 +61,20 @@ def _emit(report: dict, as_json: bool, top: int = 10) -> None:
 
 
 def _finish(report: dict, as_json: bool, quiet: bool = False, top: int = 10) -> None:
+    """Print the report, then exit 3 (GateFailed) when any of its gates failed: the outputs are already written."""
     if as_json or not quiet:
         _emit(report, as_json, top)
+    from .eval.report import gate_failure
+    failures = []
     g = report.get("gate")
     if g and not g["passed"]:
-        raise GateFailed(report["source"], f"quality gate failed: {len(g['failed'])} tensors over max rel_error "
-                                           f"{g['max_rel_error']} (first: {g['failed'][0]})") from None
+        failures.append(gate_failure(report) if report.get("kind") == "eval" else
+                        f"{len(g['failed'])} tensors over max rel_error {g['max_rel_error']} (first: {g['failed'][0]})")
+    ev = report.get("eval")
+    if ev and ev.get("gate") and not ev["gate"]["passed"]:
+        failures.append(f"--eval: {gate_failure(ev)}")
+    if failures:
+        raise GateFailed(report.get("source") or report["model"], "quality gate failed: " + "; ".join(failures)) from None
 
 
 revision_option = click.option("--revision", default=None, help="Revision of a hub id (branch, tag or commit), from the local cache.")
@@ -99,6 +107,36 @@ class _Commands(click.Group):
             hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
             _fail(" ".join(e.format_message().split()) + hint, e.exit_code)
         sys.exit(code if isinstance(code, int) else 0)
+
+
+def gate_options(fn):
+    """--max-kld / --max-ppl-ratio / --min-top1: the output-quality gates of eval and of --eval."""
+    fn = click.option("--min-top1", type=click.FloatRange(0, 1), default=None, metavar="P",
+                      help="Gate: exit 3 when top-1 agreement with the reference is below P.")(fn)
+    fn = click.option("--max-ppl-ratio", type=click.FloatRange(min=0), default=None, metavar="R",
+                      help="Gate: exit 3 when ppl / reference ppl exceeds R.")(fn)
+    return click.option("--max-kld", type=click.FloatRange(min=0), default=None, metavar="X",
+                        help="Gate: exit 3 when the mean KL divergence to the reference (nats) exceeds X.")(fn)
+
+
+def eval_options(fn):
+    """--eval DATA and its gates, on the commands that write a model (the output is evaluated against the input)."""
+    fn = gate_options(fn)
+    return click.option("--eval", "eval_data", default=None, metavar="DATA",
+                        help="After writing OUT, evaluate it against the input on DATA (.txt, .jsonl, token-id "
+                             ".safetensors): ppl, KL divergence, top-1 agreement under the report's \"eval\".")(fn)
+
+
+def _eval_request(eval_data, max_kld, max_ppl_ratio, min_top1, **settings):
+    """The job's EvalOptions, or None without --eval (then no gate option may be given)."""
+    from .jobs.evaluate import EvalOptions
+    if eval_data is None:
+        given = [n for n, v in (("--max-kld", max_kld), ("--max-ppl-ratio", max_ppl_ratio), ("--min-top1", min_top1))
+                 if v is not None]
+        if given:
+            raise click.UsageError(f"{given[0]} gates the output's evaluation: pass --eval DATA as well")
+        return None
+    return EvalOptions(eval_data, max_kld=max_kld, max_ppl_ratio=max_ppl_ratio, min_top1=min_top1, **settings)
 
 
 @click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -160,13 +198,15 @@ def inspect(source, as_json, against, base, top, max_rel_error, lora_rank, revis
 @click.option("--max-rel-error", type=float, default=None, help="Quality gate: exit 3 when any quantized tensor's rel_error exceeds X.")
 @click.option("--allow-nonfinite", is_flag=True, help="Keep tensors with NaN/Inf unquantized instead of failing.")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard, e.g. 500MB, 2GB.")
+@eval_options
 @overwrite_option
 @quiet_option
 @json_option
 @revision_option
 @handle_errors
 def quantize(source, out, bits, symmetric, group_size, method, calib, calib_samples, seq_len, damp, device, include,
-             exclude, report_path, max_rel_error, allow_nonfinite, max_shard_size, overwrite, quiet, as_json, revision):
+             exclude, report_path, max_rel_error, allow_nonfinite, max_shard_size, eval_data, max_kld, max_ppl_ratio,
+             min_top1, overwrite, quiet, as_json, revision):
     """Quantize SOURCE's linear weights to int4/int8 in the compressed-tensors pack-quantized format.
 
     \b
@@ -175,6 +215,7 @@ def quantize(source, out, bits, symmetric, group_size, method, calib, calib_samp
     qtool quantize samples/tiny-llama -o out/rtn --method rtn --asymmetric
     qtool quantize samples/tiny-llama -o out/gptq --method gptq --calib samples/calib.txt
     qtool quantize MODEL -o OUT --exclude 'model.layers.0.*' --report report.json --max-rel-error 0.15
+    qtool quantize MODEL -o OUT --eval data.txt --max-kld 0.05 --min-top1 0.9   # gate on the output's quality
     """
     from .jobs.quantize import quantize as run
     from .progress import make_progress
@@ -184,11 +225,12 @@ def quantize(source, out, bits, symmetric, group_size, method, calib, calib_samp
     if group_size is not None and group_size < -1:
         raise click.BadParameter("must be N > 0, -1 (per channel) or 0 (per tensor)", param_hint="--group-size")
     spec = QuantSpec(bits=b, symmetric=symmetric, group_size=group_size, method=method)
+    evaluation = _eval_request(eval_data, max_kld, max_ppl_ratio, min_top1, seq_len=seq_len, device=device)
     with make_progress(quiet or as_json) as progress:
         report = run(source, out, spec, include=include, exclude=exclude, calib=calib, calib_samples=calib_samples,
                      seq_len=seq_len, damp=damp, device=device, report_path=report_path, max_rel_error=max_rel_error,
                      allow_nonfinite=allow_nonfinite, max_shard_bytes=parse_size(max_shard_size), overwrite=overwrite,
-                     revision=revision, progress=progress)
+                     revision=revision, progress=progress, eval_options=evaluation)
     _finish(report, as_json, quiet)
 
 
@@ -222,18 +264,23 @@ def calibrate(source, calib, out, calib_samples, seq_len, device, overwrite, qui
 @click.argument("source")
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
 @click.option("--dtype", type=DTYPES, default=None, help="Dense dtype (default: the scales' dtype).")
+@report_option
+@eval_options
 @overwrite_option
 @quiet_option
 @json_option
 @revision_option
 @handle_errors
-def dequantize(source, out, dtype, overwrite, quiet, as_json, revision):
+def dequantize(source, out, dtype, report_path, eval_data, max_kld, max_ppl_ratio, min_top1, overwrite, quiet, as_json,
+               revision):
     """Turn a pack-quantized checkpoint (qtool's or compressed-tensors') back into a dense one."""
     from .jobs.dequantize import dequantize as run
     from .progress import make_progress
     _imports_done()
+    evaluation = _eval_request(eval_data, max_kld, max_ppl_ratio, min_top1)
     with make_progress(quiet or as_json) as progress:
-        report = run(source, out, dtype=dtype, overwrite=overwrite, revision=revision, progress=progress)
+        report = run(source, out, dtype=dtype, overwrite=overwrite, revision=revision, progress=progress,
+                     report_path=report_path, eval_options=evaluation)
     _finish(report, as_json, quiet)
 
 
@@ -244,12 +291,14 @@ def dequantize(source, out, dtype, overwrite, quiet, as_json, revision):
 @click.option("--weight", "weights", multiple=True, type=float, help="Weight of each adapter, in order (default 1.0 each).")
 @click.option("--dtype", type=DTYPES, default=None, help="Output dtype of merged tensors (default: the base's).")
 @report_option
+@eval_options
 @overwrite_option
 @quiet_option
 @json_option
 @revision_option
 @handle_errors
-def merge_lora(base, adapters, out, weights, dtype, report_path, overwrite, quiet, as_json, revision):
+def merge_lora(base, adapters, out, weights, dtype, report_path, eval_data, max_kld, max_ppl_ratio, min_top1, overwrite,
+               quiet, as_json, revision):
     """Merge PEFT LoRA adapters into BASE's weights, exactly as PEFT would, one tensor at a time.
 
     \b
@@ -261,9 +310,49 @@ def merge_lora(base, adapters, out, weights, dtype, report_path, overwrite, quie
     _imports_done()
     if weights and len(weights) != len(adapters):
         raise click.BadParameter(f"got {len(weights)} weights for {len(adapters)} adapters", param_hint="--weight")
+    evaluation = _eval_request(eval_data, max_kld, max_ppl_ratio, min_top1)
     with make_progress(quiet or as_json) as progress:
         report = run(base, list(adapters), out, weights=list(weights) or None, dtype=dtype, overwrite=overwrite,
-                     revision=revision, progress=progress, report_path=report_path)
+                     revision=revision, progress=progress, report_path=report_path, eval_options=evaluation)
+    _finish(report, as_json, quiet)
+
+
+@main.command("eval")
+@click.argument("model")
+@click.option("--ref", default=None, help="Reference model (e.g. the unquantized source): adds ref_ppl, ppl_ratio, KL divergence, top-1 agreement.")
+@click.option("--data", required=True, metavar="DATA",
+              help="Text (.txt, one text cut into --seq-len windows), .jsonl (text field, one window per record) or token ids (.safetensors input_ids, one window per row).")
+@click.option("--seq-len", type=click.IntRange(min=2), default=512, show_default=True, help="Tokens per window.")
+@click.option("--samples", type=click.IntRange(min=1), default=None, metavar="N", help="Keep the first N windows (default: all).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, metavar="B",
+              help="Windows walked through the models together; memory grows with B, and each batch reads both models once. Default: 8192 tokens' worth.")
+@device_option
+@gate_options
+@report_option
+@json_option
+@quiet_option
+@revision_option
+@handle_errors
+def eval_(model, ref, data, seq_len, samples, batch_size, device, max_kld, max_ppl_ratio, min_top1, report_path, as_json,
+          quiet, revision):
+    """Perplexity of MODEL on DATA and, with --ref, how far its next-token distributions moved from REF's.
+
+    Both models are walked block by block in lockstep, so memory stays near one block of each model plus the
+    hidden states of a batch of windows. The tokenizer is REF's (else MODEL's).
+
+    \b
+    qtool eval out/int4 --ref samples/tiny-llama --data samples/eval.txt
+    qtool eval out/int4 --ref SOURCE --data wiki.txt --max-kld 0.05 --max-ppl-ratio 1.05 --min-top1 0.9 --report eval.json
+    """
+    if ref is None and any(v is not None for v in (max_kld, max_ppl_ratio, min_top1)):
+        raise click.UsageError("--max-kld, --max-ppl-ratio and --min-top1 compare MODEL with a reference: pass --ref")
+    from .jobs.evaluate import evaluate as run
+    from .progress import make_progress
+    _imports_done()
+    with make_progress(quiet or as_json) as progress:
+        report = run(model, data, ref=ref, seq_len=seq_len, samples=samples, batch_size=batch_size, device=device,
+                     max_kld=max_kld, max_ppl_ratio=max_ppl_ratio, min_top1=min_top1, report_path=report_path,
+                     revision=revision, progress=progress)
     _finish(report, as_json, quiet)
 
 

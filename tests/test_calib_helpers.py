@@ -10,20 +10,20 @@ import torch
 VOCAB = 96
 
 
-def tiny_model(kind: str):
+def tiny_model(kind: str, vocab: int = VOCAB):
     import transformers as tf
     torch.manual_seed(0)
     if kind in ("llama", "mistral", "qwen2"):
         cls = {"llama": tf.LlamaConfig, "mistral": tf.MistralConfig, "qwen2": tf.Qwen2Config}[kind]
         cfg = cls(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=128, tie_word_embeddings=False)
+                  num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=128, tie_word_embeddings=False)
         model = tf.AutoModelForCausalLM.from_config(cfg)
     elif kind == "gpt2":
-        cfg = tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=128)
+        cfg = tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=vocab, n_positions=128)
         model = tf.GPT2LMHeadModel(cfg)
     elif kind == "bert":
         cfg = tf.BertConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                            vocab_size=VOCAB, max_position_embeddings=128)
+                            vocab_size=vocab, max_position_embeddings=128)
         model = tf.BertModel(cfg, add_pooling_layer=True)
     else:
         raise ValueError(kind)
@@ -35,8 +35,8 @@ def tiny_model(kind: str):
     return model.eval()
 
 
-def save_tiny(kind: str, folder: Path):
-    model = tiny_model(kind)
+def save_tiny(kind: str, folder: Path, vocab: int = VOCAB):
+    model = tiny_model(kind, vocab)
     model.save_pretrained(folder)
     return model
 

@@ -14,6 +14,7 @@ each runs through the model on its own, so no padding token ever enters the stat
 from __future__ import annotations
 
 import json
+from itertools import islice
 from pathlib import Path
 
 import torch
@@ -51,25 +52,19 @@ def _check_counts(path: Path, samples: int, seq_len: int) -> None:
         raise QtoolError(path, f"--seq-len must be at least 1, not {seq_len}")
 
 
-def _read_lines(path: Path) -> list[str]:
+def read_text(path: Path) -> str:
     try:
-        return path.read_text(encoding="utf-8").splitlines()
+        return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
-        raise QtoolError(path, f"calibration text is not utf-8 ({e.reason} at byte {e.start})") from None
+        raise QtoolError(path, f"text is not utf-8 ({e.reason} at byte {e.start})") from None
     except OSError as e:
-        raise QtoolError(path, f"cannot read calibration data ({e.strerror})") from None
+        raise QtoolError(path, f"cannot read the file ({e.strerror})") from None
 
 
-def _texts(path: Path, samples: int) -> list[str]:
-    texts: list[str] = []
-    jsonl = path.suffix.lower() in JSONL_SUFFIXES
-    for lineno, line in enumerate(_read_lines(path), 1):
-        if len(texts) == samples:
-            break
+def jsonl_texts(path: Path):
+    """The string `text` of each JSON object per line (blank lines skipped), in file order."""
+    for lineno, line in enumerate(read_text(path).splitlines(), 1):
         if not line.strip():
-            continue
-        if not jsonl:
-            texts.append(line.strip())
             continue
         try:
             obj = json.loads(line)
@@ -79,8 +74,15 @@ def _texts(path: Path, samples: int) -> list[str]:
             raise QtoolError(path, f"line {lineno} is not valid JSON (nested too deeply or a number too long)") from None
         if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
             raise QtoolError(path, f"line {lineno} has no string field 'text'")
-        if obj["text"].strip():
-            texts.append(obj["text"])
+        yield obj["text"]
+
+
+def _texts(path: Path, samples: int) -> list[str]:
+    if path.suffix.lower() in JSONL_SUFFIXES:
+        texts = (t for t in jsonl_texts(path) if t.strip())
+    else:
+        texts = (line.strip() for line in read_text(path).splitlines() if line.strip())
+    texts = list(islice(texts, samples))  # lines past the first `samples` are not parsed
     if not texts:
         raise QtoolError(path, "calibration file holds no non-empty samples")
     return texts
@@ -109,7 +111,8 @@ def _tokenize(texts: list[str], tokenizer_dir, seq_len: int) -> list[torch.Tenso
     return out
 
 
-def _token_file(path: Path, samples: int, seq_len: int) -> list[torch.Tensor]:
+def token_rows(path: Path, samples: int | None, seq_len: int) -> list[torch.Tensor]:
+    """The first `samples` rows of `input_ids` (all when None), masked positions dropped, cut to `seq_len`."""
     from safetensors.torch import load_file
     if _safetensors_metadata(path).get("format") == STATS_FORMAT:
         raise QtoolError(path, "is a calibration statistics file, not calibration data (it can only feed --method mse)")
@@ -119,7 +122,7 @@ def _token_file(path: Path, samples: int, seq_len: int) -> list[torch.Tensor]:
         raise QtoolError(path, f"not a readable safetensors file ({_first_line(e)})") from None
     ids = tensors.get("input_ids")
     if ids is None:
-        raise QtoolError(path, "safetensors calibration data needs a tensor 'input_ids' [samples, tokens]")
+        raise QtoolError(path, "safetensors token data needs a tensor 'input_ids' [samples, tokens]")
     if ids.ndim == 1:
         ids = ids.unsqueeze(0)
     if ids.ndim != 2 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
@@ -128,7 +131,7 @@ def _token_file(path: Path, samples: int, seq_len: int) -> list[torch.Tensor]:
     if mask is not None and mask.shape != ids.shape:
         raise QtoolError(path, f"'attention_mask' {tuple(mask.shape)} does not match 'input_ids' {tuple(ids.shape)}")
     out = []
-    for i in range(min(samples, ids.shape[0])):
+    for i in range(ids.shape[0] if samples is None else min(samples, ids.shape[0])):
         row = ids[i] if mask is None else ids[i][mask[i] != 0]
         if row.numel():
             out.append(row[:seq_len].long().clone())
@@ -147,7 +150,7 @@ def load_calibration(path: str | Path, tokenizer_dir: str | Path | None, samples
     if path.stat().st_size == 0:
         raise QtoolError(path, "calibration file is empty")
     if path.suffix.lower() == ".safetensors":
-        out = _token_file(path, samples, seq_len)
+        out = token_rows(path, samples, seq_len)
     else:
         out = _tokenize(_texts(path, samples), tokenizer_dir, seq_len)
     out = [ids for ids in out if ids.numel()]

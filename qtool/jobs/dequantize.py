@@ -15,11 +15,12 @@ from ..progress import NullProgress
 from ..report.render import write_json
 from ..report.size import size_report
 from .common import copy_side_files, timing
+from .evaluate import attach as attach_eval
 
 
 @guarded(inputs=("source",), outputs={"out": FOLDER, "report_path": REPORT})
 def dequantize(source, out, dtype: str | torch.dtype | None = None, *, overwrite=False, revision=None,
-               max_shard_bytes=None, report_path=None, progress=None) -> dict:
+               max_shard_bytes=None, report_path=None, progress=None, eval_options=None) -> dict:
     start = time.perf_counter()
     progress = progress or NullProgress()
     dtype = dense_dtype(dtype)
@@ -52,6 +53,7 @@ def dequantize(source, out, dtype: str | torch.dtype | None = None, *, overwrite
     report["timing"] = timing(start, sum(i.nbytes for i in ckpt.tensors.values()))
     report["output"] = str(out)
     report["copied_files"] = copied
+    attach_eval(report, out, source, eval_options, revision=revision, progress=progress)
     if report_path is not None:
         write_json(report, report_path)
     return report

@@ -23,17 +23,19 @@ from ..progress import NullProgress
 from ..quant.weight import quantize_weight
 from ..runtime import threads_per_worker, workers_for
 from .common import ordered_map, prefetch
+from .evaluate import attach as attach_eval
 
 
 @guarded(inputs=("base", "adapters"), outputs={"out": FOLDER, "report_path": REPORT})
 def merge_lora(base: str, adapters: list[str], out: str, weights: list[float] | None = None,
                dtype: str | torch.dtype | None = None, overwrite: bool = False, revision: str | None = None,
-               progress=None, report_path: str | None = None) -> dict:
+               progress=None, report_path: str | None = None, eval_options=None) -> dict:
     """Merge `adapters` (PEFT folders or hub ids) into `base` and write the result to `out`.
 
     weights: one per adapter (default 1.0 each): W + Σ wᵢ·sᵢ·Bᵢ@Aᵢ. dtype: output dtype of the floating
     tensors (default: each tensor's own). Returns the report (design §7) with a `lora` block and, per merged
     tensor, `delta_rel_norm` = ‖W'−W‖/‖W‖ and, for a quantized base, the requantization `error`.
+    eval_options (jobs.evaluate.EvalOptions): evaluate OUT against BASE afterwards, under report["eval"].
     """
     start = time.perf_counter()
     progress = progress or NullProgress()
@@ -88,6 +90,7 @@ def merge_lora(base: str, adapters: list[str], out: str, weights: list[float] | 
         extra = _copy_extra_files(w, bck, out_dtype)
     report = _report(out, base, adapters, ads, weights, bck, plan, rows, start)
     report["copied_files"] = extra
+    attach_eval(report, out, base, eval_options, revision=revision, progress=progress)
     if report_path:
         from ..report.render import write_json
         write_json(report, report_path)

@@ -26,6 +26,7 @@ from ..report.render import write_json
 from ..report.size import describe_scheme, size_report
 from ..runtime import resolve_device, threads_per_worker, workers_for
 from .common import copy_side_files, ordered_map, prefetch, timing
+from .evaluate import attach as attach_eval
 
 
 def _check_finite(name: str, w: torch.Tensor) -> None:
@@ -44,8 +45,9 @@ def _output_specs(plan: TensorPlan, spec: QuantSpec) -> list[tuple]:
 @guarded(inputs=("source", "calib"), outputs={"out": FOLDER, "report_path": REPORT})
 def quantize(source, out, spec: QuantSpec | None = None, *, include=(), exclude=(), calib=None, calib_samples=128,
              seq_len=512, damp=0.01, device="auto", report_path=None, max_rel_error=None, allow_nonfinite=False,
-             max_shard_bytes=None, overwrite=False, revision=None, progress=None) -> dict:
-    """Quantize SOURCE into OUT (compressed-tensors pack-quantized); returns the report (design §7)."""
+             max_shard_bytes=None, overwrite=False, revision=None, progress=None, eval_options=None) -> dict:
+    """Quantize SOURCE into OUT (compressed-tensors pack-quantized); returns the report (design §7).
+    eval_options (jobs.evaluate.EvalOptions): evaluate OUT against SOURCE afterwards, under report["eval"]."""
     start = time.perf_counter()
     spec = spec or QuantSpec()
     progress = progress or NullProgress()
@@ -160,6 +162,7 @@ def quantize(source, out, spec: QuantSpec | None = None, *, include=(), exclude=
     report["timing"] = timing(start, sum(i.nbytes for i in ckpt.tensors.values()))
     report["output"] = str(out)
     report["copied_files"] = copied
+    attach_eval(report, out, source, eval_options, revision=revision, progress=progress)
     if report_path is not None:
         write_json(report, report_path)
     return report

@@ -43,9 +43,12 @@ def write_json(report: dict, path) -> None:
 
 
 def render(report: dict, top: int = 10, console: Console | None = None) -> None:
-    """Print the summary tables of any report (inspect, quantize, merge-lora)."""
+    """Print the summary tables of any report (inspect, quantize, merge-lora, eval)."""
     # Logs are not terminals: give tables room so tensor names are never cut.
     console = console or Console(file=sys.stdout, width=None if sys.stdout.isatty() else 200)
+    if report.get("kind") == "eval":
+        from .evaluation import render_eval
+        return render_eval(report, console, top)
     head = Table(title=f"qtool {report['qtool_version']}: {report['source']}", show_header=False, title_justify="left")
     head.add_column(style="bold")
     head.add_column()
@@ -130,7 +133,11 @@ def render(report: dict, top: int = 10, console: Console | None = None) -> None:
 
 
 def _render_gate(report: dict, console: Console) -> None:
+    """The report's last lines: its rel_error gate and, after `--eval`, the evaluation of the output."""
     g = report.get("gate")
     if g:
         verdict = "[green]passed[/]" if g["passed"] else f"[red]FAILED[/] ({len(g['failed'])} tensors: {', '.join(g['failed'][:5])}{'…' if len(g['failed']) > 5 else ''})"
         console.print(f"quality gate max_rel_error {g['max_rel_error']}: {verdict}")
+    if report.get("eval"):
+        from .evaluation import render_eval
+        render_eval(report["eval"], console)

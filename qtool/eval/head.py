@@ -1,0 +1,110 @@
+"""Per-position next-token metrics from final hidden states, the LM head applied in vocabulary chunks.
+
+Logits are float32 (the head runs in float32 whatever the model's dtype) and only ever exist as tiles of
+[tokens, vocabulary chunk]: a 150k-token vocabulary never becomes a [tokens, vocab] matrix. One pass over the
+chunks keeps, per position and model, the running max m and s = Σ exp(z − m) rescaled whenever m grows (an online
+logsumexp), the target's logit and the argmax; and for the reference also a = Σ exp(z_ref − m_ref)·(z_ref − z),
+rescaled with s_ref. At the end, with logZ = m + log s:
+
+    NLL = logZ − z[target]
+    KL(P_ref ‖ P) = Σ p_ref·(log p_ref − log p) = a / s_ref − logZ_ref + logZ      (nats, full vocabulary)
+
+Tiles are float32 (z − m ≤ 0, its exp, z_ref − z); every sum, rescaling and the final combination are float64,
+so the result equals the direct float32-logits computation to about 1e-7 absolute. Where both models give the
+same logits bit for bit, a is exactly 0 and both logZ are the same bits: KL is exactly 0.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+TILE_ELEMENTS = 1 << 22          # logits per tile: 16 MB of float32
+WEIGHT_CHUNK_BYTES = 64 << 20    # float32 head rows converted at once, per model
+
+
+@dataclass
+class Scores:
+    """Per predicted position (CPU): the model's NLL; with a reference, its NLL, the KL and argmax agreement."""
+    nll: torch.Tensor                     # float64 [P]
+    nll_ref: torch.Tensor | None = None   # float64 [P]
+    kld: torch.Tensor | None = None       # float64 [P], KL(P_ref ‖ P_model) ≥ 0
+    agree: torch.Tensor | None = None     # bool [P], argmax_ref == argmax_model (first index on ties)
+
+
+class _Online:
+    """One model's running statistics over the vocabulary chunks seen so far, for P positions."""
+
+    def __init__(self, n: int, device: torch.device):
+        self.m = torch.full((n,), -torch.inf, dtype=torch.float32, device=device)   # running max logit
+        self.s = torch.zeros(n, dtype=torch.float64, device=device)                 # Σ exp(z − m)
+        self.arg = torch.zeros(n, dtype=torch.long, device=device)                  # index of the first max
+        self.target = torch.zeros(n, dtype=torch.float32, device=device)            # z[target]
+
+    def update(self, z: torch.Tensor, r: slice, c0: int, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fold tile z [rows r, columns c0:c0+c] in; returns (exp(z − m_new), the factor old sums are rescaled by)."""
+        cmax, carg = z.max(dim=1)
+        m_old = self.m[r]
+        grew = cmax > m_old                      # strictly: an equal later maximum keeps the first index
+        m_new = torch.where(grew, cmax, m_old)
+        rescale = torch.exp(m_old.double() - m_new.double())   # exp(-inf) = 0 on the first chunk
+        e = torch.exp(z - m_new[:, None])
+        self.s[r] = self.s[r] * rescale + e.sum(dim=1, dtype=torch.float64)
+        self.m[r] = m_new
+        self.arg[r] = torch.where(grew, carg + c0, self.arg[r])
+        local = targets - c0
+        inside = (local >= 0) & (local < z.shape[1])
+        if bool(inside.any()):
+            rows = inside.nonzero().squeeze(1)
+            self.target[r][rows] = z[rows, local[rows]]
+        return e, rescale
+
+    def log_normalizer(self) -> torch.Tensor:
+        return self.m.double() + torch.log(self.s)
+
+    def nll(self) -> torch.Tensor:
+        return self.log_normalizer() - self.target.double()
+
+
+def chunk_sizes(vocab: int, hidden: int) -> tuple[int, int]:
+    """(vocabulary rows per chunk, positions per tile): fixed by the shapes alone, so runs are deterministic."""
+    rows = max(1, min(vocab, WEIGHT_CHUNK_BYTES // (4 * hidden)))
+    return rows, max(1, TILE_ELEMENTS // rows)
+
+
+def _chunk(head: tuple, v0: int, v1: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    w, b = head
+    return w[v0:v1].to(device, torch.float32), None if b is None else b[v0:v1].to(device, torch.float32)
+
+
+@torch.no_grad()
+def score(hidden: torch.Tensor, head: tuple, targets: torch.Tensor, ref: tuple | None = None,
+          vocab_chunk: int | None = None, tile: int | None = None) -> Scores:
+    """Metrics of `hidden` [P, H] (final-norm outputs) under `head` = (weight [V, H], bias | None) for next tokens
+    `targets` [P]; with `ref` = (hidden_ref, head_ref), also the reference's NLL, KL(P_ref ‖ P) and agreement."""
+    device = hidden.device
+    n = hidden.shape[0]
+    vocab = head[0].shape[0]
+    rows, per_tile = chunk_sizes(vocab, hidden.shape[1])
+    rows, per_tile = vocab_chunk or rows, tile or per_tile
+    targets = targets.to(device)
+    model = _Online(n, device)
+    other = _Online(n, device) if ref is not None else None
+    a = torch.zeros(n, dtype=torch.float64, device=device) if ref is not None else None
+    for v0 in range(0, vocab, rows):
+        v1 = min(vocab, v0 + rows)
+        w, b = _chunk(head, v0, v1, device)
+        wr, br = _chunk(ref[1], v0, v1, device) if ref is not None else (None, None)
+        for p0 in range(0, n, per_tile):
+            r = slice(p0, min(n, p0 + per_tile))
+            z = torch.nn.functional.linear(hidden[r].float(), w, b)
+            model.update(z, r, v0, targets[r])
+            if ref is None:
+                continue
+            zr = torch.nn.functional.linear(ref[0][r].float(), wr, br)
+            e, rescale = other.update(zr, r, v0, targets[r])
+            a[r] = a[r] * rescale + (e * (zr - z)).sum(dim=1, dtype=torch.float64)
+    if ref is None:
+        return Scores(model.nll().cpu())
+    kld = (a / other.s + (model.log_normalizer() - other.log_normalizer())).clamp_min(0.0)
+    return Scores(model.nll().cpu(), other.nll().cpu(), kld.cpu(), (model.arg == other.arg).cpu())

@@ -1,0 +1,105 @@
+"""Walk MODEL (and REF) block by block in lockstep on batches of windows, then score the next-token distributions.
+
+Per batch of windows: each model embeds the batch; for each block, the reference block is loaded, run and freed,
+then the evaluated one; both hidden states stay, and ‖h_model − h_ref‖ / ‖h_ref‖ over the batch's tokens
+accumulates per block. After the last block each model's final norm runs and the heads score every predicted
+position (`head.score`, vocabulary chunks). Windows of different lengths are right-padded to the longest in the
+batch and no attention mask is passed: in a causal decoder a position never sees a later one, so padding cannot
+change any real position, and padded positions are never scored.
+
+Memory: one block of one model at a time, plus both models' hidden states of one batch of windows.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..progress import NullProgress
+from .head import Scores, score
+from .stages import ModelStages
+
+DEFAULT_BATCH_TOKENS = 8192  # default windows per batch: this many tokens at --seq-len
+
+
+@dataclass
+class Walked:
+    """What the walk measured, on the CPU: per predicted position scores, per block hidden-state sums."""
+    scores: list[Scores] = field(default_factory=list)
+    diff_sq: torch.Tensor | None = None      # float64 [blocks]: Σ ‖h_model − h_ref‖² over real tokens
+    ref_sq: torch.Tensor | None = None       # float64 [blocks]: Σ ‖h_ref‖²
+
+    def cat(self, name: str) -> torch.Tensor | None:
+        parts = [getattr(s, name) for s in self.scores]
+        return None if parts[0] is None else torch.cat(parts)
+
+    def hidden_rel_errors(self) -> list[float] | None:
+        if self.diff_sq is None:
+            return None
+        return [float(d.sqrt() / r.sqrt()) if r > 0 else (0.0 if d == 0 else float("inf"))
+                for d, r in zip(self.diff_sq, self.ref_sq)]
+
+
+def default_batch_size(seq_len: int) -> int:
+    return max(1, DEFAULT_BATCH_TOKENS // seq_len)
+
+
+def _pad(windows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    lengths = torch.tensor([w.numel() for w in windows])
+    ids = torch.zeros(len(windows), int(lengths.max()), dtype=torch.long)
+    for i, w in enumerate(windows):
+        ids[i, : w.numel()] = w
+    return ids, lengths
+
+
+def _sq_diff(hm: torch.Tensor, hr: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Σ‖hm − hr‖², Σ‖hr‖²) over each window's real tokens, in float32 per window and float64 across them."""
+    d = torch.zeros((), dtype=torch.float64, device=hr.device)
+    r = torch.zeros((), dtype=torch.float64, device=hr.device)
+    for b, n in enumerate(lengths.tolist()):
+        x, y = hm[b, :n].float(), hr[b, :n].float()
+        d += torch.linalg.vector_norm(x - y, dtype=torch.float64) ** 2
+        r += torch.linalg.vector_norm(y, dtype=torch.float64) ** 2
+    return d, r
+
+
+def walk(model: ModelStages, ref: ModelStages | None, windows: list[torch.Tensor], batch_size: int,
+         progress=None) -> Walked:
+    progress = progress or NullProgress()
+    out = Walked()
+    walkers = [model] if ref is None else [model, ref]
+    blocks = model.num_blocks
+    if ref is not None:
+        out.diff_sq = torch.zeros(blocks, dtype=torch.float64)
+        out.ref_sq = torch.zeros(blocks, dtype=torch.float64)
+    batches = [windows[i:i + batch_size] for i in range(0, len(windows), batch_size)]
+    progress.start("evaluating", len(batches) * blocks)
+    for batch in batches:
+        ids, lengths = _pad(batch)
+        xs = [w.embed(ids) for w in walkers]
+        for i in range(blocks):
+            for w, x in zip(reversed(walkers), reversed(xs)):   # the reference block first, then the model's
+                with w.block(i) as layer:
+                    w.run(layer, x)
+            if ref is not None:
+                d, r = _sq_diff(xs[0].hidden, xs[1].hidden, lengths)
+                out.diff_sq[i] += d.cpu()
+                out.ref_sq[i] += r.cpu()
+            progress.advance(1, description=f"block {i}")
+        out.scores.append(_score(walkers, xs, ids, lengths))
+    return out
+
+
+def _score(walkers: list[ModelStages], xs: list, ids: torch.Tensor, lengths: torch.Tensor) -> Scores:
+    """Every predicted position of the batch (each window's positions but its last) against the next token."""
+    pos = torch.arange(ids.shape[1])
+    predicts = pos[None, :] < (lengths - 1)[:, None]            # [B, L]: position t predicts token t + 1
+    targets = torch.roll(ids, -1, dims=1)[predicts]
+    finals = []
+    for w, x in zip(walkers, xs):
+        h = w.final_norm(x.hidden)
+        x.hidden = None                                       # the last block's output is not needed any more
+        finals.append(h[predicts.to(h.device)])
+    heads = [w.head() for w in walkers]
+    ref = (finals[1], heads[1]) if len(walkers) > 1 else None
+    return score(finals[0], heads[0], targets, ref=ref)
