@@ -5,6 +5,7 @@ The Python API is what the command line calls:
     import qtool
     report = qtool.quantize("model/", "model-int4/", qtool.QuantSpec(bits=4, group_size=128, method="mse"))
     report = qtool.inspect("model-int4/", against="model/")
+    report = qtool.evaluate("model-int4/", "eval.txt", ref="model/")   # ppl, KL divergence, top-1 agreement
     report = qtool.merge_lora("model/", ["adapter/"], "merged/")
     model = qtool.load("model-int4/")                    # QuantLinear modules run from the packed bytes
     name = qtool.attach_adapter(model, "adapter/")
@@ -19,6 +20,8 @@ _API = {
     "dequantize": ("qtool.jobs.dequantize", "dequantize"),
     "merge_lora": ("qtool.jobs.merge", "merge_lora"),
     "calibrate": ("qtool.jobs.calibrate", "calibrate"),
+    "evaluate": ("qtool.jobs.evaluate", "evaluate"),
+    "EvalOptions": ("qtool.jobs.evaluate", "EvalOptions"),
     "load": ("qtool.nn.load", "load"),
     "attach_adapter": ("qtool.nn.lora", "attach_adapter"),
     "QuantLinear": ("qtool.nn.quant_linear", "QuantLinear"),

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qtool.eval.head import TILE_ELEMENTS, WEIGHT_CHUNK_BYTES, chunk_sizes, score
+from qtool.eval.head import TILE_ELEMENTS, WEIGHT_CHUNK_BYTES, Head, chunk_sizes, score
 
 
 def _case(p=96, h=32, v=150_000, seed=0, scale=1.0, noise=0.05):
@@ -15,13 +15,13 @@ def _case(p=96, h=32, v=150_000, seed=0, scale=1.0, noise=0.05):
     hid_r = hid + noise * torch.randn(p, h, generator=g)
     w_r = w + noise * scale * torch.randn(v, h, generator=g)
     y = torch.randint(0, v, (p,), generator=g)
-    return hid, (w, b), hid_r, (w_r, None), y
+    return hid, Head(w, b), hid_r, Head(w_r), y
 
 
 def _direct(hid, head, hid_r, head_r, y):
     """Full [positions, vocab] logits in float32, then float64 log-softmax, NLL and KL."""
-    z = hid @ head[0].T + head[1]
-    zr = hid_r @ head_r[0].T
+    z = hid @ head.weight.T + head.bias
+    zr = hid_r @ head_r.weight.T
     lp, lpr = torch.log_softmax(z.double(), -1), torch.log_softmax(zr.double(), -1)
     rows = torch.arange(len(y))
     return -lp[rows, y], -lpr[rows, y], (lpr.exp() * (lpr - lp)).sum(-1), z.argmax(-1) == zr.argmax(-1)
@@ -51,14 +51,14 @@ def test_chunking_does_not_change_the_result():
 
 def test_same_logits_give_exactly_zero():
     hid, head, _, _, y = _case(v=5000)
-    s = score(hid, head, y, ref=(hid.clone(), (head[0].clone(), head[1].clone())), vocab_chunk=333, tile=7)
+    s = score(hid, head, y, ref=(hid.clone(), Head(head.weight.clone(), head.bias.clone())), vocab_chunk=333, tile=7)
     assert torch.equal(s.kld, torch.zeros_like(s.kld)) and s.agree.all() and torch.equal(s.nll, s.nll_ref)
 
 
 def test_far_apart_distributions():
     """Nearly disjoint supports: KL is large and still exact to float rounding."""
     hid, head, _, _, y = _case(v=3000)
-    other = (-head[0], None)
+    other = Head(-head.weight)
     nll, nll_r, kld, agree = _direct(hid, head, hid, other, y)
     s = score(hid, head, y, ref=(hid, other), vocab_chunk=256, tile=10)
     assert kld.min() > 1 and (s.kld - kld).abs().max() < 1e-5 * kld.max()
@@ -74,9 +74,9 @@ def test_argmax_ties_take_the_first_index_across_chunks():
     w_r[31, 0] = 2.0                  # the reference's max is 31 alone
     hid = torch.tensor([[1.0, 0, 0, 0]])
     y = torch.tensor([7])
-    s = score(hid, (w, None), y, ref=(hid, (w_r, None)), vocab_chunk=10, tile=1)
+    s = score(hid, Head(w), y, ref=(hid, Head(w_r)), vocab_chunk=10, tile=1)
     assert (hid @ w.T).argmax() == 7 and not bool(s.agree[0])
-    s_self = score(hid, (w, None), y, ref=(hid, (w, None)), vocab_chunk=10, tile=1)
+    s_self = score(hid, Head(w), y, ref=(hid, Head(w)), vocab_chunk=10, tile=1)
     assert bool(s_self.agree[0])
 
 
@@ -90,6 +90,27 @@ def test_chunk_sizes_bound_memory():
 def test_model_alone_gives_nll_only():
     hid, head, _, _, y = _case(v=4000)
     s = score(hid, head, y, vocab_chunk=500, tile=11)
-    lp = torch.log_softmax((hid @ head[0].T + head[1]).double(), -1)
+    lp = torch.log_softmax((hid @ head.weight.T + head.bias).double(), -1)
     torch.testing.assert_close(s.nll, -lp[torch.arange(len(y)), y], rtol=0, atol=1e-6)
     assert s.kld is None and s.agree is None and s.nll_ref is None
+
+
+def test_bf16_operands_give_the_float32_logits():
+    """bf16 hidden states and head (the usual checkpoint): whatever kernel runs (oneDNN's bf16 one on CPUs that
+    have it), the logits are float32 sums of exact products: as close to the correctly rounded float32 logits as
+    the plain float32 GEMM's are (both differ from them only by the order of the float32 sums)."""
+    hid, head, hid_r, head_r, y = _case(v=30_000, h=256)
+    hb, hrb = hid.bfloat16(), hid_r.bfloat16()
+    wb, wrb = head.weight.bfloat16(), head_r.weight.bfloat16()
+
+    def kl(z, zr):
+        lp, lpr = torch.log_softmax(z.double(), -1), torch.log_softmax(zr.double(), -1)
+        return (lpr.exp() * (lpr - lp)).sum(-1), -lp[torch.arange(len(y)), y]
+
+    exact, nll = kl((hb.double() @ wb.double().T).float(), (hrb.double() @ wrb.double().T).float())
+    gemm, _ = kl(hb.float() @ wb.float().T, hrb.float() @ wrb.float().T)
+    s = score(hb, Head(wb), y, ref=(hrb, Head(wrb)))
+    err, gemm_err = (s.kld - exact).abs().max(), (gemm - exact).abs().max()
+    assert err < 2e-6 and err <= 1.5 * gemm_err and exact.mean() > 0.05
+    torch.testing.assert_close(s.nll, nll, rtol=0, atol=1e-5)
+    assert torch.backends.mkldnn.matmul.fp32_precision == "none"    # the switch does not leak out

@@ -52,14 +52,13 @@ def _pad(windows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, lengths
 
 
-def _sq_diff(hm: torch.Tensor, hr: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Σ‖hm − hr‖², Σ‖hr‖²) over each window's real tokens, in float32 per window and float64 across them."""
-    d = torch.zeros((), dtype=torch.float64, device=hr.device)
-    r = torch.zeros((), dtype=torch.float64, device=hr.device)
+def _sq_diff(hm: torch.Tensor, hr: torch.Tensor, lengths: torch.Tensor) -> tuple[float, float]:
+    """(Σ‖hm − hr‖², Σ‖hr‖²) over each window's real tokens: float32 differences, float64 sums."""
+    d = r = 0.0
     for b, n in enumerate(lengths.tolist()):
-        x, y = hm[b, :n].float(), hr[b, :n].float()
-        d += torch.linalg.vector_norm(x - y, dtype=torch.float64) ** 2
-        r += torch.linalg.vector_norm(y, dtype=torch.float64) ** 2
+        y = hr[b, :n].float()
+        d += float(torch.linalg.vector_norm(hm[b, :n].float() - y, dtype=torch.float64)) ** 2
+        r += float(torch.linalg.vector_norm(y, dtype=torch.float64)) ** 2
     return d, r
 
 
@@ -83,8 +82,8 @@ def walk(model: ModelStages, ref: ModelStages | None, windows: list[torch.Tensor
                     w.run(layer, x)
             if ref is not None:
                 d, r = _sq_diff(xs[0].hidden, xs[1].hidden, lengths)
-                out.diff_sq[i] += d.cpu()
-                out.ref_sq[i] += r.cpu()
+                out.diff_sq[i] += d
+                out.ref_sq[i] += r
             progress.advance(1, description=f"block {i}")
         out.scores.append(_score(walkers, xs, ids, lengths))
     return out

@@ -18,6 +18,7 @@ from ..checkpoint import TensorInfo
 from ..errors import QtoolError
 from ..formats.dense import DenseView
 from ..runtime import release_host_memory
+from .head import Head
 from ..calib.model import ARCHITECTURES, build_skeleton, free_module, layer_prefix, layers_of, load_module, model_type
 from ..calib.walk import _Catcher, _Caught, _compute_dtype
 
@@ -33,6 +34,7 @@ class DenseCheckpoint:
 
     def __init__(self, ckpt):
         view = DenseView(ckpt)
+        self.packed = set(view.packed)
         self.path, self.root, self.is_folder, self.config = ckpt.path, ckpt.root, ckpt.is_folder, ckpt.config
         self.tensors = {n: TensorInfo(n, tuple(view.shape(n)), view.dtype(n), None, 0) for n in view.names}
         self.get = view.get
@@ -50,6 +52,7 @@ class ModelStages:
 
     def __init__(self, ckpt, device: torch.device):
         self.ckpt = DenseCheckpoint(ckpt)
+        self.packed = self.ckpt.packed
         self.device = device
         self.mt = model_type(self.ckpt)
         if self.mt in ENCODERS:
@@ -128,7 +131,20 @@ class ModelStages:
         finally:
             free_module(norm)
 
-    def head(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The LM head's weight [vocab, hidden] and bias as stored (dense; cast per chunk by the caller)."""
-        bias = self.ckpt.get(self.head_bias) if self.head_bias else None
-        return self.ckpt.get(self.head_name), bias
+    def head(self) -> Head:
+        """The LM head. A dense stored weight is mapped again for each chunk, so at most a chunk of it is resident;
+        a packed one is dequantized once (it is then one block's worth of memory)."""
+        if self.head_name in self.packed:
+            return Head(self.ckpt.get(self.head_name), self.ckpt.get(self.head_bias) if self.head_bias else None)
+        return _MappedHead(self.ckpt, self.head_name, self.head_bias)
+
+
+class _MappedHead(Head):
+    def __init__(self, ckpt, weight: str, bias: str | None):
+        self.ckpt, self.names = ckpt, (weight, bias)
+        self.vocab, self.hidden = ckpt.tensors[weight].shape
+        self.dtype = ckpt.tensors[weight].dtype
+
+    def _tensors(self):
+        w, b = self.names
+        return self.ckpt.get(w), None if b is None else self.ckpt.get(b)
