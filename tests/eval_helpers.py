@@ -50,15 +50,24 @@ def load_full(folder: Path, quantized: bool = False):
 
 @torch.no_grad()
 def _logits(model, ids: torch.Tensor) -> torch.Tensor:
-    """float32 logits of one window from the whole model: its final hidden states times its head, one matmul."""
-    h = model.base_model(input_ids=ids[None]).last_hidden_state[0]
+    """float32 logits [n, L, vocab] of windows of one length from the whole model: its final hidden states times its
+    head, one matmul."""
+    h = model.base_model(input_ids=ids).last_hidden_state
     head = model.get_output_embeddings()
     z = h.float() @ head.weight.float().T
     if head.bias is not None:
         z = z + head.bias.float()
     if h.dtype == torch.float32:  # the model's own logits are float32 too: they must be the same numbers
-        torch.testing.assert_close(z, model(input_ids=ids[None]).logits[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(z, model(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
     return z
+
+
+def _by_length(windows: list[torch.Tensor]):
+    """Windows grouped by length (one batch each, no padding), in order of first appearance."""
+    groups: dict[int, list[torch.Tensor]] = {}
+    for w in windows:
+        groups.setdefault(len(w), []).append(w)
+    return [torch.stack(g) for g in groups.values()]
 
 
 def direct(model_dir: Path, windows: list[torch.Tensor], ref_dir: Path | None = None, quantized: bool = False) -> dict:
@@ -66,14 +75,14 @@ def direct(model_dir: Path, windows: list[torch.Tensor], ref_dir: Path | None = 
     model = load_full(model_dir, quantized)
     ref = load_full(ref_dir) if ref_dir is not None else None
     nll, nll_ref, kld, agree = [], [], [], []
-    for w in windows:
-        z = _logits(model, w)[:-1]
-        y = w[1:]
+    for ids in _by_length(windows):
+        z = _logits(model, ids)[:, :-1].reshape(-1, model.config.vocab_size)
+        y = ids[:, 1:].reshape(-1)
         lp = torch.log_softmax(z.double(), dim=-1)
         nll.append(-lp[torch.arange(len(y)), y])
         if ref is None:
             continue
-        zr = _logits(ref, w)[:-1]
+        zr = _logits(ref, ids)[:, :-1].reshape(-1, model.config.vocab_size)
         lpr = torch.log_softmax(zr.double(), dim=-1)
         nll_ref.append(-lpr[torch.arange(len(y)), y])
         kld.append((lpr.exp() * (lpr - lp)).sum(-1))

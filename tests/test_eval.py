@@ -58,8 +58,8 @@ def test_model_against_itself_is_exact(tiny, kind):
 
 def test_batch_size_does_not_change_the_numbers(tiny):
     ref, noisy = tiny["llama"]
-    one = evaluate(noisy, EVAL_TXT, ref=ref, seq_len=SEQ, batch_size=1, device="cpu")
-    many = evaluate(noisy, EVAL_TXT, ref=ref, seq_len=SEQ, batch_size=5, device="cpu")
+    one = evaluate(noisy, EVAL_TXT, ref=ref, seq_len=SEQ, samples=8, batch_size=1, device="cpu")
+    many = evaluate(noisy, EVAL_TXT, ref=ref, seq_len=SEQ, samples=8, batch_size=5, device="cpu")
     assert abs(one["ppl"] / many["ppl"] - 1) < 1e-6 and one["top1_agreement"] == many["top1_agreement"]
     for k in one["kld"]:
         assert abs(one["kld"][k] - many["kld"][k]) < 1e-7

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..arch import is_head, module_of, tied_embeddings
 from ..checkpoint import TensorInfo
 from ..errors import QtoolError
 from ..formats.dense import DenseView
@@ -73,11 +74,13 @@ class ModelStages:
     def _head_names(self) -> tuple[str, str | None]:
         """The LM head's weight (the input embedding when tied and not stored) and bias names."""
         names = self.ckpt.tensors
-        if "lm_head.weight" in names:
-            return "lm_head.weight", "lm_head.bias" if "lm_head.bias" in names else None
+        stored = [n for n in names if n.count(".") == 1 and n.endswith(".weight") and is_head(module_of(n))]
+        if stored:
+            bias = f"{module_of(stored[0])}.bias"
+            return stored[0], bias if bias in names else None
         emb = self.model.get_input_embeddings()
         local = next(n for n, m in self.model.named_modules() if m is emb)
-        if getattr(self.model.config, "tie_word_embeddings", False) and f"{self.outer}{local}.weight" in names:
+        if tied_embeddings(self.ckpt.config) and f"{self.outer}{local}.weight" in names:
             return f"{self.outer}{local}.weight", None
         raise QtoolError(self.ckpt.path, "has no lm_head.weight and does not tie its embeddings: not a causal LM")
 
