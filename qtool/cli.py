@@ -124,7 +124,8 @@ def eval_options(fn):
     fn = gate_options(fn)
     return click.option("--eval", "eval_data", default=None, metavar="DATA",
                         help="After writing OUT, evaluate it against the input on DATA (.txt, .jsonl, token-id "
-                             ".safetensors): ppl, KL divergence, top-1 agreement under the report's \"eval\".")(fn)
+                             ".safetensors; windows of --seq-len tokens where the command has it, else 512): ppl, "
+                             "KL divergence, top-1 agreement, under the report's \"eval\".")(fn)
 
 
 def _eval_request(eval_data, max_kld, max_ppl_ratio, min_top1, **settings):
@@ -319,7 +320,7 @@ def merge_lora(base, adapters, out, weights, dtype, report_path, eval_data, max_
 
 @main.command("eval")
 @click.argument("model")
-@click.option("--ref", default=None, help="Reference model (e.g. the unquantized source): adds ref_ppl, ppl_ratio, KL divergence, top-1 agreement.")
+@click.option("--ref", default=None, metavar="REF", help="Reference model (e.g. the unquantized source): adds ref_ppl, ppl_ratio, KL divergence, top-1 agreement.")
 @click.option("--data", required=True, metavar="DATA",
               help="Text (.txt, one text cut into --seq-len windows), .jsonl (text field, one window per record) or token ids (.safetensors input_ids, one window per row).")
 @click.option("--seq-len", type=click.IntRange(min=2), default=512, show_default=True, help="Tokens per window.")

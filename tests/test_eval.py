@@ -119,3 +119,18 @@ def test_dequantized_output_against_its_quantized_source_is_exact(tmp_path):
     ev = json.loads(r.stdout)["eval"]
     assert ev["kld"]["max"] == 0.0 and ev["top1_agreement"] == 1.0 and ev["gate"]["passed"]
     assert ev["model"] == str(d) and ev["ref"] == str(q)
+
+
+@pytest.mark.parametrize("scheme", [["--method", "mse", "--group-size", "32"],
+                                    ["--method", "rtn", "--group-size", "32", "--asymmetric"],
+                                    ["--bits", "8"]])
+def test_tiny_llama_quantized_equals_transformers_dequantize_load(tiny, tmp_path, scheme):
+    """float32 Llama-shaped model, several schemes (asymmetric too): qtool's eval of the output = the direct
+    computation on transformers' dequantize=True load of it."""
+    ref, _ = tiny["llama"]
+    out = tmp_path / "q"
+    r = run_cli("quantize", ref, "-o", out, *scheme, "--quiet")
+    assert r.exit_code == 0, r.stderr
+    report = evaluate(out, EVAL_TXT, ref=ref, seq_len=SEQ, samples=6, device="cpu")
+    assert report["kld"]["mean"] > 1e-5
+    assert_matches(report, direct(out, windows_of(EVAL_TXT, SEQ)[:6], ref, quantized=True))

@@ -114,3 +114,19 @@ def test_bf16_operands_give_the_float32_logits():
     assert err < 2e-6 and err <= 1.5 * gemm_err and exact.mean() > 0.05
     torch.testing.assert_close(s.nll, nll, rtol=0, atol=1e-5)
     assert torch.backends.mkldnn.matmul.fp32_precision == "none"    # the switch does not leak out
+
+
+def test_never_a_tokens_by_vocabulary_matrix(monkeypatch):
+    """Every logits tile the head computes stays within TILE_ELEMENTS, far below [positions, vocab]."""
+    sizes = []
+    real = torch.nn.functional.linear
+
+    def spy(x, w, b=None):
+        out = real(x, w, b)
+        sizes.append(out.numel())
+        return out
+
+    monkeypatch.setattr(torch.nn.functional, "linear", spy)
+    hid, head, hid_r, head_r, y = _case(p=200, h=16)
+    s = score(hid, head, y, ref=(hid_r, head_r))
+    assert sizes and max(sizes) <= TILE_ELEMENTS < 200 * 150_000 and s.kld.shape == (200,)

@@ -52,12 +52,27 @@ def _pad(windows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, lengths
 
 
-def _sq_diff(hm: torch.Tensor, hr: torch.Tensor, lengths: torch.Tensor) -> tuple[float, float]:
-    """(Σ‖hm − hr‖², Σ‖hr‖²) over each window's real tokens: float32 differences, float64 sums."""
-    d = r = 0.0
+def _token_rows(lengths: torch.Tensor, width: int, hidden: int) -> list[tuple[int, int]]:
+    """Row ranges of the real tokens in a [B·L, hidden] view of a batch, adjacent windows merged, each range cut to
+    about 2^22 elements (few large ops, bounded float32 copies)."""
+    step = max(1, (1 << 22) // hidden)
+    merged: list[list[int]] = []
     for b, n in enumerate(lengths.tolist()):
-        y = hr[b, :n].float()
-        d += float(torch.linalg.vector_norm(hm[b, :n].float() - y, dtype=torch.float64)) ** 2
+        if merged and merged[-1][1] == b * width:
+            merged[-1][1] = b * width + n
+        else:
+            merged.append([b * width, b * width + n])
+    return [(r, min(r + step, stop)) for start, stop in merged for r in range(start, stop, step)]
+
+
+def _sq_diff(hm: torch.Tensor, hr: torch.Tensor, lengths: torch.Tensor) -> tuple[float, float]:
+    """(Σ‖hm − hr‖², Σ‖hr‖²) over the batch's real tokens: float32 differences, float64 sums."""
+    b, width, hidden = hr.shape
+    hm, hr = hm.reshape(b * width, hidden), hr.reshape(b * width, hidden)
+    d = r = 0.0
+    for r0, r1 in _token_rows(lengths, width, hidden):
+        y = hr[r0:r1].float()
+        d += float(torch.linalg.vector_norm(hm[r0:r1].float() - y, dtype=torch.float64)) ** 2
         r += float(torch.linalg.vector_norm(y, dtype=torch.float64)) ** 2
     return d, r
 
