@@ -15,7 +15,6 @@ import torch
 from torch import nn
 
 from ..arch import is_head, module_of, tied_embeddings
-from ..checkpoint import TensorInfo
 from ..errors import QtoolError
 from ..formats.dense import DenseView
 from ..runtime import release_host_memory
@@ -30,17 +29,6 @@ LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 ENCODERS = {"bert"}
 
 
-class DenseCheckpoint:
-    """A checkpoint whose packed modules read as their dense `<module>.weight` (what the walk's loader reads)."""
-
-    def __init__(self, ckpt):
-        view = DenseView(ckpt)
-        self.packed = set(view.packed)
-        self.path, self.root, self.is_folder, self.config = ckpt.path, ckpt.root, ckpt.is_folder, ckpt.config
-        self.tensors = {n: TensorInfo(n, tuple(view.shape(n)), view.dtype(n), None, 0) for n in view.names}
-        self.get = view.get
-
-
 @dataclass
 class BlockInputs:
     hidden: torch.Tensor     # [B, L, hidden] in the compute dtype, on the device
@@ -52,7 +40,7 @@ class ModelStages:
     """The stages of one checkpoint's causal LM on `device`; each stage's weights live only while it runs."""
 
     def __init__(self, ckpt, device: torch.device):
-        self.ckpt = DenseCheckpoint(ckpt)
+        self.ckpt = DenseView(ckpt)   # packed modules read as their dequantized .weight
         self.packed = self.ckpt.packed
         self.device = device
         self.mt = model_type(self.ckpt)
