@@ -330,12 +330,13 @@ def merge_lora(base, adapters, out, weights, dtype, report_path, eval_data, max_
 @device_option
 @gate_options
 @report_option
+@click.option("--overwrite", is_flag=True, help="Replace the --report file if it exists (a qtool report only).")
 @json_option
 @quiet_option
 @revision_option
 @handle_errors
-def eval_(model, ref, data, seq_len, samples, batch_size, device, max_kld, max_ppl_ratio, min_top1, report_path, as_json,
-          quiet, revision):
+def eval_(model, ref, data, seq_len, samples, batch_size, device, max_kld, max_ppl_ratio, min_top1, report_path,
+          overwrite, as_json, quiet, revision):
     """Perplexity of MODEL on DATA and, with --ref, how far its next-token distributions moved from REF's.
 
     Both models are walked block by block in lockstep, so memory stays near one block of each model plus the
@@ -353,7 +354,7 @@ def eval_(model, ref, data, seq_len, samples, batch_size, device, max_kld, max_p
     with make_progress(quiet or as_json) as progress:
         report = run(model, data, ref=ref, seq_len=seq_len, samples=samples, batch_size=batch_size, device=device,
                      max_kld=max_kld, max_ppl_ratio=max_ppl_ratio, min_top1=min_top1, report_path=report_path,
-                     revision=revision, progress=progress)
+                     overwrite=overwrite, revision=revision, progress=progress)
     _finish(report, as_json, quiet)
 
 

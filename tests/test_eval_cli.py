@@ -209,3 +209,15 @@ def test_merge_lora_eval_against_base(tmp_path):
     ev = json.loads(r.stdout)["eval"]
     # the adapter moves the model (it was trained on recipes): visible as KL and lower agreement
     assert ev["ref"] == str(MODEL) and ev["kld"]["mean"] > 0.01 and ev["gate"]["failed"] == ["top1_agreement"]
+
+
+def test_report_file_rules(tmp_path):
+    """--report follows every output's rules: never an input, an existing one replaced only with --overwrite."""
+    rep = tmp_path / "eval.json"
+    args = (MODEL, "--data", EVAL_TXT, "--seq-len", 128, "--samples", 2, "--report", rep, "--quiet")
+    assert _eval(*args).exit_code == 0 and json.loads(rep.read_text())["kind"] == "eval"
+    r = _eval(*args)
+    assert r.exit_code == 1 and r.stderr.count("\n") == 1 and str(rep) in r.stderr
+    assert _eval(*args, "--overwrite").exit_code == 0
+    r = _eval(MODEL, "--data", EVAL_TXT, "--report", EVAL_TXT, "--overwrite")
+    assert r.exit_code == 1 and "input" in r.stderr and EVAL_TXT.read_text().startswith("The Sun")

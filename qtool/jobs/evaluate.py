@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from ..checkpoint import open_checkpoint
+from ..checkpoint.outputs import REPORT, guarded
 from ..errors import QtoolError
 from ..progress import NullProgress
 
@@ -47,12 +48,13 @@ def _check_pair(model, ref, mck, rck, windows) -> None:
                                        "the two models cannot be compared block by block")
 
 
+@guarded(inputs=("model", "ref", "data"), outputs={"report_path": REPORT})
 def evaluate(model, data, ref=None, *, seq_len: int = 512, samples: int | None = None, batch_size: int | None = None,
              device="auto", max_kld: float | None = None, max_ppl_ratio: float | None = None,
-             min_top1: float | None = None, report_path=None, revision: str | None = None,
+             min_top1: float | None = None, report_path=None, overwrite: bool = False, revision: str | None = None,
              ref_revision: str | None = None, progress=None) -> dict:
     """Evaluate MODEL (against REF when given) on DATA; returns the report (kind "eval"). Gates do not raise: the
-    report's `gate` says whether they passed (the CLI exits 3 when not)."""
+    report's `gate` says whether they passed (the CLI exits 3 when not). overwrite: replace an existing report."""
     from ..runtime import exact_matmul, resolve_device
     from ..eval import lockstep
     from ..eval.data import load_windows
