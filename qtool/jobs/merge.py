@@ -71,7 +71,7 @@ def merge_lora(base: str, adapters: list[str], out: str, weights: list[float] | 
             progress.advance(done.nbytes)
         copied = copy_side_files(bck, writer, {"config.json": config} if config is not None else None)
     written = layout.listing(out, config if config is not None else bck.config, len(files), view)
-    report = _report(base, adapters, ads, weights, bck, plan, written, merged, start, copied)
+    report = _report(base, out, adapters, ads, weights, bck, plan, written, merged, start, copied)
     if report_path:
         write_json(report, report_path)
     return report
@@ -275,13 +275,14 @@ def _how(op: TensorOp) -> str:
 
 # -- report -----------------------------------------------------------------------------------------------
 
-def _report(base, sources, ads, weights, bck, plan, written: Listing, merged: dict, start: float,
+def _report(base, out, sources, ads, weights, bck, plan, written: Listing, merged: dict, start: float,
             copied: list[str]) -> Report:
     size = size_part(written)
     layers = [_layer(row, merged.get(row["name"])) for row in size["layers"]]
     lora = merge_part(sources, ads, weights, plan, parameter_count(listing(bck)))
     return assemble("merge", base, size, layers=layers, lora=lora, summary=summary_part(layers),
-                    timing=timing_part(start, sum(i.nbytes for i in bck.tensors.values())), copied_files=copied)
+                    timing=timing_part(start, sum(i.nbytes for i in bck.tensors.values())), output=str(out),
+                    copied_files=copied)
 
 
 def _layer(row: Layer, merged: dict | None) -> Layer:
