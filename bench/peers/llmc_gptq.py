@@ -20,6 +20,23 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def token_id_processor(model_dir: str):
+    """The model's tokenizer, or (a checkpoint without one, like the synthetic bench model) a one-word stand-in.
+
+    oneshot insists on a processor whenever a dataset is given, even one of token ids that it never encodes;
+    the stand-in only lets it start (it pads nothing: every sample has the same length)."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    try:
+        return AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    except (OSError, ValueError, TypeError):
+        from tokenizers import Tokenizer
+        from tokenizers.models import WordLevel
+
+        return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel({"<unk>": 0}, unk_token="<unk>")),
+                                       unk_token="<unk>", pad_token="<unk>")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("model")
@@ -44,7 +61,7 @@ def main(argv=None) -> int:
     t_load = time.perf_counter()
     recipe = GPTQModifier(targets="Linear", scheme="W4A16", ignore=["lm_head"], block_size=128,
                           dampening_frac=a.damp, actorder="static")
-    oneshot(model=model, dataset=data, recipe=recipe, num_calibration_samples=n, max_seq_length=seq,
+    oneshot(model=model, processor=token_id_processor(a.model), dataset=data, recipe=recipe, num_calibration_samples=n, max_seq_length=seq,
             shuffle_calibration_samples=False, pipeline=a.pipeline)
     t_cal = time.perf_counter()
     model.save_pretrained(a.out, save_compressed=True)
