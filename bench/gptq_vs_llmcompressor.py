@@ -55,7 +55,7 @@ def ensure_ids(model: Path, samples: int, seq_len: int, seed: int = 0) -> Path:
     from safetensors.torch import save_file
 
     vocab = json.loads((model / "config.json").read_text())["vocab_size"]
-    path = WORK / f"gptq-ids-{samples}x{seq_len}-seed{seed}.safetensors"
+    path = WORK / f"gptq-ids-{samples}x{seq_len}-vocab{vocab}-seed{seed}.safetensors"
     if not path.exists():
         ids = torch.randint(0, vocab, (samples, seq_len), generator=torch.Generator().manual_seed(seed))
         save_file({"input_ids": ids}, str(path))
