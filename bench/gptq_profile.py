@@ -106,10 +106,11 @@ TARGETS = [
     (["qtool.quant.gptq:_inverse_cholesky"], "gptq: inverse Cholesky"),
     (["qtool.quant.gptq:gptq_quantize"], "gptq: column loop"),
     (["qtool.quant.gptq:output_error"], "error stats (report)"),
-    (["qtool.calib.methods:reconstruct"], "error stats (report)"),
+    (["qtool.calib.methods:reconstruct"], "error stats (report)", "optional"),  # gone after the refactor
     (["qtool.jobs.quantize:dequantize"], "encode: error stats + pack", "here only"),  # not reconstruct's
     (["qtool.quant.core:error_stats"], "encode: error stats + pack"),
-    (["qtool.formats.compressed_tensors:compress"], "encode: error stats + pack"),
+    (["qtool.formats.compressed_tensors:compress", "qtool.formats.compressed_tensors:PackedModule.from_weight"],
+     "encode: error stats + pack"),
     (["qtool.checkpoint.writer:CheckpointWriter.write"], "write (hand bytes to the file thread)"),
     (["qtool.report.size:size_report"], "finish (report, config)"),
     (["qtool.jobs.common:copy_side_files"], "finish (report, config)"),
@@ -148,11 +149,12 @@ def instrument(ph: Phases) -> None:
     for homes, name, *only_here in TARGETS:
         found = next((f for f in map(_find, homes) if f), None)
         if found is None:
-            missing.append(homes[0])
+            if "optional" not in only_here:
+                missing.append(homes[0])
             continue
         owner, attr = found
         orig = ph.wrap(owner, attr, name)
-        if not isinstance(owner, type) and not only_here:
+        if not isinstance(owner, type) and "here only" not in only_here:
             _rebind(orig, getattr(owner, attr))
     # The walk quantizes each weight twice: with the method, and with rtn for the report's "before" error.
     found = next((f for f in map(_find, ["qtool.quant.weight:quantize_weight", "qtool.calib.methods:quantize_weight"])
