@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import functools
-import gc
 import os
 import sys
 
@@ -13,6 +12,12 @@ from .errors import GateFailed, Interrupted, QtoolError
 from .interrupts import stop_on_signals
 
 DTYPES = click.Choice(["float16", "bfloat16", "float32"])
+
+
+def _group_size(ctx, param, value: int | None) -> int | None:
+    if value is not None and value < -1:
+        raise click.BadParameter("must be N > 0, -1 (per channel) or 0 (per tensor)", param_hint="--group-size")
+    return value
 
 
 def _fail(message: str, code: int = 1):
@@ -41,15 +46,7 @@ def handle_errors(fn):
             sys.exit(1)
         except OSError as e:
             _fail(f"{e.filename or 'I/O'}: {e.strerror or e}")
-        finally:
-            gc.unfreeze()  # pairs with _imports_done: a caller in the same process (tests) gets its GC back
     return wrapper
-
-
-def _imports_done() -> None:
-    """Called once a command has imported its job (and torch): those hundreds of thousands of objects live for the
-    whole run, so take them out of the garbage collector's walks, which otherwise cost ~10% of a job's CPU time."""
-    gc.freeze()
 
 
 def _emit(report: dict, as_json: bool, top: int = 10) -> None:
@@ -64,7 +61,7 @@ def _finish(report: dict, as_json: bool, quiet: bool = False, top: int = 10) -> 
     """Print the report, then exit 3 (GateFailed) when any of its gates failed: the outputs are already written."""
     if as_json or not quiet:
         _emit(report, as_json, top)
-    from .eval.report import gate_failure
+    from .report.evaluation import gate_failure
     failures = []
     g = report.get("gate")
     if g and not g["passed"]:
@@ -157,7 +154,8 @@ def main():
 @json_option
 @click.option("--against", default=None, metavar="REFERENCE", help="Per-tensor errors of SOURCE against this checkpoint.")
 @click.option("--base", default=None, help="Base model of an adapter SOURCE (default: adapter_config's base path).")
-@click.option("--top", default=10, show_default=True, type=click.IntRange(min=0), help="Rows in the largest/worst tensor tables.")
+@click.option("--top", default=10, show_default=True, type=click.IntRange(min=0),
+              help="Rows in the largest/worst tensor tables; names in the JSON's `largest` and `summary.worst`.")
 @click.option("--max-rel-error", type=float, default=None, help="With --against: exit 3 when any quantized tensor's rel_error exceeds X.")
 @click.option("--lora-rank", type=click.IntRange(min=1), default=None, metavar="R",
               help="Also estimate the memory of a LoRA fine-tune at rank R on every linear layer (weights, gradients, Adam).")
@@ -173,8 +171,8 @@ def inspect(source, as_json, against, base, top, max_rel_error, lora_rank, revis
     qtool inspect samples/tiny-llama --lora-rank 16
     """
     from .jobs.inspect import inspect as run
-    _imports_done()
-    report = run(source, against=against, base=base, revision=revision, max_rel_error=max_rel_error, lora_rank=lora_rank)
+    report = run(source, against=against, base=base, revision=revision, max_rel_error=max_rel_error,
+                 lora_rank=lora_rank, top=top)
     _finish(report, as_json, top=top)
 
 
@@ -183,7 +181,7 @@ def inspect(source, as_json, against, base, top, max_rel_error, lora_rank, revis
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
 @click.option("--bits", type=click.Choice(["4", "8"]), default="4", show_default=True)
 @click.option("--symmetric/--asymmetric", default=True, show_default=True, help="Zero point 0, or a zero point per group.")
-@click.option("--group-size", type=int, default=None,
+@click.option("--group-size", type=int, default=None, callback=_group_size,
               help="N>0: groups of N input columns; -1: per output channel; 0: per tensor. Default: 128 for int4, -1 for int8.")
 @click.option("--method", type=click.Choice(["rtn", "mse", "gptq"]), default="mse", show_default=True,
               help="rtn: min-max, byte-identical to llm-compressor; mse: clipping search; gptq: error compensation (needs --calib).")
@@ -221,11 +219,7 @@ def quantize(source, out, bits, symmetric, group_size, method, calib, calib_samp
     from .jobs.quantize import quantize as run
     from .progress import make_progress
     from .quant.spec import QuantSpec
-    _imports_done()
-    b = int(bits)
-    if group_size is not None and group_size < -1:
-        raise click.BadParameter("must be N > 0, -1 (per channel) or 0 (per tensor)", param_hint="--group-size")
-    spec = QuantSpec(bits=b, symmetric=symmetric, group_size=group_size, method=method)
+    spec = QuantSpec(bits=int(bits), symmetric=symmetric, group_size=group_size, method=method)
     evaluation = _eval_request(eval_data, max_kld, max_ppl_ratio, min_top1, seq_len=seq_len, device=device)
     with make_progress(quiet or as_json) as progress:
         report = run(source, out, spec, include=include, exclude=exclude, calib=calib, calib_samples=calib_samples,
@@ -253,7 +247,6 @@ def calibrate(source, calib, out, calib_samples, seq_len, device, overwrite, qui
     """
     from .jobs.calibrate import calibrate as run
     from .progress import make_progress
-    _imports_done()
     with make_progress(quiet) as progress:
         summary = run(source, calib, out, calib_samples=calib_samples, seq_len=seq_len, device=device,
                       overwrite=overwrite, revision=revision, progress=progress)
@@ -277,7 +270,6 @@ def dequantize(source, out, dtype, report_path, eval_data, max_kld, max_ppl_rati
     """Turn a pack-quantized checkpoint (qtool's or compressed-tensors') back into a dense one."""
     from .jobs.dequantize import dequantize as run
     from .progress import make_progress
-    _imports_done()
     evaluation = _eval_request(eval_data, max_kld, max_ppl_ratio, min_top1)
     with make_progress(quiet or as_json) as progress:
         report = run(source, out, dtype=dtype, overwrite=overwrite, revision=revision, progress=progress,
@@ -308,7 +300,6 @@ def merge_lora(base, adapters, out, weights, dtype, report_path, eval_data, max_
     """
     from .jobs.merge import merge_lora as run
     from .progress import make_progress
-    _imports_done()
     if weights and len(weights) != len(adapters):
         raise click.BadParameter(f"got {len(weights)} weights for {len(adapters)} adapters", param_hint="--weight")
     evaluation = _eval_request(eval_data, max_kld, max_ppl_ratio, min_top1)
@@ -350,7 +341,6 @@ def eval_(model, ref, data, seq_len, samples, batch_size, device, max_kld, max_p
         raise click.UsageError("--max-kld, --max-ppl-ratio and --min-top1 compare MODEL with a reference: pass --ref")
     from .jobs.evaluate import evaluate as run
     from .progress import make_progress
-    _imports_done()
     with make_progress(quiet or as_json) as progress:
         report = run(model, data, ref=ref, seq_len=seq_len, samples=samples, batch_size=batch_size, device=device,
                      max_kld=max_kld, max_ppl_ratio=max_ppl_ratio, min_top1=min_top1, report_path=report_path,

@@ -120,3 +120,31 @@ def windows_of(text_file: Path, seq_len: int) -> list[torch.Tensor]:
     ids = tok(text_file.read_text(), add_special_tokens=False)["input_ids"]
     cut = [torch.tensor(ids[i:i + seq_len]) for i in range(0, len(ids), seq_len)]
     return [w for w in cut if len(w) >= 2]
+
+
+def compressed_by_compressed_tensors(src: Path, out: Path, symmetric: bool, group_size: int = 32) -> Path:
+    """SRC quantized to int4 and saved by compressed-tensors' own code path, the one llm-compressor's save runs:
+    apply_quantization_config, min-max qparams per group (calculate_qparams), ModelCompressor.compress_model,
+    save_pretrained, update_config."""
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import (QuantizationArgs, QuantizationConfig, QuantizationScheme,
+                                                 apply_quantization_config)
+    from compressed_tensors.quantization.utils import calculate_qparams
+    model = load_full(src)
+    args = QuantizationArgs(num_bits=4, type="int", symmetric=symmetric, strategy="group", group_size=group_size)
+    apply_quantization_config(model, QuantizationConfig(
+        config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=args)}, ignore=["lm_head"]))
+    for m in model.modules():
+        if hasattr(m, "weight_scale"):
+            g = m.weight.detach().reshape(m.weight.shape[0], -1, group_size)
+            scale, zp = calculate_qparams(g.amin(-1), g.amax(-1), args)
+            m.weight_scale.data.copy_(scale)
+            if hasattr(m, "weight_zero_point"):
+                m.weight_zero_point.data.copy_(zp)
+    compressor = ModelCompressor.from_pretrained_model(model, "pack-quantized")
+    compressor.compress_model(model)
+    model.save_pretrained(out)
+    compressor.update_config(out)
+    for f in TOKENIZER_FILES:
+        shutil.copy(src / f, out / f)
+    return out

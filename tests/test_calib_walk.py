@@ -37,16 +37,23 @@ def test_layerwise_stats_equal_full_forward(tmp_path, kind):
         torch.testing.assert_close(got[name]["absmax"], ref[name]["absmax"], rtol=RTOL, atol=ATOL)
 
 
+def walk_all(walk) -> tuple[dict, dict]:
+    """Everything quantize_layerwise yields, by name in yield order, and the summary it returns."""
+    items = {}
+    while True:
+        try:
+            item = next(walk)
+        except StopIteration as stop:
+            return items, stop.value
+        items[item.name] = item
+
+
 def _quantize(ckpt, ids, method, **kw):
     spec = QuantSpec(bits=4, symmetric=True, group_size=32, method=method)
     plans = plan_quantization(ckpt.tensors.values(), spec, ckpt.config)
-    emitted = {}
-
-    def emit(name, w, q, scale, zp, extra):
-        emitted[name] = (w, q, scale, zp, extra)
-
-    summary = quantize_layerwise(ckpt, plans, spec, ids, samples=len(ids), seq_len=64, damp=0.01, device="cpu",
-                                 emit=emit, **kw)
+    items, summary = walk_all(quantize_layerwise(ckpt, plans, ids, samples=len(ids), seq_len=64, damp=0.01,
+                                                 device="cpu", **kw))
+    emitted = {n: (ckpt.get(n), c.weight.codes(), c.weight.scale, c.weight.zero_point, c.extra) for n, c in items.items()}
     return spec, plans, emitted, summary
 
 
@@ -122,9 +129,8 @@ def test_gpt2_included_conv1d_quantized_uncalibrated_in_walk_order(tmp_path):
     ckpt = open_checkpoint(tmp_path)
     spec = QuantSpec(bits=4, symmetric=True, group_size=32, method="gptq")
     plans = plan_quantization(ckpt.tensors.values(), spec, ckpt.config, include=["*.mlp.c_fc"])
-    got = []
-    summary = quantize_layerwise(ckpt, plans, spec, samples(), samples=6, seq_len=64, damp=0.01, device="cpu",
-                                 emit=lambda name, w, q, s, z, extra: got.append((name, extra)))
+    items, summary = walk_all(quantize_layerwise(ckpt, plans, samples(), samples=6, seq_len=64, damp=0.01, device="cpu"))
+    got = [(n, c.extra) for n, c in items.items()]
     assert [n for n, _ in got] == ["transformer.h.0.mlp.c_fc.weight", "transformer.h.1.mlp.c_fc.weight"]
     assert summary["uncalibrated"] == [n for n, _ in got] and summary["calibrated"] == 0
     assert all(not e["calibrated"] and "Conv1D" in e["note"] and e["method"] == "mse" for _, e in got)

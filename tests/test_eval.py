@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 from qtool.jobs.evaluate import evaluate
 
 from .conftest import SAMPLES, run_cli
-from .eval_helpers import assert_matches, causal_lm, direct, perturbed, windows_of
+from .eval_helpers import assert_matches, causal_lm, compressed_by_compressed_tensors, direct, perturbed, windows_of
 
 EVAL_TXT = SAMPLES / "eval.txt"
 SEQ = 64  # the tiny models' 128 positions hold it
@@ -134,3 +134,13 @@ def test_tiny_llama_quantized_equals_transformers_dequantize_load(tiny, tmp_path
     report = evaluate(out, EVAL_TXT, ref=ref, seq_len=SEQ, samples=6, device="cpu")
     assert report["kld"]["mean"] > 1e-5
     assert_matches(report, direct(out, windows_of(EVAL_TXT, SEQ)[:6], ref, quantized=True))
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_checkpoint_written_by_compressed_tensors_equals_transformers_dequantize_load(tmp_path, symmetric):
+    """A pack-quantized checkpoint as llm-compressor saves it (compressed-tensors' own compressor and config)."""
+    ref = SAMPLES / "tiny-llama"
+    out = compressed_by_compressed_tensors(ref, tmp_path / "ct", symmetric)
+    report = evaluate(out, EVAL_TXT, ref=ref, seq_len=128, device="cpu")
+    assert report["kld"]["mean"] > 1e-3
+    assert_matches(report, direct(out, windows_of(EVAL_TXT, 128), ref, quantized=True))

@@ -170,6 +170,15 @@ def test_all_gates_fail_together(tmp_path, pair):
                  "max_ppl_ratio": 0.5, "min_top1": 1.0}
 
 
+def test_report_fields_are_the_typed_schema(tmp_path, pair):
+    from qtool.report.schema import EvalBlock, EvalReport, EvalTiming, Kld
+    rep = _measured(pair, tmp_path)
+    assert list(rep) == list(EvalReport.__annotations__) and rep["kind"] == "eval"
+    assert list(rep["kld"]) == list(Kld.__annotations__) and list(rep["timing"]) == list(EvalTiming.__annotations__)
+    assert [list(b) for b in rep["blocks"]] == [list(EvalBlock.__annotations__)] * 2   # the tiny Llama's 2 blocks
+    assert [b["index"] for b in rep["blocks"]] == [0, 1] and 0 < rep["blocks"][0]["hidden_rel_error"] < 1
+
+
 def test_tables_on_stdout(pair):
     ref, noisy = pair
     r = _eval(noisy, "--ref", ref, "--data", EVAL_TXT, "--seq-len", 64, "--max-kld", 10)

@@ -284,3 +284,14 @@ def test_inspect_recognises_quantized_output(model_dir, tmp_path):
 def test_dequantize_refuses_a_dense_checkpoint(model_dir, tmp_path):
     r = run_cli("dequantize", model_dir, "-o", tmp_path / "d")
     assert r.exit_code == 1 and "is not a compressed-tensors quantized checkpoint" in r.stderr
+
+
+def test_api_int8_defaults_to_per_channel_like_the_cli(model_dir, tmp_path):
+    """QuantSpec(bits=8) through the Python API writes the same bytes as `--bits 8` (the API used to get group 128)."""
+    from qtool.jobs.quantize import quantize
+    from qtool.quant.spec import QuantSpec
+    _quantize(model_dir, tmp_path / "cli", "--bits", "8", "--method", "rtn")
+    rep = quantize(str(model_dir), str(tmp_path / "api"), QuantSpec(bits=8, method="rtn"))
+    assert rep["quantization"]["group_size"] == -1 and rep["kind"] == "quantize"
+    for f in ("model.safetensors", "config.json"):
+        assert (tmp_path / "cli" / f).read_bytes() == (tmp_path / "api" / f).read_bytes(), f

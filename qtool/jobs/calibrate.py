@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .. import runtime
 from ..calib.layerwise import collect_stats
 from ..calib.stats import save_stats
 from ..checkpoint import open_checkpoint
@@ -19,7 +20,9 @@ def calibrate(source, calib, out, calib_samples: int = 128, seq_len: int = 512, 
     "tokens", "seq_len", "device", "seconds", "out"}."""
     out = Path(out)
     ckpt = open_checkpoint(source, revision)
-    stats, info = collect_stats(ckpt, calib, samples=calib_samples, seq_len=seq_len, device=device, progress=progress)
+    with runtime.session(device, parallel=False) as rt:
+        stats, info = collect_stats(ckpt, calib, samples=calib_samples, seq_len=seq_len, device=rt.device,
+                                    progress=progress)
     save_stats(out, stats, {"samples": info["samples"], "tokens": info["tokens"], "seq_len": seq_len,
                             "source": str(source)})
     return {"layers": info["modules"], "blocks": info["layers"], "samples": info["samples"], "tokens": info["tokens"],

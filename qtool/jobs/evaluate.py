@@ -11,10 +11,14 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import runtime
 from ..checkpoint import open_checkpoint
 from ..checkpoint.outputs import REPORT, guarded
 from ..errors import QtoolError
 from ..progress import NullProgress
+from ..report.evaluation import eval_report
+from ..report.render import write_json
+from ..report.schema import EvalReport
 
 
 @dataclass(frozen=True)
@@ -52,13 +56,11 @@ def _check_pair(model, ref, mck, rck, windows) -> None:
 def evaluate(model, data, ref=None, *, seq_len: int = 512, samples: int | None = None, batch_size: int | None = None,
              device="auto", max_kld: float | None = None, max_ppl_ratio: float | None = None,
              min_top1: float | None = None, report_path=None, overwrite: bool = False, revision: str | None = None,
-             ref_revision: str | None = None, progress=None) -> dict:
+             ref_revision: str | None = None, progress=None) -> EvalReport:
     """Evaluate MODEL (against REF when given) on DATA; returns the report (kind "eval"). Gates do not raise: the
     report's `gate` says whether they passed (the CLI exits 3 when not). overwrite: replace an existing report."""
-    from ..runtime import exact_matmul, resolve_device
     from ..eval import lockstep
     from ..eval.data import load_windows
-    from ..eval.report import build
     from ..eval.stages import ModelStages
 
     start = time.perf_counter()
@@ -67,21 +69,22 @@ def evaluate(model, data, ref=None, *, seq_len: int = 512, samples: int | None =
         raise QtoolError(str(model), "--max-kld, --max-ppl-ratio and --min-top1 compare against a reference: pass --ref")
     if batch_size is not None and batch_size < 1:
         raise QtoolError(str(model), f"--batch-size must be at least 1, not {batch_size}")
-    dev = resolve_device(device)
     mck = open_checkpoint(model, revision)
     rck = open_checkpoint(ref, ref_revision) if ref is not None else None
     windows = load_windows(data, [_folder(rck), _folder(mck)], seq_len=seq_len, samples=samples)
-    with exact_matmul(dev):
+    with runtime.session(device, parallel=False) as rt:   # one worker with every thread, TF32 off, GC frozen
+        dev = rt.device
         m = ModelStages(mck, dev)
         r = ModelStages(rck, dev) if rck is not None else None
         _check_pair(m, r, mck, rck, windows)
         walked = lockstep.walk(m, r, windows, batch_size or lockstep.default_batch_size(seq_len),
                                progress or NullProgress())
-    report = build(model=str(model), ref=None if ref is None else str(ref), data=str(data), seq_len=seq_len,
-                   windows=windows, walked=walked, limits=limits, device=str(dev),
-                   seconds=time.perf_counter() - start)
+    report = eval_report(model=str(model), ref=None if ref is None else str(ref), data=str(data), seq_len=seq_len,
+                         lengths=[int(w.numel()) for w in windows], nll=walked.cat("nll"),
+                         nll_ref=walked.cat("nll_ref"), kld=walked.cat("kld"), agree=walked.cat("agree"),
+                         hidden_errors=walked.hidden_rel_errors(), limits=limits, device=str(dev),
+                         seconds=time.perf_counter() - start)
     if report_path is not None:
-        from ..report.render import write_json
         write_json(report, report_path)
     return report
 

@@ -1,6 +1,6 @@
 """What a live model costs: parameters, memory by dtype, and the memory a LoRA fine-tune of it would need.
 
-Conventions follow the size report (design §7, `qtool.report.size`): a quantized weight is one logical tensor
+Conventions follow the size report (design §7, `qtool.report.size`; the training estimate is `report.lora`'s): a quantized weight is one logical tensor
 of dtype `int4`/`int8` whose parameters are those of its [out, in] shape and whose bytes are all its stored
 parts (packed codes, scales, zero points, shape). Tied tensors are counted once.
 """
@@ -11,8 +11,9 @@ from typing import Iterable
 import torch
 import torch.nn as nn
 
-from ..report.size import dtype_name
 from ..arch import is_conv1d_module
+from ..report.lora import training_part
+from ..report.size import dtype_name
 from .lora import LoRALinear, _features
 from .quant_linear import QuantLinear
 
@@ -96,17 +97,5 @@ def lora_training_memory(model: nn.Module, rank: int, targets: Iterable[str] | N
     else:
         targets = list(targets)
         chosen = {n: s for n, s in layers.items() if any(n == t or n.endswith("." + t) for t in targets)}
-    params = sum(rank * (o + i) for o, i in chosen.values())
     width = torch.empty(0, dtype=adapter_dtype).element_size()
-    weights = params * width
-    base = memory_footprint(model)["bytes"]
-    return {
-        "rank": rank,
-        "targets": len(chosen),
-        "adapter_parameters": params,
-        "adapter_bytes": weights,
-        "gradient_bytes": weights,
-        "optimizer_bytes": optimizer_states * weights,
-        "base_bytes": base,
-        "total_bytes": base + (2 + optimizer_states) * weights,
-    }
+    return training_part(rank, list(chosen.values()), memory_footprint(model)["bytes"], width, optimizer_states)
