@@ -15,8 +15,10 @@ from ..progress import NullProgress
 from ..report.render import write_json
 from ..report.size import size_report
 from .common import copy_side_files, timing
+from .arguments import checked
 
 
+@checked
 @guarded(inputs=("source",), outputs={"out": FOLDER, "report_path": REPORT})
 def dequantize(source, out, dtype: str | torch.dtype | None = None, *, overwrite=False, revision=None,
                max_shard_bytes=None, report_path=None, progress=None) -> dict:

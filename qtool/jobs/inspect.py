@@ -10,6 +10,7 @@ from ..quant.core import error_stats
 from ..report.adapter import lora_block
 from ..report.errors import gate as gate_block, summarize
 from ..report.size import lora_training_estimate, size_report
+from .arguments import checked
 
 
 def _adapter_base(adapter: Checkpoint, base: str | None, revision: str | None) -> Checkpoint | None:
@@ -25,6 +26,7 @@ def _adapter_base(adapter: Checkpoint, base: str | None, revision: str | None) -
         return None
 
 
+@checked
 def inspect(source: str, against: str | None = None, base: str | None = None, revision: str | None = None,
             max_rel_error: float | None = None, lora_rank: int | None = None) -> dict:
     """Size report of SOURCE; with `against`, per-tensor errors of SOURCE against that reference."""

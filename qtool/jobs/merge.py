@@ -23,8 +23,10 @@ from ..progress import NullProgress
 from ..quant.weight import quantize_weight
 from ..runtime import threads_per_worker, workers_for
 from .common import ordered_map, prefetch
+from .arguments import checked
 
 
+@checked
 @guarded(inputs=("base", "adapters"), outputs={"out": FOLDER, "report_path": REPORT})
 def merge_lora(base: str, adapters: list[str], out: str, weights: list[float] | None = None,
                dtype: str | torch.dtype | None = None, overwrite: bool = False, revision: str | None = None,
@@ -135,7 +137,8 @@ def _merge_quantized(bck, q: "_QuantizedBase", op: TensorOp, mw: ModuleWeight, r
     if not all_finite(merged):
         raise QtoolError(f"{module}.weight", "merged tensor holds NaN or Inf")
     parts, W_hat = q.requantize(module, merged)
-    rows[f"{module}.weight"] = {"delta_rel_norm": rel, "how": _how(op), "error": error_stats(merged, W_hat)}
+    how = f"{_how(op)}, requantized with {q.spec(module).method}"
+    rows[f"{module}.weight"] = {"delta_rel_norm": rel, "how": how, "error": error_stats(merged, W_hat)}
     return parts
 
 

@@ -11,6 +11,7 @@ import time
 
 import torch
 
+from .. import arch
 from ..checkpoint import CheckpointWriter, open_checkpoint
 from ..checkpoint.outputs import FOLDER, REPORT, guarded
 from ..errors import QtoolError
@@ -26,6 +27,7 @@ from ..report.render import write_json
 from ..report.size import describe_scheme, size_report
 from ..runtime import resolve_device, threads_per_worker, workers_for
 from .common import copy_side_files, ordered_map, prefetch, timing
+from .arguments import checked
 
 
 def _check_finite(name: str, w: torch.Tensor) -> None:
@@ -41,6 +43,7 @@ def _output_specs(plan: TensorPlan, spec: QuantSpec) -> list[tuple]:
     return [(plan.name, plan.shape, plan.dtype)]
 
 
+@checked
 @guarded(inputs=("source", "calib"), outputs={"out": FOLDER, "report_path": REPORT})
 def quantize(source, out, spec: QuantSpec | None = None, *, include=(), exclude=(), calib=None, calib_samples=128,
              seq_len=512, damp=0.01, device="auto", report_path=None, max_rel_error=None, allow_nonfinite=False,
@@ -55,7 +58,7 @@ def quantize(source, out, spec: QuantSpec | None = None, *, include=(), exclude=
     if ckpt.adapter_config is not None:
         raise QtoolError(source, "is a LoRA adapter; merge it first with `qtool merge-lora`")
     dev = resolve_device(device)
-    plans = {p.name: p for p in plan_quantization(ckpt.tensors.values(), spec, ckpt.config, include, exclude)}
+    plans = {p.name: p for p in plan_quantization(ckpt.tensors.values(), spec, ckpt.config, include, exclude, source)}
 
     importance, calib_data = {}, None
     if calib is not None:
@@ -137,7 +140,8 @@ def quantize(source, out, spec: QuantSpec | None = None, *, include=(), exclude=
                     for k, v in parts.items():
                         writer.write(k, v)
                     progress.advance(ckpt.tensors[name].nbytes, description=name)
-        ignore = sorted(p.module for p in plans.values() if p.linear and not p.quantize)
+        ignore = sorted([p.module for p in plans.values() if p.linear and not p.quantize]
+                        + arch.tied_heads(ckpt.tensors, ckpt.config))
         config = dict(ckpt.config or {})
         config["quantization_config"] = ct.Scheme.of(spec, ignore).to_config()
         writer.write_json("config.json", config)

@@ -123,7 +123,7 @@ def size_report(ckpt: Checkpoint, source: str | None = None) -> dict:
             "method": scheme.method, "format": ct.FORMAT, "ignored": list(scheme.ignore),
             "provider": scheme.provider, "quantized_tensors": len(qrows),
             "bits_per_weight": round(8 * sum(r["bytes"] for r in qrows) / qparams, 4) if qparams else None,
-            "vllm_servable": all(g.spec.strategy != "tensor" for g in scheme.groups),
+            "vllm_servable": all(g.spec.group_size in ct.VLLM_GROUP_SIZES for g in scheme.groups),
         }
     layers = [{"name": r["name"], "shape": list(r["shape"]), "dtype": r["dtype"], "bytes": r["bytes"],
                "quantized": r["quantized"], "reason": r["reason"], "error": None} for r in rows]
