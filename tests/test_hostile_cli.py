@@ -483,6 +483,18 @@ def test_deeply_nested_adapter_config(work):
             "nested too deeply", inputs=[work / "src", work / "lora"], out=work / "m")
 
 
+def test_a_packed_module_missing_a_part(work, quantized):
+    """Found by the 5,000-case fuzz: a flipped byte renamed one module's weight_scale."""
+    q = work / "q"
+    shutil.copytree(quantized, q)
+    raw = (q / "model.safetensors").read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    head = raw[8:8 + n].replace(b'"model.layers.1.self_attn.k_proj.weight_scale"', b'"model/layers.1.self_attn.k_proj.weight_scale"')
+    (q / "model.safetensors").write_bytes(raw[:8] + head + raw[8 + n:])
+    refused(["dequantize", q, "-o", work / "d"], "model.layers.1.self_attn.k_proj: stores weight_packed but no weight_scale",
+            inputs=[q], out=work / "d")
+
+
 @pytest.mark.parametrize("name", ["model.bin", "model.safetensors", "pytorch_model.bin", "adapter_model.safetensors"])
 def test_a_text_file_under_a_checkpoints_name(work, name):
     d = work / "m"
