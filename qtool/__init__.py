@@ -29,6 +29,7 @@ _API = {
     "QuantSpec": ("qtool.quant.spec", "QuantSpec"),
     "open_checkpoint": ("qtool.checkpoint", "open_checkpoint"),
     "QtoolError": ("qtool.errors", "QtoolError"),
+    "ArgumentError": ("qtool.errors", "ArgumentError"),
 }
 __all__ = ["__version__", *_API]
 

@@ -15,10 +15,12 @@ from ..report.errors import gate_part, summary_part
 from ..report.lora import adapter_part, checkpoint_training_part
 from ..report.schema import Layer, Report, assemble, timing_part
 from ..report.size import listing, parameter_count, size_part
+from .arguments import checked
 
 TOP = 10  # names in `largest` and summary.worst (the command line's --top)
 
 
+@checked
 def inspect(source: str, against: str | None = None, base: str | None = None, revision: str | None = None,
             max_rel_error: float | None = None, lora_rank: int | None = None, top: int = TOP) -> Report:
     """Size report of SOURCE; with `against`, per-tensor errors of SOURCE against that reference. `top`: how many

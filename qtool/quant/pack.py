@@ -11,6 +11,7 @@ import sys
 
 import torch
 import torch.nn.functional as F
+from ..errors import ArgumentError
 
 SUPPORTED_BITS = (1, 2, 4, 8)
 
@@ -27,7 +28,7 @@ def packed_shape(rows: int, cols: int, bits: int) -> tuple[int, int]:
 
 def _check_bits(bits: int) -> None:
     if bits not in SUPPORTED_BITS:
-        raise ValueError(f"packing supports {SUPPORTED_BITS} bits, not {bits}")
+        raise ArgumentError("bits", f"packing supports {SUPPORTED_BITS} bits, not {bits}")
 
 
 def _bytes_to_words(b: torch.Tensor) -> torch.Tensor:
@@ -89,9 +90,9 @@ def pack_int32(q: torch.Tensor, bits: int, dim: int = 1) -> torch.Tensor:
     """Pack int8 codes in [-2^(b-1), 2^(b-1)-1] of a 2-D tensor along `dim` into int32 (CT layout)."""
     _check_bits(bits)
     if q.dtype != torch.int8:
-        raise ValueError(f"codes must be int8 before packing, got {q.dtype}")
+        raise ArgumentError("q", f"codes must be int8 before packing, got {q.dtype}")
     if q.ndim != 2 or dim not in (0, 1):
-        raise ValueError("pack_int32 takes a 2-D tensor and dim 0 or 1")
+        raise ArgumentError("q", "pack_int32 takes a 2-D tensor and dim 0 or 1")
     if dim == 0:
         return _pack_rows(q.t(), bits).t().contiguous()
     return _pack_rows(q, bits)
@@ -101,15 +102,16 @@ def unpack_int32(packed: torch.Tensor, bits: int, shape, dim: int = 1) -> torch.
     """Reverse pack_int32: int32 words -> int8 codes of the 2-D `shape` (a tuple, Size or int tensor)."""
     _check_bits(bits)
     if packed.dtype != torch.int32:
-        raise ValueError(f"packed codes must be int32, got {packed.dtype}")
+        raise ArgumentError("packed", f"packed codes must be int32, got {packed.dtype}")
     shape = [int(s) for s in shape]
     if packed.ndim != 2 or len(shape) != 2 or dim not in (0, 1):
-        raise ValueError("unpack_int32 takes a 2-D tensor, a 2-D shape and dim 0 or 1")
+        raise ArgumentError("packed", "unpack_int32 takes a 2-D tensor, a 2-D shape and dim 0 or 1")
     n = shape[dim]
     other = shape[1 - dim]
     p = packed.t() if dim == 0 else packed
     if p.shape[0] != other or p.shape[1] != packed_len(n, bits):
-        raise ValueError(
+        raise ArgumentError(
+            "packed",
             f"packed shape {tuple(packed.shape)} does not match {bits}-bit codes of shape {tuple(shape)}"
         )
     out = _unpack_rows(p, bits, n)

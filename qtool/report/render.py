@@ -78,7 +78,8 @@ def _head(report: dict) -> Table:
         if q.get("bits_per_weight") is not None:
             head.add_row("bits per quantized weight", f"{q['bits_per_weight']:.3f} ({q.get('quantized_tensors')} tensors)")
         if q.get("vllm_servable") is False:
-            head.add_row("note", "per-tensor scales: valid compressed-tensors, but vLLM will not serve it")
+            head.add_row("note", f"group size {q['group_size']}: valid compressed-tensors, but vLLM will not serve it "
+                                 "(its weight-only kernels take groups of 32, 64 or 128 columns, or per channel)")
     lora = report.get("lora")
     if lora:
         head.add_row("LoRA", f"rank {lora['rank']}, alpha {lora['alpha']}, scaling {_scaling(lora.get('scaling'))}")
