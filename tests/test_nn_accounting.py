@@ -7,7 +7,7 @@ import torch
 
 from qtool.checkpoint import open_checkpoint
 from qtool.jobs.quantize import quantize
-from qtool.nn import attach_adapter, load, lora_training_memory, memory_footprint, parameter_counts
+from qtool.nn import QuantLinear, attach_adapter, load, lora_training_memory, memory_footprint, parameter_counts
 from qtool.quant.spec import QuantSpec
 
 from .lora_helpers import BUILDERS, make_adapter, save_base
@@ -28,7 +28,11 @@ def test_counts_and_footprint_of_a_quantized_model(tmp_path):
     fp = memory_footprint(model)
     ckpt = open_checkpoint(tmp_path / "q")
     packed = sum(i.nbytes for n, i in ckpt.tensors.items() if n.rsplit(".", 1)[1].startswith("weight_"))
-    assert fp["dtypes"]["int4"] == {"tensors": 14, "parameters": linears, "bytes": packed}
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert sum(m.stored_nbytes for m in layers) == packed
+    # held: the file's bytes plus, on the CPU int4 kernel, bf16 scale and zero per group of 32 columns
+    extra = sum(m.out_features * m.in_features // 32 * 4 for m in layers if m.path.name == "cpu-int4")
+    assert fp["dtypes"]["int4"] == {"tensors": 14, "parameters": linears, "bytes": packed + extra}
     plain = sum(i.nbytes for n, i in ckpt.tensors.items() if i.dtype == torch.bfloat16
                 and not n.rsplit(".", 1)[1].startswith("weight_"))
     assert fp["dtypes"]["bfloat16"]["bytes"] == plain
