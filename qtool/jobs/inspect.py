@@ -26,7 +26,7 @@ def _adapter_base(adapter: Checkpoint, base: str | None, revision: str | None) -
 
 
 def inspect(source: str, against: str | None = None, base: str | None = None, revision: str | None = None,
-            max_rel_error: float | None = None, lora_rank: int | None = None) -> dict:
+            max_rel_error: float | None = None, lora_rank: int | None = None, lora_tokens: int = 0) -> dict:
     """Size report of SOURCE; with `against`, per-tensor errors of SOURCE against that reference."""
     start = time.perf_counter()
     ckpt = open_checkpoint(source, revision)
@@ -36,7 +36,7 @@ def inspect(source: str, against: str | None = None, base: str | None = None, re
         base_params = size_report(base_ckpt)["parameters"] if base_ckpt is not None else None
         report["lora"] = lora_block(ckpt, base_params)
     if lora_rank is not None:
-        report["lora_training"] = lora_training_estimate(report, ckpt.config, lora_rank)
+        report["lora_training"] = lora_training_estimate(report, ckpt.config, lora_rank, tokens=lora_tokens)
     if against is not None:
         add_errors(report, DenseView(ckpt), DenseView(open_checkpoint(against)), against)
         report["gate"] = gate_block(report["layers"], max_rel_error)

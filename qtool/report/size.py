@@ -86,19 +86,67 @@ def estimate_bytes(rows: list[dict], config: dict | None) -> dict[str, int]:
 
 
 def lora_training_estimate(report: dict, config: dict | None, rank: int, adapter_itemsize: int = 4,
-                           optimizer_states: int = 2) -> dict:
-    """Bytes a LoRA fine-tune at `rank` on every linear layer but the output head (PEFT's "all-linear") needs,
-    activations aside: the base frozen at its stored width, plus the adapter's float32 weights, gradients and
-    Adam states. The same convention as `qtool.nn.accounting.lora_training_memory` for a live model."""
-    params, targets = 0, 0
+                           optimizer_states: int = 2, tokens: int = 0) -> dict:
+    """Bytes a LoRA fine-tune at `rank` on every linear layer but the output head (PEFT's "all-linear") needs:
+    the base frozen at its stored width, the adapter's float32 weights, gradients and Adam states, and, for a
+    training step of `tokens` tokens (batch × sequence length), the activations kept for the backward pass
+    (activation_bytes_per_token). The same convention as `qtool.nn.accounting.lora_training_memory`."""
+    params, targets, widths = 0, 0, 0
     for row in report["layers"]:
-        if row["quantized"] or arch.role(row["name"], tuple(row["shape"]), torch.float16, config).lora_target:
+        r = arch.role(row["name"], tuple(row["shape"]), torch.float16, config)
+        if row["quantized"] or r.lora_target:
             params += rank * sum(row["shape"])
             targets += 1
+            widths += row["shape"][0 if r.kind == "conv1d" else 1]  # the input width (Conv1D stores [in, out])
+    return training_bytes(report["bytes"], rank, targets, params, widths, config, adapter_itemsize,
+                          optimizer_states, tokens)
+
+
+def training_bytes(base: int, rank: int, targets: int, params: int, widths: int, config: dict | None,
+                   adapter_itemsize: int, optimizer_states: int, tokens: int) -> dict:
+    """The lora_training block: base + (weights, gradients, optimizer states) of `params` adapter parameters
+    + tokens × activation_bytes_per_token (left out, and None, when config.json lacks the sizes)."""
     weights = params * adapter_itemsize
+    per_token = activation_bytes_per_token(config, widths, targets, rank, adapter_itemsize)
+    activations = tokens * per_token if per_token is not None else 0
     return {"rank": rank, "targets": targets, "adapter_parameters": params, "adapter_bytes": weights,
-            "gradient_bytes": weights, "optimizer_bytes": optimizer_states * weights, "base_bytes": report["bytes"],
-            "total_bytes": report["bytes"] + (2 + optimizer_states) * weights}
+            "gradient_bytes": weights, "optimizer_bytes": optimizer_states * weights, "base_bytes": base,
+            "tokens": tokens, "activation_bytes_per_token": per_token, "activation_bytes": activations,
+            "total_bytes": base + (2 + optimizer_states) * weights + activations}
+
+
+def _size(config: dict, *keys, default=None):
+    for k in keys:
+        v = config.get(k)
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            return v
+    return default
+
+
+def activation_bytes_per_token(config: dict | None, target_widths: int, targets: int, rank: int,
+                               adapter_itemsize: int = 4) -> int | None:
+    """What one token of a LoRA training step keeps for its backward pass, for a decoder of Llama-style blocks
+    (measured within a few % on bench/nn_bench.py's model by autograd's saved tensors): the adapter-dtype copy
+    of each target layer's input (`target_widths` = the sum of their input widths; PEFT casts the input to the
+    adapter's dtype) and its A·x; per block the attention's q, k, v and output and the MLP's three intermediate
+    tensors in the model dtype and two norms' float32 inputs; the final norm's input; the logits in the model
+    dtype, their float32 copy and its gradient. None when config.json lacks the sizes."""
+    if not config:
+        return None
+    hidden = _size(config, "hidden_size", "n_embd", "d_model")
+    layers = _size(config, "num_hidden_layers", "n_layer", "num_layers")
+    vocab = _size(config, "vocab_size")
+    if hidden is None or layers is None or vocab is None:
+        return None
+    inter = _size(config, "intermediate_size", "n_inner", "ffn_dim", default=4 * hidden)
+    heads = _size(config, "num_attention_heads", "n_head", default=1)
+    head_dim = _size(config, "head_dim", default=hidden // heads)
+    kv = _size(config, "num_key_value_heads", default=heads) * head_dim
+    name = config.get("dtype") or config.get("torch_dtype") or "float32"
+    item = getattr(torch, name, torch.float32).itemsize if isinstance(name, str) else 4
+    lora = adapter_itemsize * (target_widths + rank * targets)
+    block = item * (heads * head_dim + 2 * kv + hidden + 3 * inter) + 4 * 2 * hidden + 4 * heads
+    return lora + layers * block + 4 * hidden + (item + 8) * vocab
 
 
 def size_report(ckpt: Checkpoint, source: str | None = None) -> dict:
