@@ -271,7 +271,7 @@ def print_load(ld) -> None:
         r = ld[k]
         print(f"{k:24s} peak RSS {r['peak_rss_gib']:.3f} GiB, above idle {r['above_idle_gib']:.3f} GiB "
               f"({r['above_idle_gib'] / ld['packed_gib']:.2f}x packed, {r['above_idle_gib'] / ld['dense_bf16_gib']:.2f}x"
-              f" dense), model {r['model_bytes_gib']:.3f} GiB, {r['wall_s']:.1f} s wall")
+              f" dense), model {r['model_bytes_gib']:.3f} GiB, {r['wall_s']:.1f} s wall, {r['cpu_s']:.1f} s CPU")
 
 
 def main():

@@ -1,7 +1,7 @@
 """QuantLinear against a dense F.linear holding compressed-tensors' dequantized weight, on every path.
 
-The reference weight is compressed-tensors' layout as qtool reads it (`PackedModule.dequantize`) (the whole tensor at once); the reference
-output is computed in float64. Each path is held to the bound stated in qtool/nn/kernels.py:
+The reference weight is compressed-tensors' own pack-quantized decompression (the whole tensor at once); the
+reference output is computed in float64. Each path is held to the bound stated in qtool/nn/kernels.py:
 |y - y_ref| ≤ (c·u + K·2^-24)·A with A = |b| + Σ_k |x_k|(|Ŵ_k| + |zp_k·s_k|), u the input dtype's unit
 roundoff, c = 4 on the kernel paths and 1 on the tiled path on the CPU.
 """
@@ -14,12 +14,16 @@ import torch.nn.functional as F
 import qtool.nn.kernels as kn
 import qtool.nn.quant_linear as ql
 from qtool.errors import QtoolError
+from qtool.formats import compressed_tensors as ct
 from qtool.nn import QuantLinear
 from qtool.quant import minmax_qparams, quantize
 from qtool.quant.pack import unpack_int32
 from qtool.quant.spec import QuantSpec
 
-from .conftest import decompress, packed_module
+from .conftest import packed_module
+
+ctq = pytest.importorskip("compressed_tensors.quantization")
+from compressed_tensors.compressors import BaseCompressor  # noqa: E402
 
 UNIT = {torch.float32: 2.0 ** -24, torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}
 HAS_KERNELS = kn.cpu_int4_layout() is not None and kn._cpu_vectorised()
@@ -29,6 +33,13 @@ kernels_only = pytest.mark.skipif(not HAS_KERNELS, reason="torch's vectorised CP
 def parts_for(w: torch.Tensor, spec: QuantSpec) -> dict[str, torch.Tensor]:
     scale, zp = minmax_qparams(w, spec)
     return packed_module(quantize(w, scale, zp, spec), scale, zp, spec).parts
+
+
+def ct_dense(parts, spec) -> torch.Tensor:
+    """The weight compressed-tensors 0.20.1 decompresses from these tensors."""
+    scheme = ctq.QuantizationScheme(targets=["Linear"], weights=ctq.QuantizationArgs(**ct.weights_args(spec)),
+                                    format="pack-quantized")
+    return BaseCompressor.get_value_from_registry("pack-quantized").decompress(dict(parts), scheme)["weight"]
 
 
 def zero_offsets(parts, spec) -> torch.Tensor:
@@ -45,7 +56,7 @@ def zero_offsets(parts, spec) -> torch.Tensor:
 
 
 def assert_within_bound(layer, parts, spec, x, bias, c):
-    dense = decompress(parts, spec).double()
+    dense = ct_dense(parts, spec).double()
     y = layer(x)
     assert y.dtype == x.dtype and y.shape == (*x.shape[:-1], layer.out_features)
     xd = x.double().reshape(-1, x.shape[-1])
@@ -92,7 +103,7 @@ def test_every_path_within_its_bound(bits, sym, gs, shape):
     for compute in (torch.bfloat16, torch.float32, torch.float16):
         layer = QuantLinear(parts, spec, bias=bias, compute_dtype=compute)
         assert layer.path.name == expected_path(bits, sym, gs, shape, compute)
-        assert torch.equal(layer.dequantize(), decompress(parts, spec))
+        assert torch.equal(layer.dequantize(), ct_dense(parts, spec))
         for dtype in (torch.bfloat16, torch.float32, torch.float16):
             x = torch.randn(2, 3, shape[1], generator=g).to(dtype)
             kernel = layer.path.serves(x.reshape(-1, shape[1]))
@@ -227,7 +238,7 @@ def test_input_gradient_matches_dense(bits, sym, gs):
     spec = QuantSpec(bits, sym, gs, "rtn")
     parts = parts_for(torch.randn(96, 128).to(torch.bfloat16), spec)
     layer = QuantLinear(parts, spec, bias=torch.randn(96))
-    dense = decompress(parts, spec).float()
+    dense = ct_dense(parts, spec).float()
     for dtype in (torch.float32, torch.bfloat16):
         x = torch.randn(5, 128).to(dtype).requires_grad_(True)
         g = torch.randn(5, 96).to(dtype)

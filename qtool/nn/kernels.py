@@ -56,7 +56,7 @@ from ..quant.pack import bytes_to_words, words_to_bytes, pack_int32, packed_len,
 from ..quant.spec import QuantSpec
 
 # Rows per chunk when a layout is built or read whole (bounds the temporaries of a large layer).
-_CHUNK_ELEMS = 1 << 20
+_CHUNK_ELEMS = 1 << 21
 _KERNEL_GROUPS = (256, 128, 64, 32)  # group sizes torch's int4 kernels take, largest (fewest scales) first
 _VECTOR_CPUS = ("AVX512", "AVX2")    # capabilities with vectorised bfloat16 int4/int8 kernels
 
@@ -258,11 +258,11 @@ class CpuInt4(_Int4Path):
         w = torch.empty(out_f, in_f // 2, dtype=torch.uint8)
         for r0, r1 in _row_chunks(out_f, in_f, self.row_align):
             b = words_to_bytes(packed[r0:r1])  # compressed-tensors' nibbles are already u = q + 8
-            u = torch.empty(r1 - r0, in_f, dtype=torch.int32)
-            u[:, 0::2] = b & 15
-            u[:, 1::2] = b >> 4
+            u = torch.empty(r1 - r0, in_f // 2, 2, dtype=torch.uint8)
+            torch.bitwise_and(b, 15, out=u[..., 0])
+            torch.bitwise_right_shift(b, 4, out=u[..., 1])
             # rows r0:r1 of the [out, in/2] result are exactly these rows' blocks (blocks are row-major)
-            w[r0:r1] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(u, 1)
+            w[r0:r1] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(u.view(r1 - r0, in_f).to(torch.int32), 1)
         m.register_buffer("int4_packed", w, persistent=False)
         m.register_buffer("int4_scale_zeros", self.scale_zeros(m), persistent=False)
 

@@ -12,6 +12,7 @@ import os
 import torch
 import torch.nn as nn
 
+from .. import runtime
 from ..arch import FLOAT_DTYPES
 from ..checkpoint import open_checkpoint
 from ..errors import QtoolError
@@ -85,11 +86,14 @@ def _fill(model: nn.Module, ckpt, scheme, modules: list[str], device: torch.devi
         aliases.setdefault(id(p), []).append(name)
     consumed: set[str] = set()
     compute = dtype or next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
-    for m in modules:
-        consumed |= _swap_quantized(model, ckpt, scheme, m, device, dtype, compute, kernels)
-        # a quantized lm_head unties from the embedding: drop it from the alias lists
-        for names in aliases.values():
-            names[:] = [n for n in names if not n.startswith(m + ".")]
+    # building a kernel layout is many small ops: one thread (threads would mostly wait for each other)
+    with runtime.threads_per_worker(torch.get_num_threads()):
+        for m in modules:
+            consumed |= _swap_quantized(model, ckpt, scheme, m, device, dtype, compute, kernels)
+            # a quantized lm_head unties from the embedding: drop it from the alias lists
+            for names in aliases.values():
+                names[:] = [n for n in names if not n.startswith(m + ".")]
+    runtime.release_host_memory()  # the layouts' temporaries, freed, back to the OS
     own = dict(model.named_parameters(remove_duplicate=False))
     buffers = dict(model.named_buffers(remove_duplicate=False))
     unexpected, loaded = [], set()
