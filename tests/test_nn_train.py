@@ -159,6 +159,16 @@ def test_saved_adapter_loads_in_peft_and_merges_like_merge_and_unload(root, tmp_
         torch.testing.assert_close(got[k], want[k], rtol=1e-6, atol=1e-6, msg=k)
     with pytest.raises(QtoolError, match="already exists"):
         save_adapter(model, "default", tmp_path / "ad")
+    _perturb(model, 10)
+    save_adapter(model, "default", tmp_path / "ad", overwrite=True)  # an adapter folder may be replaced
+    again = PeftModel.from_pretrained(_dequantized(root / "q"), tmp_path / "ad").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(IDS).logits, again(IDS).logits, rtol=0, atol=2e-6)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(QtoolError, match="not part of a checkpoint"):
+        save_adapter(model, "default", tmp_path / "other", overwrite=True)
+    assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
     with pytest.raises(QtoolError, match="no adapter of this name"):
         save_adapter(model, "other", tmp_path / "other")
 
