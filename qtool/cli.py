@@ -154,20 +154,22 @@ def main():
               help="With --against: exit 3 when any tensor that differs has a rel_error above X (X >= 0).")
 @click.option("--lora-rank", type=click.IntRange(min=1), default=None, metavar="R",
               help="Also estimate the memory of a LoRA fine-tune at rank R on every linear layer (weights, gradients, Adam).")
+@click.option("--lora-tokens", type=click.IntRange(min=0), default=0, show_default=True, metavar="T",
+              help="With --lora-rank: add the activations of a training step of T tokens (batch x sequence length).")
 @revision_option
 @handle_errors
-def inspect(source, as_json, against, base, top, max_rel_error, lora_rank, revision):
+def inspect(source, as_json, against, base, top, max_rel_error, lora_rank, lora_tokens, revision):
     """Size report of SOURCE: parameters, bytes by dtype, bits per parameter, size at other widths.
 
     \b
     qtool inspect samples/tiny-llama
     qtool inspect out/tiny-llama-int4 --against samples/tiny-llama --json
     qtool inspect samples/tiny-llama-lora --base samples/tiny-llama
-    qtool inspect samples/tiny-llama --lora-rank 16
+    qtool inspect samples/tiny-llama --lora-rank 16 --lora-tokens 512
     """
     from .jobs.inspect import inspect as run
     report = run(source, against=against, base=base, revision=revision, max_rel_error=max_rel_error,
-                 lora_rank=lora_rank, top=top)
+                 lora_rank=lora_rank, top=top, lora_tokens=lora_tokens)
     _finish(report, as_json, top=top)
 
 

@@ -31,7 +31,7 @@ def _check_bits(bits: int) -> None:
         raise ArgumentError("bits", f"packing supports {SUPPORTED_BITS} bits, not {bits}")
 
 
-def _bytes_to_words(b: torch.Tensor) -> torch.Tensor:
+def bytes_to_words(b: torch.Tensor) -> torch.Tensor:
     """[rows, 4k] uint8 (little-endian word bytes) -> [rows, k] int32."""
     b = b.contiguous()
     if b.device.type == "cpu" and sys.byteorder == "big":
@@ -40,7 +40,8 @@ def _bytes_to_words(b: torch.Tensor) -> torch.Tensor:
     return b.reshape(-1).view(torch.int32).view(b.shape[0], -1)
 
 
-def _words_to_bytes(w: torch.Tensor) -> torch.Tensor:
+def words_to_bytes(w: torch.Tensor) -> torch.Tensor:
+    """[rows, k] int32 -> [rows, 4k] uint8, each word's bytes little-endian (a view where the host is)."""
     b = w.contiguous().reshape(-1).view(torch.uint8).view(w.shape[0], -1)
     if w.device.type == "cpu" and sys.byteorder == "big":
         b = b.view(b.shape[0], -1, 4).flip(-1).reshape(b.shape[0], -1)
@@ -60,7 +61,7 @@ def _pack_rows(q: torch.Tensor, bits: int) -> torch.Tensor:
             u = F.pad(u, (0, pad))
         if bits == 4:
             u = u[:, 0::2] | (u[:, 1::2] << 4)
-        return _bytes_to_words(u)
+        return bytes_to_words(u)
     u = q.to(torch.int64) + (1 << (bits - 1))
     if pad:
         u = F.pad(u, (0, pad))
@@ -73,9 +74,9 @@ def _pack_rows(q: torch.Tensor, bits: int) -> torch.Tensor:
 def _unpack_rows(p: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
     rows = p.shape[0]
     if bits == 8:  # one code per byte: xor 0x80 turns q + 128 back into q as a two's-complement byte
-        return (_words_to_bytes(p)[:, :cols] ^ 0x80).view(torch.int8)
+        return (words_to_bytes(p)[:, :cols] ^ 0x80).view(torch.int8)
     if bits == 4:
-        b = _words_to_bytes(p)
+        b = words_to_bytes(p)
         u = torch.empty((rows, b.shape[1] * 2), dtype=torch.uint8, device=p.device)
         u[:, 0::2] = b & 0xF
         u[:, 1::2] = b >> 4

@@ -88,9 +88,11 @@ def _head(report: dict) -> Table:
         head.add_row("adapter parameters", f"{lora['parameters']:,}" + (f" ({100 * frac:.3f}% of the base)" if frac is not None else ""))
     lt = report.get("lora_training")
     if lt:
+        acts = (f" + activations {human_bytes(lt['activation_bytes'])} for {lt['tokens']:,} tokens"
+                if lt.get("tokens") and lt.get("activation_bytes_per_token") else "")
         head.add_row(f"LoRA fine-tune, rank {lt['rank']}",
                      f"{human_bytes(lt['total_bytes'])}: base {human_bytes(lt['base_bytes'])} + adapter {lt['adapter_parameters']:,} "
-                     f"parameters on {lt['targets']} layers ×(weights, gradients, 2 Adam states) in float32")
+                     f"parameters on {lt['targets']} layers ×(weights, gradients, 2 Adam states) in float32{acts}")
     t = report.get("timing")
     if t:
         head.add_row("time", f"{t['seconds']:.2f} s ({_num(t.get('input_gb_per_s'), '{:.2f}')} GB/s of input)")
