@@ -8,8 +8,9 @@ import sys
 import click
 
 from . import __version__, runtime
-from .errors import GateFailed, Interrupted, QtoolError
+from .errors import ArgumentError, GateFailed, Interrupted, QtoolError
 from .interrupts import stop_on_signals
+from .jobs import arguments
 
 DTYPES = click.Choice(["float16", "bfloat16", "float32"])
 
@@ -29,6 +30,7 @@ def handle_errors(fn):
     """Map user-caused failures to one line on stderr and their exit code; never a traceback."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        cli = arguments.CLI.set(True)  # errors name options (--overwrite), not the API's arguments
         try:
             with stop_on_signals():  # SIGINT/SIGTERM/SIGHUP unwind the job (outputs cleaned up), exit 128+signum
                 return fn(*args, **kwargs)
@@ -46,6 +48,8 @@ def handle_errors(fn):
             sys.exit(1)
         except OSError as e:
             _fail(f"{e.filename or 'I/O'}: {e.strerror or e}")
+        finally:
+            arguments.CLI.reset(cli)
     return wrapper
 
 
@@ -74,11 +78,40 @@ def _finish(report: dict, as_json: bool, quiet: bool = False, top: int = 10) -> 
         raise GateFailed(report.get("source") or report["model"], "quality gate failed: " + "; ".join(failures)) from None
 
 
+class _Number(click.ParamType):
+    """A number the job's argument check accepts (qtool.jobs.arguments.number): never NaN, within its limits."""
+
+    name = "number"
+
+    def __init__(self, **limits):
+        self.limits = limits
+
+    def convert(self, value, param, ctx):
+        try:
+            x = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        try:
+            return arguments.number(x, param.name, **self.limits)
+        except ArgumentError as e:
+            self.fail(e.problem, param, ctx)
+
+
+class _Device(click.ParamType):
+    name = "device"
+
+    def convert(self, value, param, ctx):
+        try:
+            return arguments.device(value)
+        except ArgumentError as e:
+            self.fail(e.problem, param, ctx)
+
+
 revision_option = click.option("--revision", default=None, help="Revision of a hub id (branch, tag or commit), from the local cache.")
 overwrite_option = click.option("--overwrite", is_flag=True,
                                 help="Replace an existing output, only when it is one qtool could have written "
                                      "(a checkpoint folder, a qtool report or statistics file).")
-device_option = click.option("--device", default="auto", show_default=True,
+device_option = click.option("--device", default="auto", show_default=True, type=_Device(),
                              help="auto (cuda when available, else cpu), cpu, cuda or cuda:N.")
 report_option = click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None,
                              help="Write the JSON report to this file.")
@@ -108,11 +141,11 @@ class _Commands(click.Group):
 
 def gate_options(fn):
     """--max-kld / --max-ppl-ratio / --min-top1: the output-quality gates of eval and of --eval."""
-    fn = click.option("--min-top1", type=click.FloatRange(0, 1), default=None, metavar="P",
+    fn = click.option("--min-top1", type=_Number(minimum=0, maximum=1), default=None, metavar="P",
                       help="Gate: exit 3 when top-1 agreement with the reference is below P.")(fn)
-    fn = click.option("--max-ppl-ratio", type=click.FloatRange(min=0), default=None, metavar="R",
+    fn = click.option("--max-ppl-ratio", type=_Number(minimum=0), default=None, metavar="R",
                       help="Gate: exit 3 when ppl / reference ppl exceeds R.")(fn)
-    return click.option("--max-kld", type=click.FloatRange(min=0), default=None, metavar="X",
+    return click.option("--max-kld", type=_Number(minimum=0), default=None, metavar="X",
                         help="Gate: exit 3 when the mean KL divergence to the reference (nats) exceeds X.")(fn)
 
 
@@ -156,23 +189,26 @@ def main():
 @click.option("--base", default=None, help="Base model of an adapter SOURCE (default: adapter_config's base path).")
 @click.option("--top", default=10, show_default=True, type=click.IntRange(min=0),
               help="Rows in the largest/worst tensor tables; names in the JSON's `largest` and `summary.worst`.")
-@click.option("--max-rel-error", type=float, default=None, help="With --against: exit 3 when any quantized tensor's rel_error exceeds X.")
+@click.option("--max-rel-error", type=_Number(minimum=0), default=None,
+              help="With --against: exit 3 when any tensor that differs has a rel_error above X (X >= 0).")
 @click.option("--lora-rank", type=click.IntRange(min=1), default=None, metavar="R",
               help="Also estimate the memory of a LoRA fine-tune at rank R on every linear layer (weights, gradients, Adam).")
+@click.option("--lora-tokens", type=click.IntRange(min=0), default=0, show_default=True, metavar="T",
+              help="With --lora-rank: add the activations of a training step of T tokens (batch x sequence length).")
 @revision_option
 @handle_errors
-def inspect(source, as_json, against, base, top, max_rel_error, lora_rank, revision):
+def inspect(source, as_json, against, base, top, max_rel_error, lora_rank, lora_tokens, revision):
     """Size report of SOURCE: parameters, bytes by dtype, bits per parameter, size at other widths.
 
     \b
     qtool inspect samples/tiny-llama
     qtool inspect out/tiny-llama-int4 --against samples/tiny-llama --json
     qtool inspect samples/tiny-llama-lora --base samples/tiny-llama
-    qtool inspect samples/tiny-llama --lora-rank 16
+    qtool inspect samples/tiny-llama --lora-rank 16 --lora-tokens 512
     """
     from .jobs.inspect import inspect as run
     report = run(source, against=against, base=base, revision=revision, max_rel_error=max_rel_error,
-                 lora_rank=lora_rank, top=top)
+                 lora_rank=lora_rank, top=top, lora_tokens=lora_tokens)
     _finish(report, as_json, top=top)
 
 
@@ -194,9 +230,11 @@ def inspect(source, as_json, against, base, top, max_rel_error, lora_rank, revis
 @click.option("--include", multiple=True, metavar="GLOB", help="Also quantize tensors/modules matching GLOB (repeatable).")
 @click.option("--exclude", multiple=True, metavar="GLOB", help="Keep tensors/modules matching GLOB unquantized; wins over --include.")
 @report_option
-@click.option("--max-rel-error", type=float, default=None, help="Quality gate: exit 3 when any quantized tensor's rel_error exceeds X.")
+@click.option("--max-rel-error", type=_Number(minimum=0), default=None,
+              help="Quality gate: exit 3 when any quantized tensor's rel_error exceeds X (X >= 0).")
 @click.option("--allow-nonfinite", is_flag=True, help="Keep tensors with NaN/Inf unquantized instead of failing.")
-@click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard, e.g. 500MB, 2GB.")
+@click.option("--max-shard-size", default="5GB", show_default=True, callback=lambda ctx, param, v: parse_size(v),
+              help="Largest output shard, e.g. 500MB, 2GB.")
 @eval_options
 @overwrite_option
 @quiet_option
@@ -224,7 +262,7 @@ def quantize(source, out, bits, symmetric, group_size, method, calib, calib_samp
     with make_progress(quiet or as_json) as progress:
         report = run(source, out, spec, include=include, exclude=exclude, calib=calib, calib_samples=calib_samples,
                      seq_len=seq_len, damp=damp, device=device, report_path=report_path, max_rel_error=max_rel_error,
-                     allow_nonfinite=allow_nonfinite, max_shard_bytes=parse_size(max_shard_size), overwrite=overwrite,
+                     allow_nonfinite=allow_nonfinite, max_shard_bytes=max_shard_size, overwrite=overwrite,
                      revision=revision, progress=progress, eval_options=evaluation)
     _finish(report, as_json, quiet)
 
@@ -281,7 +319,8 @@ def dequantize(source, out, dtype, report_path, eval_data, max_kld, max_ppl_rati
 @click.argument("base")
 @click.argument("adapters", nargs=-1, required=True)
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
-@click.option("--weight", "weights", multiple=True, type=float, help="Weight of each adapter, in order (default 1.0 each).")
+@click.option("--weight", "weights", multiple=True, type=_Number(finite=True),
+              help="Weight of each adapter, in order (default 1.0 each).")
 @click.option("--dtype", type=DTYPES, default=None, help="Output dtype of merged tensors (default: the base's).")
 @report_option
 @eval_options
@@ -356,7 +395,10 @@ def parse_size(text: str) -> int:
     m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", text)
     if not m or m.group(2).upper() not in _UNITS:
         raise click.BadParameter(f"{text!r} is not a size like 500MB or 2GB", param_hint="--max-shard-size")
-    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+    size = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+    if size < 1:
+        raise click.BadParameter(f"{text!r} is not a size of at least 1 byte", param_hint="--max-shard-size")
+    return size
 
 
 if __name__ == "__main__":

@@ -138,7 +138,7 @@ def test_quantize_from_stats_file_uses_importance(bert, tmp_path):
     for p in plans:
         want = mse_qparams(ckpt.get(p.name), spec, importance=imp.get(p.module))[0]
         torch.testing.assert_close(stored[f"{p.module}.weight_scale"], want, rtol=0, atol=0)
-    with pytest.raises(QtoolError, match="statistics file feeds --method mse only"):
+    with pytest.raises(QtoolError, match="a statistics file feeds method=.mse. only; method=.gptq. needs calibration data"):
         quantize(str(folder), tmp_path / "g", QuantSpec(bits=4, group_size=32, method="gptq"), calib=path, device="cpu")
     other = {m: {**e, "sum_sq": e["sum_sq"][:64], "absmax": e["absmax"][:64]} if m == "encoder.layer.0.output.dense" else e
              for m, e in stats.items()}

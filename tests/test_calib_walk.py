@@ -10,7 +10,7 @@ import torch
 from qtool.calib.layerwise import collect_stats, layer_order, quantize_layerwise
 from qtool.checkpoint import open_checkpoint
 from qtool.errors import QtoolError
-from qtool.plan import plan_quantization
+from qtool.plan import TensorPlan, plan_quantization
 from qtool.quant.core import dequantize
 from qtool.quant.spec import QuantSpec
 
@@ -128,7 +128,11 @@ def test_gpt2_included_conv1d_quantized_uncalibrated_in_walk_order(tmp_path):
     save_tiny("gpt2", tmp_path)
     ckpt = open_checkpoint(tmp_path)
     spec = QuantSpec(bits=4, symmetric=True, group_size=32, method="gptq")
-    plans = plan_quantization(ckpt.tensors.values(), spec, ckpt.config, include=["*.mlp.c_fc"])
+    with pytest.raises(QtoolError, match="a GPT-2 Conv1D weight, not an nn.Linear one"):  # the planner refuses it
+        plan_quantization(ckpt.tensors.values(), spec, ckpt.config, include=["*.mlp.c_fc"])
+    # the walk still handles a Conv1D weight that a plan made by hand quantizes
+    plans = [TensorPlan(t, t.name.endswith("mlp.c_fc.weight"), "by hand", False,
+                        spec if t.name.endswith("mlp.c_fc.weight") else None) for t in ckpt.tensors.values()]
     items, summary = walk_all(quantize_layerwise(ckpt, plans, samples(), samples=6, seq_len=64, damp=0.01, device="cpu"))
     got = [(n, c.extra) for n, c in items.items()]
     assert [n for n, _ in got] == ["transformer.h.0.mlp.c_fc.weight", "transformer.h.1.mlp.c_fc.weight"]

@@ -129,6 +129,20 @@ def test_gate_without_ref_is_a_usage_error():
     assert r.exit_code == 2 and "--ref" in r.stderr
 
 
+@pytest.mark.parametrize("option, value", [("--max-kld", "nan"), ("--max-ppl-ratio", "-1"), ("--min-top1", "1.5")])
+def test_bad_gate_values_are_refused_before_any_work(option, value):
+    r = _eval(MODEL, "--ref", MODEL, "--data", EVAL_TXT, option, value)
+    assert r.exit_code == 2 and option in r.stderr
+
+
+def test_api_checks_arguments_in_python_terms():
+    import qtool
+    with pytest.raises(qtool.ArgumentError, match="min_top1"):
+        qtool.evaluate(MODEL, EVAL_TXT, ref=MODEL, min_top1=1.5)
+    with pytest.raises(qtool.ArgumentError, match="batch_size"):
+        qtool.evaluate(MODEL, EVAL_TXT, batch_size=0)
+
+
 # -- gates --------------------------------------------------------------------------------------------
 
 def _measured(pair, tmp_path):

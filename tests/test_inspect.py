@@ -149,8 +149,10 @@ def test_the_training_estimate_is_one_builder(tiny_llama):
     from qtool.nn.accounting import lora_training_memory
     from qtool.report.lora import training_part
     est = json.loads(run_cli("inspect", tiny_llama, "--json", "--lora-rank", "4").stdout)["lora_training"]
-    live = lora_training_memory(AutoModelForCausalLM.from_pretrained(tiny_llama), rank=4)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    live = lora_training_memory(model, rank=4)
     assert list(est) == list(live) == list(training_part(4, [], 0))
     shapes = [(128, 128), (64, 128), (64, 128), (128, 128), (256, 128), (256, 128), (128, 256)] * 2
-    assert est == training_part(4, shapes, est["base_bytes"])
-    assert live == training_part(4, shapes, live["base_bytes"])
+    config = json.loads((tiny_llama / "config.json").read_text())
+    assert est == training_part(4, shapes, est["base_bytes"], config)
+    assert live == training_part(4, shapes, live["base_bytes"], model.config.to_dict())

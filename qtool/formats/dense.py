@@ -98,5 +98,8 @@ class DenseView:
     def dtype(self, name: str) -> torch.dtype:
         """Dense dtype: a packed weight decompresses to its scale's dtype."""
         if name in self.packed:
-            return self.ckpt.tensors[f"{self.packed[name]}.{ct.SCALE}"].dtype
+            scale = self.ckpt.tensors.get(f"{self.packed[name]}.{ct.SCALE}")
+            if scale is None:
+                raise QtoolError(self.packed[name], f"stores {ct.PACKED} but no {ct.SCALE}: the checkpoint is incomplete")
+            return scale.dtype
         return self.ckpt.tensors[name].dtype

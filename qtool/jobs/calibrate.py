@@ -11,8 +11,10 @@ from ..calib.layerwise import collect_stats
 from ..calib.stats import save_stats
 from ..checkpoint import open_checkpoint
 from ..checkpoint.outputs import STATS, guarded
+from .arguments import checked
 
 
+@checked
 @guarded(inputs=("source", "calib"), outputs={"out": STATS})
 def calibrate(source, calib, out, calib_samples: int = 128, seq_len: int = 512, device: str = "auto",
               overwrite: bool = False, revision: str | None = None, progress=None) -> dict:

@@ -21,9 +21,11 @@ from ..report.render import write_json
 from ..report.schema import Report, assemble, timing_part
 from ..report.size import Listing, checkpoint_format, size_part
 from .common import copy_side_files
+from .arguments import checked
 from .evaluate import attach as attach_eval
 
 
+@checked
 @guarded(inputs=("source",), outputs={"out": FOLDER, "report_path": REPORT})
 def dequantize(source, out, dtype: str | torch.dtype | None = None, *, overwrite=False, revision=None,
                max_shard_bytes=None, report_path=None, progress=None, eval_options=None) -> Report:

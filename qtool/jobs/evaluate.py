@@ -19,6 +19,7 @@ from ..progress import NullProgress
 from ..report.evaluation import eval_report
 from ..report.render import write_json
 from ..report.schema import EvalReport
+from .arguments import checked
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,7 @@ def _check_pair(model, ref, mck, rck, windows) -> None:
                                        "the two models cannot be compared block by block")
 
 
+@checked
 @guarded(inputs=("model", "ref", "data"), outputs={"report_path": REPORT})
 def evaluate(model, data, ref=None, *, seq_len: int = 512, samples: int | None = None, batch_size: int | None = None,
              device="auto", max_kld: float | None = None, max_ppl_ratio: float | None = None,
@@ -67,8 +69,6 @@ def evaluate(model, data, ref=None, *, seq_len: int = 512, samples: int | None =
     limits = {"kld": max_kld, "ppl_ratio": max_ppl_ratio, "top1_agreement": min_top1}
     if ref is None and any(v is not None for v in limits.values()):
         raise QtoolError(str(model), "--max-kld, --max-ppl-ratio and --min-top1 compare against a reference: pass --ref")
-    if batch_size is not None and batch_size < 1:
-        raise QtoolError(str(model), f"--batch-size must be at least 1, not {batch_size}")
     mck = open_checkpoint(model, revision)
     rck = open_checkpoint(ref, ref_revision) if ref is not None else None
     windows = load_windows(data, [_folder(rck), _folder(mck)], seq_len=seq_len, samples=samples)

@@ -15,14 +15,18 @@ from ..report.errors import gate_part, summary_part
 from ..report.lora import adapter_part, checkpoint_training_part
 from ..report.schema import Layer, Report, assemble, timing_part
 from ..report.size import listing, parameter_count, size_part
+from .arguments import checked
 
 TOP = 10  # names in `largest` and summary.worst (the command line's --top)
 
 
+@checked
 def inspect(source: str, against: str | None = None, base: str | None = None, revision: str | None = None,
-            max_rel_error: float | None = None, lora_rank: int | None = None, top: int = TOP) -> Report:
+            max_rel_error: float | None = None, lora_rank: int | None = None, top: int = TOP,
+            lora_tokens: int = 0) -> Report:
     """Size report of SOURCE; with `against`, per-tensor errors of SOURCE against that reference. `top`: how many
-    names the report's `largest` (by bytes) and, with `against`, `summary.worst` list."""
+    names the report's `largest` (by bytes) and, with `against`, `summary.worst` list; `lora_tokens`: the tokens of one
+    training step in the `lora_rank` estimate (their activations)."""
     start = time.perf_counter()
     with runtime.session("cpu", parallel=False):
         ckpt = open_checkpoint(source, revision)
@@ -33,7 +37,7 @@ def inspect(source: str, against: str | None = None, base: str | None = None, re
             lora = adapter_part(ckpt, parameter_count(listing(base_ckpt)) if base_ckpt is not None else None)
         extra = {"largest": [r["name"] for r in sorted(size["layers"], key=lambda r: -r["bytes"])[:top]]}
         if lora_rank is not None:
-            extra["lora_training"] = checkpoint_training_part(size, ckpt.config, lora_rank)
+            extra["lora_training"] = checkpoint_training_part(size, ckpt.config, lora_rank, lora_tokens)
         if against is None:
             return assemble("inspect", source, size, lora=lora, **extra)
         layers = _errors(size["layers"], DenseView(ckpt), DenseView(open_checkpoint(against)), source, against)

@@ -36,9 +36,11 @@ from ..report.render import write_json
 from ..report.schema import Layer, Report, assemble, timing_part
 from ..report.size import Listing, checkpoint_format, listing, parameter_count, size_part
 from .common import copy_side_files, ordered_map, prefetch
+from .arguments import checked
 from .evaluate import attach as attach_eval
 
 
+@checked
 @guarded(inputs=("base", "adapters"), outputs={"out": FOLDER, "report_path": REPORT})
 def merge_lora(base: str, adapters: list[str], out: str, weights: list[float] | None = None,
                dtype: str | torch.dtype | None = None, overwrite: bool = False, revision: str | None = None,
@@ -99,7 +101,7 @@ def _module_weights(view: DenseView) -> dict[str, ModuleWeight]:
 
 
 def _requantize(view: DenseView, module: str, merged: torch.Tensor):
-    """(stored parts with the base's names, shapes and dtypes; the dequantized result, for the error).
+    """(stored parts with the base's names, shapes and dtypes; the dequantized result, for the error; the method).
 
     The merged float32 weight is first rounded to the scales' dtype (the dtype the base was quantized from), then
     quantized as `qtool quantize` would quantize that weight, with the module's scheme and the recorded method if it is
@@ -115,7 +117,7 @@ def _requantize(view: DenseView, module: str, merged: torch.Tensor):
         t, info = stored[n], view.ckpt.tensors[n]
         if tuple(t.shape) != tuple(info.shape) or t.dtype != info.dtype:
             raise QtoolError(n, f"requantized part is {list(t.shape)} {t.dtype}, base has {list(info.shape)} {info.dtype}")
-    return stored, qw.dequantize(torch.float32)
+    return stored, qw.dequantize(torch.float32), method
 
 
 # -- layout -----------------------------------------------------------------------------------------------
@@ -260,8 +262,9 @@ def _merge_quantized(view: DenseView, module: str, op: TensorOp) -> tuple[dict, 
                                inplace=True)
     if not all_finite(merged):
         raise QtoolError(f"{module}.weight", "merged tensor holds NaN or Inf")
-    parts, w_hat = _requantize(view, module, merged)
-    return parts, {"delta_rel_norm": rel, "how": _how(op), "error": error_stats(merged, w_hat)}
+    parts, w_hat, method = _requantize(view, module, merged)
+    how = f"{_how(op)}, requantized with {method}"
+    return parts, {"delta_rel_norm": rel, "how": how, "error": error_stats(merged, w_hat)}
 
 
 def _how(op: TensorOp) -> str:

@@ -17,7 +17,7 @@ from typing import Iterator
 
 import torch
 
-from .. import runtime
+from .. import arch, runtime
 from ..checkpoint import CheckpointWriter, TensorInfo, open_checkpoint
 from ..checkpoint.outputs import FOLDER, REPORT, guarded
 from ..errors import QtoolError
@@ -32,6 +32,7 @@ from ..report.render import write_json
 from ..report.schema import Report, assemble, timing_part
 from ..report.size import Listing, describe_scheme, listing, size_part
 from .common import copy_side_files, ordered_map, prefetch
+from .arguments import checked
 from .evaluate import attach as attach_eval
 
 
@@ -63,6 +64,7 @@ class Options:
     damp: float = 0.01
 
 
+@checked
 @guarded(inputs=("source", "calib"), outputs={"out": FOLDER, "report_path": REPORT})
 def quantize(source, out, spec: QuantSpec | None = None, *, include=(), exclude=(), calib=None, calib_samples=128,
              seq_len=512, damp=0.01, device="auto", report_path=None, max_rel_error=None, allow_nonfinite=False,
@@ -74,12 +76,12 @@ def quantize(source, out, spec: QuantSpec | None = None, *, include=(), exclude=
     progress = progress or NullProgress()
     ckpt = _open(source, revision)
     dev = runtime.resolve_device(device)
-    plans = {p.name: p for p in plan_quantization(ckpt.tensors.values(), spec, ckpt.config, include, exclude)}
+    plans = {p.name: p for p in plan_quantization(ckpt.tensors.values(), spec, ckpt.config, include, exclude, source)}
     calibration = _calibration(calib, spec, source, ckpt, plans)
     if allow_nonfinite:
         plans = {p.name: p for p in keep_nonfinite(list(plans.values()), ckpt.get)}
     order = _order(ckpt, plans, calibration)
-    scheme = _scheme(plans, spec)
+    scheme = _scheme(plans, spec, ckpt)
     config = {**(ckpt.config or {}), "quantization_config": scheme.to_config()}
     options = Options(calib_samples, seq_len, damp)
     with runtime.session(dev, parallel=calibration.data is None) as rt, \
@@ -137,10 +139,12 @@ def _order(ckpt, plans: dict[str, TensorPlan], calibration: Calibration) -> list
     return [n for n in ckpt.tensors if not plans[n].quantize] + [n for n in layer_order(ckpt) if plans[n].quantize]
 
 
-def _scheme(plans: dict[str, TensorPlan], spec: QuantSpec) -> ct.Scheme:
-    """The quantization_config to write: each quantized module's spec; `ignore` lists the linear modules left dense."""
+def _scheme(plans: dict[str, TensorPlan], spec: QuantSpec, ckpt) -> ct.Scheme:
+    """The quantization_config to write: each quantized module's spec; `ignore` lists the linear modules left dense
+    and the output heads tied to the embeddings (nn.Linear modules with no weight of their own)."""
     specs = {p.module: p.spec for p in plans.values() if p.quantize}
-    ignore = sorted(p.module for p in plans.values() if p.linear and not p.quantize)
+    ignore = sorted([p.module for p in plans.values() if p.linear and not p.quantize]
+                    + arch.tied_heads(ckpt.tensors, ckpt.config))
     return ct.Scheme.of(specs or spec, ignore)
 
 

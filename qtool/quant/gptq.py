@@ -15,6 +15,7 @@ from ..runtime import exact_matmul
 from .core import check_shape, scale_dtype_for
 from .qparams import minmax_qparams, mse_qparams
 from .spec import QuantSpec
+from ..errors import ArgumentError
 
 DAMP_RETRIES = 3  # damping is raised x10 this many times before giving up
 
@@ -64,7 +65,7 @@ def gptq_quantize(
     check_shape(w, spec)
     rows, cols = w.shape
     if hessian.shape != (cols, cols):
-        raise ValueError(f"hessian shape {tuple(hessian.shape)} does not match {cols} input columns")
+        raise ArgumentError("hessian", f"hessian shape {tuple(hessian.shape)} does not match {cols} input columns")
     device = w.device
     sdt = scale_dtype_for(w.dtype)
     with exact_matmul(device), torch.no_grad():

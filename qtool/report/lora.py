@@ -96,20 +96,63 @@ def merge_part(sources: list, adapters: list, weights: list[float], plan, base_p
     }
 
 
-def training_part(rank: int, layers: list[tuple[int, int]], base_bytes: int, adapter_itemsize: int = 4,
-                  optimizer_states: int = 2) -> LoraTraining:
-    """Bytes a LoRA fine-tune at `rank` on `layers` ([out, in] each) needs, activations aside: the base frozen at its
-    stored width (no gradients, no states), plus the adapter's weights, gradients and optimizer states (Adam: 2)."""
+def training_part(rank: int, layers: list[tuple[int, int]], base_bytes: int, config: dict | None = None,
+                  tokens: int = 0, adapter_itemsize: int = 4, optimizer_states: int = 2) -> LoraTraining:
+    """Bytes a LoRA fine-tune at `rank` on `layers` ([out, in] each) needs: the base frozen at its stored width (no
+    gradients, no states), the adapter's weights, gradients and optimizer states (Adam: 2), and, for a training step
+    of `tokens` tokens (batch × sequence length), the activations kept for the backward pass
+    (activation_bytes_per_token; left out, and None, when config.json lacks the sizes)."""
     params = sum(rank * (o + i) for o, i in layers)
     weights = params * adapter_itemsize
+    per_token = activation_bytes_per_token(config, sum(i for _, i in layers), len(layers), rank, adapter_itemsize)
+    activations = tokens * per_token if per_token is not None else 0
     return {"rank": rank, "targets": len(layers), "adapter_parameters": params, "adapter_bytes": weights,
             "gradient_bytes": weights, "optimizer_bytes": optimizer_states * weights, "base_bytes": base_bytes,
-            "total_bytes": base_bytes + (2 + optimizer_states) * weights}
+            "tokens": tokens, "activation_bytes_per_token": per_token, "activation_bytes": activations,
+            "total_bytes": base_bytes + (2 + optimizer_states) * weights + activations}
 
 
-def checkpoint_training_part(size: Size, config: dict | None, rank: int) -> LoraTraining:
+def _size(config: dict, *keys, default=None):
+    for k in keys:
+        v = config.get(k)
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            return v
+    return default
+
+
+def activation_bytes_per_token(config: dict | None, target_widths: int, targets: int, rank: int,
+                               adapter_itemsize: int = 4) -> int | None:
+    """What one token of a LoRA training step keeps for its backward pass, for a decoder of Llama-style blocks
+    (measured within a few % on bench/nn_bench.py's model by autograd's saved tensors): the adapter-dtype copy
+    of each target layer's input (`target_widths` = the sum of their input widths; PEFT casts the input to the
+    adapter's dtype) and its A·x; per block the attention's q, k, v and output and the MLP's three intermediate
+    tensors in the model dtype and two norms' float32 inputs; the final norm's input; the logits in the model
+    dtype, their float32 copy and its gradient. None when config.json lacks the sizes."""
+    if not config:
+        return None
+    hidden = _size(config, "hidden_size", "n_embd", "d_model")
+    layers = _size(config, "num_hidden_layers", "n_layer", "num_layers")
+    vocab = _size(config, "vocab_size")
+    if hidden is None or layers is None or vocab is None:
+        return None
+    inter = _size(config, "intermediate_size", "n_inner", "ffn_dim", default=4 * hidden)
+    heads = _size(config, "num_attention_heads", "n_head", default=1)
+    head_dim = _size(config, "head_dim", default=hidden // heads)
+    kv = _size(config, "num_key_value_heads", default=heads) * head_dim
+    name = config.get("dtype") or config.get("torch_dtype") or "float32"
+    item = getattr(torch, name, torch.float32).itemsize if isinstance(name, str) else 4
+    lora = adapter_itemsize * (target_widths + rank * targets)
+    block = item * (heads * head_dim + 2 * kv + hidden + 3 * inter) + 4 * 2 * hidden + 4 * heads
+    return lora + layers * block + 4 * hidden + (item + 8) * vocab
+
+
+def checkpoint_training_part(size: Size, config: dict | None, rank: int, tokens: int = 0) -> LoraTraining:
     """training_part for a checkpoint on file: PEFT's "all-linear" targets (every linear layer, Conv1D included,
     but the output head), the base at its stored bytes. The same convention as qtool.nn.lora_training_memory."""
-    layers = [tuple(r["shape"]) for r in size["layers"]
-              if r["quantized"] or arch.role(r["name"], tuple(r["shape"]), torch.float16, config).lora_target]
-    return training_part(rank, layers, size["bytes"])
+    layers = []
+    for r in size["layers"]:
+        role = arch.role(r["name"], tuple(r["shape"]), torch.float16, config)
+        if r["quantized"] or role.lora_target:
+            out, inp = r["shape"]
+            layers.append((inp, out) if role.kind == "conv1d" else (out, inp))  # Conv1D stores [in, out]
+    return training_part(rank, layers, size["bytes"], config, tokens)

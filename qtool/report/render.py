@@ -80,7 +80,8 @@ def _head(report: dict) -> Table:
         if q.get("bits_per_weight") is not None:
             head.add_row("bits per quantized weight", f"{q['bits_per_weight']:.3f} ({q.get('quantized_tensors')} tensors)")
         if q.get("vllm_servable") is False:
-            head.add_row("note", "per-tensor scales: valid compressed-tensors, but vLLM will not serve it")
+            head.add_row("note", f"group size {q['group_size']}: valid compressed-tensors, but vLLM will not serve it "
+                                 "(its weight-only kernels take groups of 32, 64 or 128 columns, or per channel)")
     lora = report.get("lora")
     if lora:
         head.add_row("LoRA", f"rank {lora['rank']}, alpha {lora['alpha']}, scaling {_scaling(lora.get('scaling'))}")
@@ -89,9 +90,11 @@ def _head(report: dict) -> Table:
         head.add_row("adapter parameters", f"{lora['parameters']:,}" + (f" ({100 * frac:.3f}% of the base)" if frac is not None else ""))
     lt = report.get("lora_training")
     if lt:
+        acts = (f" + activations {human_bytes(lt['activation_bytes'])} for {lt['tokens']:,} tokens"
+                if lt.get("tokens") and lt.get("activation_bytes_per_token") else "")
         head.add_row(f"LoRA fine-tune, rank {lt['rank']}",
                      f"{human_bytes(lt['total_bytes'])}: base {human_bytes(lt['base_bytes'])} + adapter {lt['adapter_parameters']:,} "
-                     f"parameters on {lt['targets']} layers ×(weights, gradients, 2 Adam states) in float32")
+                     f"parameters on {lt['targets']} layers ×(weights, gradients, 2 Adam states) in float32{acts}")
     t = report.get("timing")
     if t:
         head.add_row("time", f"{t['seconds']:.2f} s ({_num(t.get('input_gb_per_s'), '{:.2f}')} GB/s of input)")

@@ -113,6 +113,9 @@ class LoraTraining(TypedDict):
     gradient_bytes: int
     optimizer_bytes: int
     base_bytes: int
+    tokens: int                            # inspect --lora-tokens: the tokens of one training step
+    activation_bytes_per_token: int | None  # None when config.json lacks the sizes
+    activation_bytes: int
     total_bytes: int
 
 

@@ -128,7 +128,7 @@ def _quantization(lst: Listing, rows: list[dict]) -> Quantization | None:
         "group_size": spec.group_size if spec else None, "method": lst.scheme.method, "format": ct.FORMAT,
         "ignored": list(lst.scheme.ignore), "provider": lst.scheme.provider, "quantized_tensors": len(qrows),
         "bits_per_weight": round(8 * sum(r["bytes"] for r in qrows) / qparams, 4) if qparams else None,
-        "vllm_servable": all(g.spec.strategy != "tensor" for g in lst.scheme.groups),
+        "vllm_servable": all(g.spec.group_size in ct.VLLM_GROUP_SIZES for g in lst.scheme.groups),
     }
 
 
