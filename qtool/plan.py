@@ -65,6 +65,9 @@ def plan_tensor(t, spec: QuantSpec, config: dict | None, include: Sequence[str] 
     elif inc is not None and not quantize:
         if t.dtype not in arch.FLOAT_DTYPES or len(t.shape) != 2:
             raise QtoolError(t.name, f"matched by --include {inc!r} but only 2-D floating weights can be quantized")
+        if role.kind == "router":
+            raise QtoolError(t.name, f"matched by --include {inc!r} but is an MoE router: routers stay dense "
+                                     "(vLLM loads them unquantized)")
         if arch.tied_embeddings(config) and arch.is_head(arch.module_of(t.name)):
             raise QtoolError(t.name, "is tied to the input embeddings (tie_word_embeddings); quantizing it would untie them on reload")
         quantize, reason = True, f"included by --include {inc!r}"
@@ -89,3 +92,11 @@ def keep_nonfinite(plans: list[TensorPlan], read: Callable[[str], torch.Tensor])
             p = replace(p, quantize=False, reason="kept unquantized: holds NaN/Inf (--allow-nonfinite)", spec=None)
         out.append(p)
     return out
+
+
+def ignore_list(plans: Iterable[TensorPlan]) -> list[str]:
+    """The linear modules left dense, as compressed-tensors' `ignore` lists them (sorted): under the checkpoint's
+    names (vLLM's) and, where transformers 5 renames one on load, under its name too (transformers' compressed
+    path matches `ignore` against its own modules)."""
+    kept = {p.module for p in plans if p.linear and not p.quantize}
+    return sorted(kept | {arch.TRANSFORMERS_NAMES[m] for m in kept if m in arch.TRANSFORMERS_NAMES})

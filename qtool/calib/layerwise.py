@@ -13,26 +13,27 @@ from pathlib import Path
 
 import torch
 
+from ..arch import module_of
 from ..errors import QtoolError
-from ..arch import is_conv1d_module, module_of
 from ..progress import NullProgress
-from ..quant.spec import QuantSpec
 from ..quant.gptq import output_error
+from ..quant.spec import QuantSpec
 from ..quant.weight import quantize_weight
 from ..runtime import exact_matmul, resolve_device
-from .collect import Hooks
 from .data import is_stats_file, load_calibration
-from .model import layer_prefix, model_type
-from .stats import load_stats
+from .model import build_architecture
+from .moe import MoeCalib
+from .stats import expert_sources, load_stats
 
 
 def layer_order(ckpt) -> list[str]:
     """Tensor names in the order the walk visits them (block 0, block 1, ...), every other tensor after."""
     try:
-        _, layers = layer_prefix(ckpt)
+        arch = build_architecture(ckpt)
     except QtoolError:
         return list(ckpt.tensors)
-    walked = [n for names in layers.values() for n in sorted(names)]
+    walked = [n for i in range(len(arch.blocks))
+              for n in sorted(n for e in arch.layout.entries_under(f"{arch.blocks_path}.{i}") for n in e.names)]
     seen = set(walked)
     return walked + [n for n in ckpt.tensors if n not in seen]
 
@@ -43,26 +44,35 @@ def _samples(ckpt, calib, samples: int, seq_len: int) -> list[torch.Tensor]:
     return load_calibration(calib, ckpt.root if ckpt.is_folder else None, samples=samples, seq_len=seq_len)
 
 
-def collect_stats(ckpt, calib, *, samples: int = 128, seq_len: int = 512, device="auto", progress=None) -> tuple[dict, dict]:
+def _experts_summary(experts: dict[str, dict]) -> list[dict]:
+    """One row per expert weight: its module, expert index, routed tokens and where its statistics came from."""
+    return [{"module": module_of(n), **info} for n, info in sorted(experts.items())]
+
+
+def collect_stats(ckpt, calib, *, samples: int = 128, seq_len: int = 512, device="auto", progress=None,
+                  moe: MoeCalib | None = None) -> tuple[dict, dict]:
     """Per linear module {"sum_sq", "absmax", "count"} (CPU) of the original model on the calibration data."""
     from .walk import LayerWalk
     progress = progress or NullProgress()
     device = resolve_device(device)
     t0 = time.perf_counter()
+    arch = build_architecture(ckpt)  # a clear error for a model the walk cannot handle, before any data is read
     ids = _samples(ckpt, calib, samples, seq_len)
     out: dict[str, dict] = {}
+    experts: dict[str, dict] = {}
     with exact_matmul(device):
-        walk = LayerWalk(ckpt, ids, device)
+        walk = LayerWalk(ckpt, ids, device, moe, arch)
         progress.start("calibrating", len(walk.layers))
-        for i, prefix, layer in walk.blocks():
-            linears = walk.linears(prefix, layer)
-            with Hooks(linears, device) as stats:
-                walk.run(layer, keep=True)
-            for name, st in stats.items():
-                out[name] = {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in st.as_dict().items()}
-            progress.advance(1, description=prefix.rstrip("."))
+        for block in walk.blocks():
+            got = walk.collect(block, walk.targets(block), keep=True)
+            for name, st in got.stats.items():
+                out[module_of(name)] = {k: (v.detach().cpu().clone() if torch.is_tensor(v) else v)
+                                        for k, v in st.as_dict().items()}
+            experts.update(got.experts)
+            progress.advance(1, description=block.path)
     info = {"layers": len(walk.layers), "modules": len(out), "samples": len(ids), "tokens": walk.tokens,
-            "seq_len": seq_len, "device": str(device), "seconds": time.perf_counter() - t0}
+            "seq_len": seq_len, "device": str(device), "seconds": time.perf_counter() - t0,
+            "experts": _experts_summary(experts)}
     return out, info
 
 
@@ -78,13 +88,37 @@ def _plain(ckpt, plan, spec: QuantSpec, device, importance=None, note: str = "")
     return w, qw.codes(), qw.scale, qw.zero_point, extra
 
 
+def _calibrated(ckpt, name, st, spec: QuantSpec, damp: float, device):
+    """(original weight, q, scale, zp, extra, dequantized weight) of one weight with its input statistics."""
+    w_orig = ckpt.get(name)
+    w = w_orig.to(device)
+    h = st.hessian
+    qw = quantize_weight(w, spec, hessian=h, importance=st.importance(), damp=damp, name=name)
+    w_hat = qw.dequantize(torch.float32)
+    if spec.method == "rtn":
+        before = after = output_error(w, w_hat, h)
+    else:
+        before = output_error(w, quantize_weight(w, spec.with_method("rtn")).dequantize(torch.float32), h)
+        after = output_error(w, w_hat, h)
+    extra = {**qw.info, "calibrated": True, "output_error_before": before, "output_error_after": after}
+    qw = qw.cpu()
+    return w_orig, qw.codes(), qw.scale, qw.zero_point, extra, w_hat
+
+
+def _uncalibrated_note(name: str, targets: dict) -> str:
+    if name in targets:
+        return "GPT-2 Conv1D weight: quantized in its stored [in, out] layout without calibration"
+    return "not an nn.Linear or expert weight: quantized without calibration"
+
+
 def quantize_layerwise(ckpt, plans, spec: QuantSpec, calib, *, samples: int = 128, seq_len: int = 512,
-                       damp: float = 0.01, device="auto", emit, progress=None) -> dict:
+                       damp: float = 0.01, device="auto", emit, progress=None, moe: MoeCalib | None = None) -> dict:
     """Quantize every planned weight with calibration; call emit(name, w, q, scale, zp, extra) for each.
 
     calib: calibration data (text / JSONL / safetensors token ids, or a list of id tensors) or a statistics file
     from `qtool calibrate` (then no model runs: mse uses its importance, rtn ignores it, gptq is refused).
-    Returns {"samples", "tokens", "device", "seconds", "layers", "method", "damp", "calibrated", "uncalibrated"}.
+    Returns {"samples", "tokens", "device", "seconds", "layers", "method", "damp", "calibrated", "uncalibrated",
+    "experts"}.
     """
     progress = progress or NullProgress()
     device = resolve_device(device)
@@ -97,64 +131,49 @@ def quantize_layerwise(ckpt, plans, spec: QuantSpec, calib, *, samples: int = 12
                           "them without calibration)" if conv1d else ""))
     if not isinstance(calib, (list, tuple)) and is_stats_file(calib):
         return _from_stats_file(ckpt, todo, spec, Path(calib), device, emit, progress, t0)
-    model_type(ckpt)  # a clear error for an architecture the walk cannot handle, before any data is read
-    from .walk import LayerWalk
+    arch = build_architecture(ckpt)  # a clear error for a model the walk cannot handle, before any data is read
+    from .walk import LayerWalk, dense_targets
     ids = _samples(ckpt, calib, samples, seq_len)
-    calibrated, uncalibrated = [], []
+    calibrated, uncalibrated, experts = [], [], {}
     with exact_matmul(device):
-        walk = LayerWalk(ckpt, ids, device)
+        walk = LayerWalk(ckpt, ids, device, moe, arch)
         progress.start(f"quantizing ({spec.method})", len(walk.layers))
-        for i, prefix, layer in walk.blocks():
-            linears = walk.linears(prefix, layer)
-            # every planned tensor of this block, in layer_order's (sorted) order; nn.Linear ones get calibrated
-            block_todo = sorted(n for n in todo if n.startswith(prefix))
-            targets = {module_of(n): linears[module_of(n)] for n in block_todo
-                       if module_of(n) in linears and n.endswith(".weight") and not is_conv1d_module(linears[module_of(n)])}
-            with Hooks(targets, device, hessian_for=set(targets)) as stats:
-                walk.run(layer, keep=not targets)
+        for block in walk.blocks():
+            targets = walk.targets(block)
+            block_todo = sorted(n for n in block.tensors if n in todo)
+            usable = {**dense_targets(targets), **{n: t for n, t in targets.items() if not isinstance(t, torch.nn.Module)}}
+            names = [n for n in block_todo if n in usable]
+            got = walk.collect(block, names, hessian=True) if names else None
+            w_hats = {}
             for name in block_todo:
-                module = module_of(name)
-                if module not in targets:
-                    note = ("GPT-2 Conv1D weight: quantized in its stored [in, out] layout without calibration"
-                            if module in linears else "not an nn.Linear weight: quantized without calibration")
-                    emit(name, *_plain(ckpt, todo.pop(name), spec, device, note=note))
+                if name not in usable:
+                    emit(name, *_plain(ckpt, todo.pop(name), spec, device, note=_uncalibrated_note(name, targets)))
                     uncalibrated.append(name)
                     continue
-                mod = targets[module]
-                st = stats.pop(module)
-                w_orig = ckpt.get(name)
-                w = w_orig.to(device)
-                h = st.hessian
-                qw = quantize_weight(w, spec, hessian=h, importance=st.importance(), damp=damp, name=name)
-                w_hat = qw.dequantize(torch.float32)
-                if spec.method == "rtn":
-                    before = after = output_error(w, w_hat, h)
-                else:
-                    rtn = quantize_weight(w, spec.with_method("rtn"))
-                    before = output_error(w, rtn.dequantize(torch.float32), h)
-                    after = output_error(w, w_hat, h)
-                mod.weight.data = w_hat.to(mod.weight.dtype)
-                del h, st
-                extra = {**qw.info, "calibrated": True, "output_error_before": before, "output_error_after": after}
-                qw = qw.cpu()
-                emit(name, w_orig, qw.codes(), qw.scale, qw.zero_point, extra)
+                *parts, extra, w_hats[name] = _calibrated(ckpt, name, got.stats.pop(name), spec, damp, device)
+                if name in got.experts:
+                    extra["expert"] = got.experts[name]
+                    experts[name] = got.experts[name]
+                emit(name, *parts, extra)
                 calibrated.append(name)
                 todo.pop(name)
-            if targets:
-                walk.run(layer, keep=True)
-            progress.advance(1, description=prefix.rstrip("."))
+            if w_hats:
+                walk.update(block, w_hats)
+                del got, w_hats
+                walk.run(block, keep=True)
+            progress.advance(1, description=block.path)
     for name in [n for n in layer_order(ckpt) if n in todo]:
         emit(name, *_plain(ckpt, todo.pop(name), spec, device, note="outside the walked blocks: no calibration statistics"))
         uncalibrated.append(name)
     return {"samples": len(ids), "tokens": walk.tokens, "device": str(device), "seconds": time.perf_counter() - t0,
             "layers": len(walk.layers), "method": spec.method, "damp": damp, "calibrated": len(calibrated),
-            "uncalibrated": uncalibrated}
+            "uncalibrated": uncalibrated, "experts": _experts_summary(experts)}
 
 
 def _from_stats_file(ckpt, todo: dict, spec: QuantSpec, path: Path, device, emit, progress, t0) -> dict:
     if spec.method == "gptq":
         raise QtoolError(path, "gptq needs calibration data (text, JSONL or token ids), not a statistics file")
-    imp = load_stats(path)
+    imp, sources = load_stats(path), expert_sources(path)
     progress.start(f"quantizing ({spec.method}, statistics file)", len(todo))
     calibrated, uncalibrated = [], []
     order = [n for n in layer_order(ckpt) if n in todo]
@@ -165,7 +184,10 @@ def _from_stats_file(ckpt, todo: dict, spec: QuantSpec, path: Path, device, emit
             raise QtoolError(path, f"statistics for {module!r} cover {importance.shape[0]} inputs, the weight has "
                                    f"{ckpt.tensors[name].shape[1]}: the file belongs to another model")
         note = "" if importance is not None or spec.method != "mse" else "no statistics for this module in the file"
-        emit(name, *_plain(ckpt, todo[name], spec, device, importance, note))
+        *parts, extra = _plain(ckpt, todo[name], spec, device, importance, note)
+        if module in sources:
+            extra["expert"] = sources[module]
+        emit(name, *parts, extra)
         (calibrated if importance is not None else uncalibrated).append(name)
         progress.advance(1, description=module)
     return {"samples": None, "tokens": None, "device": str(device), "seconds": time.perf_counter() - t0,

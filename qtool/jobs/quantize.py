@@ -15,7 +15,7 @@ from ..checkpoint import CheckpointWriter, open_checkpoint
 from ..checkpoint.outputs import FOLDER, REPORT, guarded
 from ..errors import QtoolError
 from ..formats import compressed_tensors as ct
-from ..plan import keep_nonfinite, plan_quantization
+from ..plan import ignore_list, keep_nonfinite, plan_quantization
 from ..progress import NullProgress
 from ..quant.core import dequantize, error_stats, scale_dtype_for
 from ..quant.pack import pack_int32
@@ -43,7 +43,7 @@ def _output_specs(plan: TensorPlan, spec: QuantSpec) -> list[tuple]:
 
 @guarded(inputs=("source", "calib"), outputs={"out": FOLDER, "report_path": REPORT})
 def quantize(source, out, spec: QuantSpec | None = None, *, include=(), exclude=(), calib=None, calib_samples=128,
-             seq_len=512, damp=0.01, device="auto", report_path=None, max_rel_error=None, allow_nonfinite=False,
+             seq_len=512, damp=0.01, device="auto", moe_calib="routed", moe_min_tokens=None, report_path=None, max_rel_error=None, allow_nonfinite=False,
              max_shard_bytes=None, overwrite=False, revision=None, progress=None) -> dict:
     """Quantize SOURCE into OUT (compressed-tensors pack-quantized); returns the report (design §7)."""
     start = time.perf_counter()
@@ -58,6 +58,7 @@ def quantize(source, out, spec: QuantSpec | None = None, *, include=(), exclude=
     plans = {p.name: p for p in plan_quantization(ckpt.tensors.values(), spec, ckpt.config, include, exclude)}
 
     importance, calib_data = {}, None
+    extras: dict[str, dict] = {}
     if calib is not None:
         from ..calib.data import is_stats_file
         from ..calib.stats import load_stats
@@ -65,6 +66,8 @@ def quantize(source, out, spec: QuantSpec | None = None, *, include=(), exclude=
             if spec.method != "mse":
                 raise QtoolError(calib, f"a statistics file feeds --method mse only; --method {spec.method} needs calibration data")
             importance = load_stats(calib, ckpt.tensors, [p.module for p in plans.values() if p.quantize])
+            from ..calib.stats import expert_sources
+            extras.update({f"{m}.weight": {"expert": e} for m, e in expert_sources(calib).items()})
         elif spec.method == "rtn":
             raise QtoolError(calib, "--method rtn uses no calibration data; use --method mse or gptq")
         else:
@@ -73,7 +76,6 @@ def quantize(source, out, spec: QuantSpec | None = None, *, include=(), exclude=
         raise QtoolError(source, "--method gptq needs calibration data: pass --calib DATA")
 
     errors: dict[str, dict] = {}
-    extras: dict[str, dict] = {}
 
     def check(name, w, err):
         if not all(map(math.isfinite, (err["rel_error"], err["mse"]))):
@@ -119,12 +121,13 @@ def quantize(source, out, spec: QuantSpec | None = None, *, include=(), exclude=
         writer.plan([s for name in order for s in _output_specs(plans[name], spec)], max_shard_bytes=max_shard_bytes)
         if calib_data is not None:
             from ..calib.layerwise import quantize_layerwise
+            from ..calib.moe import MoeCalib
 
             dense = [n for n in order if not plans[n].quantize]
             for name, t in prefetch(ckpt.get, dense, {n: ckpt.tensors[n].nbytes for n in dense}):
                 writer.write(name, t)
             quantize_layerwise(ckpt, list(plans.values()), spec, calib_data, samples=calib_samples, seq_len=seq_len,
-                               damp=damp, device=dev, progress=progress,
+                               damp=damp, device=dev, progress=progress, moe=MoeCalib.of(moe_calib, moe_min_tokens),
                                emit=lambda name, w, q, scale, zp, extra=None: emit(writer, name, w, q, scale, zp, extra))
         else:
             progress.start("quantizing", total=sum(ckpt.tensors[n].nbytes for n in order))
@@ -137,7 +140,7 @@ def quantize(source, out, spec: QuantSpec | None = None, *, include=(), exclude=
                     for k, v in parts.items():
                         writer.write(k, v)
                     progress.advance(ckpt.tensors[name].nbytes, description=name)
-        ignore = sorted(p.module for p in plans.values() if p.linear and not p.quantize)
+        ignore = ignore_list(plans.values())
         config = dict(ckpt.config or {})
         config["quantization_config"] = ct.Scheme.of(spec, ignore).to_config()
         writer.write_json("config.json", config)
