@@ -156,10 +156,13 @@ def test_walk_tail_gives_the_model_logits(bundle):
     walk = LayerWalk(open_checkpoint(bundle.src), ids, torch.device("cpu"))
     for block in walk.blocks():
         walk.run(block, keep=True)
-    with walk.tail() as logits:
+    with walk.tail() as tail:
         for i, s in enumerate(ids):
             expected = _logits(bundle.model, s.unsqueeze(0))
-            assert torch.equal(logits(i, walk.inputs[i].hidden), expected)
+            assert torch.equal(tail.logits(i, walk.inputs[i].hidden), expected)
+            if tail.head is not None and bundle.kind not in ("gemma2", "granite"):  # they post-process logits
+                assert torch.equal(tail.head(tail.head_input(i, walk.inputs[i].hidden)), expected)
+        assert walk.arch.causal == (bundle.kind not in ENCODERS)
 
 
 def test_walk_of_the_quantized_output_gives_transformers_dequantized_logits(bundle):
@@ -174,6 +177,6 @@ def test_walk_of_the_quantized_output_gives_transformers_dequantized_logits(bund
     walk = LayerWalk(DenseView(open_checkpoint(out)), ids, torch.device("cpu"))
     for block in walk.blocks():
         walk.run(block, keep=True)
-    with walk.tail() as logits:
+    with walk.tail() as tail:
         for i, s in enumerate(ids):
-            assert torch.equal(logits(i, walk.inputs[i].hidden), _logits(model.eval(), s.unsqueeze(0)))
+            assert torch.equal(tail.logits(i, walk.inputs[i].hidden), _logits(model.eval(), s.unsqueeze(0)))

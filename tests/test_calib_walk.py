@@ -171,3 +171,22 @@ def test_linears_reading_one_tensor_share_statistics_and_name_what_fed_them(tmp_
     for g in got.groups:
         assert all(got.stats[m] is got.stats[g.members[0]] for m in g.members)
     assert got.stats[got.groups[0].members[0]].hessian.shape == (64, 64)
+
+
+def test_walk_takes_new_batches_on_the_same_skeleton(tmp_path):
+    """eval walks batch after batch of windows: capture() swaps in new samples ([B, L] batches too)."""
+    from qtool.calib.walk import LayerWalk
+    model = save_tiny("llama", tmp_path)
+    walk = LayerWalk(open_checkpoint(tmp_path), samples(2), torch.device("cpu"))
+    skeleton = walk.model
+    batch = torch.randint(3, 96, (3, 10), generator=torch.Generator().manual_seed(5))
+    walk.capture([batch])
+    assert walk.model is skeleton and walk.tokens == 30
+    for block in walk.blocks():
+        walk.run(block, keep=True)
+    with walk.tail() as tail:
+        got = tail.logits(0, walk.inputs[0].hidden)
+        head_input = tail.head_input(0, walk.inputs[0].hidden)
+    with torch.no_grad():
+        out = model(input_ids=batch, output_hidden_states=True)
+    assert torch.equal(got, out.logits) and torch.equal(head_input, out.hidden_states[-1])

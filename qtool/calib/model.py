@@ -20,11 +20,6 @@ from .layout import Layout
 
 DATA_FREE = "data-free quantization (--method rtn, or mse without --calib) still works on it"
 
-# Per-architecture facts the generic walk cannot find in the model itself: none so far. The walk finds the blocks
-# from `_no_split_modules`, replays every block's own arguments (masks, rotary tables, per-layer attention types)
-# recorded from the model's forward, and maps names with transformers' conversion mapping. An entry here would
-# name the model type and the one fact that differs, e.g. {"some_type": {"blocks": "decoder.layers"}}.
-QUIRKS: dict[str, dict] = {}
 
 
 def require_transformers():
@@ -66,6 +61,7 @@ class Architecture:
     blocks_path: str
     layout: Layout
     dtype: torch.dtype
+    causal: bool                 # a causal LM (next-token logits), not an encoder
 
     @property
     def blocks(self) -> nn.ModuleList:
@@ -118,8 +114,6 @@ def _materialize_buffers(model) -> None:
 
 def find_blocks(model, ckpt, mt) -> str:
     """The path of the one ModuleList holding the model's declared block classes (e.g. 'model.layers')."""
-    if "blocks" in QUIRKS.get(mt, {}):
-        return QUIRKS[mt]["blocks"]
     classes = set(getattr(model, "_no_split_modules", None) or ())
     if not classes:
         raise unsupported(ckpt, mt, f"{type(model).__name__} declares no block classes (_no_split_modules)")
@@ -154,7 +148,8 @@ def build_architecture(source) -> Architecture:
     _materialize_buffers(model)
     path = find_blocks(model, ckpt, mt)
     layout = Layout(model, {n: s for n, (s, _) in names.items()}, {n: d for n, (_, d) in names.items()}, ckpt.path)
-    return Architecture(model, mt, path, layout, dtype)
+    causal = cls in transformers.AutoModelForCausalLM._model_mapping.values()
+    return Architecture(model, mt, path, layout, dtype, causal)
 
 
 def free_module(module: nn.Module) -> None:

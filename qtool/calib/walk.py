@@ -63,7 +63,7 @@ def _split(args: tuple, kwargs: dict):
 
 @dataclass
 class Sample:
-    ids: torch.Tensor            # the token ids (1-D, CPU)
+    ids: torch.Tensor            # the token ids (CPU): 1-D, or [B, L] for a batch of windows
     hidden: torch.Tensor         # the current block input, in the compute dtype, on the activation device
     calls: list = field(default_factory=list)  # per block: (other positional args, kwargs, hidden by name?)
 
@@ -101,10 +101,8 @@ class LayerWalk:
         self.arch = arch or build_architecture(source)
         self.model, self.layout, self.dtype = self.arch.model, self.arch.layout, self.arch.dtype
         self.layers = self.arch.blocks
-        self.tokens = sum(int(s.numel()) for s in samples)
         self._check_experts()
-        self.store_device = self._activation_device()
-        self.inputs = self._capture(samples)
+        self.capture(samples)
 
     # -- structure -------------------------------------------------------------------------------------------
     def block(self, i: int) -> Block:
@@ -119,6 +117,13 @@ class LayerWalk:
     def _head_path(self) -> str | None:
         head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
         return next((n for n, m in self.model.named_modules() if m is head), None) if head is not None else None
+
+    def capture(self, samples: list[torch.Tensor]) -> None:
+        """Run what precedes the blocks on new samples (1-D token ids, or [B, L] batches): they replace the current
+        block inputs, and the next `blocks()` walks them. The skeleton is built once per walk."""
+        self.tokens = sum(int(s.numel()) for s in samples)
+        self.store_device = self._activation_device()
+        self.inputs = self._capture(samples)
 
     def _activation_device(self) -> torch.device:
         """Activations stay on the device unless two copies of them would not fit in half its free memory."""
@@ -146,8 +151,9 @@ class LayerWalk:
 
     def _forward(self, ids: torch.Tensor):
         extra = {"use_cache": False} if "use_cache" in inspect.signature(self.model.forward).parameters else {}
+        ids = ids if ids.ndim == 2 else ids.unsqueeze(0)
         with torch.no_grad():
-            return self.model(input_ids=ids.unsqueeze(0).to(self.device), **extra)
+            return self.model(input_ids=ids.to(self.device), **extra)
 
     def _capture(self, samples: list[torch.Tensor]) -> list[Sample]:
         head = self._head_path()
@@ -169,9 +175,10 @@ class LayerWalk:
         try:
             with self._standing(record):
                 for ids in samples:
-                    out.append(Sample(ids.reshape(-1).cpu(), None))
+                    ids = ids.cpu() if ids.ndim == 2 else ids.reshape(-1).cpu()
+                    out.append(Sample(ids, None))
                     try:
-                        self._forward(ids.reshape(-1))
+                        self._forward(ids)
                     except _Caught:
                         pass
         finally:
@@ -238,7 +245,7 @@ class LayerWalk:
         with LinearTaps(block.module, dense, self.device, hessian) as lt, \
                 ExpertTaps(fused, experts, self.device, hessian, mode) as et:
             self.run(block, keep)
-        self.reduce([c for c in et.routed.values()])
+        self.reduce(routed=list(et.routed.values()))
         routed = {n: int(et.routed[r.module][r.index]) for n, r in experts.items()}
         starved = {n: r for n, r in experts.items() if mode == "routed" and routed[n] < self.moe.min_tokens}
         stats = {**lt.stats, **et.stats}
@@ -248,12 +255,13 @@ class LayerWalk:
             stats.update(fb.stats)
         info = {n: {"expert": r.index, "tokens": routed[n], "stats": "all" if (mode == "all" or n in starved) else "routed"}
                 for n, r in experts.items()}
-        self.reduce([t for st in {id(s): s for s in stats.values()}.values() for t in st.tensors()])
+        self.reduce(stats=list({id(s): s for s in stats.values()}.values()))
         return Collected(stats, info, lt.groups)
 
-    def reduce(self, tensors: list[torch.Tensor]) -> None:
-        """Where a data-parallel run (each process a share of the samples) combines statistics before they are
-        used: routed token counts before the fallback decision, every statistic before quantizing. One process:
+    def reduce(self, stats: list = (), routed: list[torch.Tensor] = ()) -> None:
+        """Where a data-parallel run (each process a share of the samples) combines, in place, what its processes
+        saw before it is used: the routed token counts per expert (summed) before the fallback decision, and each
+        InputStats (sum_sq, hessian and count summed, absmax maxed) before any weight is quantized. One process:
         nothing to do."""
 
     def update(self, block: Block, weights: dict[str, torch.Tensor]) -> None:
@@ -264,8 +272,8 @@ class LayerWalk:
     # -- after the blocks ------------------------------------------------------------------------------------
     @contextmanager
     def tail(self):
-        """Load everything outside the blocks (final norm, head, embeddings), tied weights shared as the model
-        ties them; yields `logits(sample index, final hidden states)` computed by the model's own forward."""
+        """Load everything outside the blocks (final norm, head, embeddings; tied weights shared as the model ties
+        them) and yield a Tail that runs the model's own forward from given final hidden states."""
         self._load(self.layout.entries_under(self.arch.blocks_path, inside=False))
         for target, source in (getattr(self.model, "all_tied_weights_keys", None) or {}).items():
             path, _, leaf = target.rpartition(".")
@@ -273,20 +281,54 @@ class LayerWalk:
             if module._parameters[leaf].is_meta:
                 module._parameters[leaf] = self.model.get_parameter(source)
         try:
-            yield self._logits
+            yield Tail(self)
         finally:
             free_module(self.model)
             release_host_memory()
 
-    def _logits(self, i: int, final_hidden: torch.Tensor) -> torch.Tensor:
-        last = len(self.layers) - 1
+
+class Tail:
+    """What follows the blocks, loaded. `logits(i, h)`: the model's output for sample i whose last block gave h
+    (final norm, head and any logit post-processing of the model's own forward: Gemma's soft-capping, Granite's
+    scaling); `head_input(i, h)`: what enters the output embeddings (`head`), for a caller that applies the head
+    itself (in vocabulary chunks); where `head(head_input(...))` differs from `logits(...)` the model post-processes
+    its logits."""
+
+    def __init__(self, walk: LayerWalk):
+        self._walk = walk
+        model = walk.model
+        self.head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+
+    def _replay(self, i: int, final_hidden: torch.Tensor):
+        walk, last = self._walk, len(self._walk.layers) - 1
 
         def replay(j, args, kwargs):
-            return final_hidden.to(self.device, self.dtype) if j == last else _split(args, kwargs)[0]
+            return final_hidden.to(walk.device, walk.dtype) if j == last else _split(args, kwargs)[0]
 
-        with self._standing(replay):
-            out = self._forward(self.inputs[i].ids)
+        with walk._standing(replay):
+            return walk._forward(walk.inputs[i].ids)
+
+    def logits(self, i: int, final_hidden: torch.Tensor) -> torch.Tensor:
+        out = self._replay(i, final_hidden)
         return out.logits if hasattr(out, "logits") else out[0]
+
+    def head_input(self, i: int, final_hidden: torch.Tensor) -> torch.Tensor:
+        if self.head is None:
+            raise QtoolError(self._walk.ckpt.path, f"{type(self._walk.model).__name__} has no output head")
+        seen = []
+
+        def stop(mod, args):
+            seen.append(args[0])
+            raise _Caught
+
+        handle = self.head.register_forward_pre_hook(stop)
+        try:
+            self._replay(i, final_hidden)
+        except _Caught:
+            pass
+        finally:
+            handle.remove()
+        return seen[0]
 
 
 def dense_targets(targets: dict) -> dict[str, nn.Module]:
