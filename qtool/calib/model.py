@@ -34,17 +34,9 @@ def unsupported(ckpt, mt, what: str) -> QtoolError:
     return QtoolError(ckpt.path, f"cannot walk a {mt!r} model block by block: {what}; {DATA_FREE}")
 
 
-def checkpoint_of(source):
-    """The checkpoint behind a tensor source: the source itself, or the one a dense view of a quantized checkpoint
-    (`formats.dense.DenseView`) reads. Its config and paths describe the model; the source gives the tensors."""
-    return getattr(source, "ckpt", source)
-
-
-def tensor_names(source) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    """{name: (shape, dtype)} of a checkpoint (`.tensors` infos) or of a dense view of one (`names`/`shape`/`dtype`)."""
-    if hasattr(source, "tensors"):
-        return {n: (tuple(i.shape), i.dtype) for n, i in source.tensors.items()}
-    return {n: (tuple(source.shape(n)), source.dtype(n)) for n in source.names}
+def tensor_names(ckpt) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """{name: (shape, dtype)}: of a checkpoint, or of a dense view of a quantized one (its logical weights)."""
+    return {n: (tuple(i.shape), i.dtype) for n, i in ckpt.tensors.items()}
 
 
 def compute_dtype(names: dict) -> torch.dtype:
@@ -127,16 +119,15 @@ def find_blocks(model, ckpt, mt) -> str:
     return lists[0]
 
 
-def build_architecture(source) -> Architecture:
-    """Build the model of a checkpoint (or of a dense view of one) on meta in its own dtype, find its blocks and map
-    its names (no data read)."""
+def build_architecture(ckpt) -> Architecture:
+    """Build the model of a checkpoint (or of a `formats.dense.DenseView` of a quantized one: it reads alike) on meta
+    in its own dtype, find its blocks and map its names (no data read)."""
     transformers = require_transformers()
-    ckpt = checkpoint_of(source)
     mt, config = _config(ckpt, transformers)
     cls = _model_class(transformers, config, (ckpt.config or {}).get("architectures"))
     if cls is None:
         raise unsupported(ckpt, mt, "transformers has neither a causal-LM nor a base model class for it")
-    names = tensor_names(source)
+    names = tensor_names(ckpt)
     dtype = compute_dtype(names)
     try:
         with torch.device("meta"):

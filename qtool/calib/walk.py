@@ -26,7 +26,7 @@ from ..errors import QtoolError
 from ..runtime import release_host_memory
 from .collect import InputGroup, LinearTaps
 from .layout import Entry
-from .model import Architecture, build_architecture, checkpoint_of, free_module, linear_modules, unsupported
+from .model import Architecture, build_architecture, free_module, linear_modules, unsupported
 from .moe import ExpertRef, ExpertTaps, MoeCalib, interface_gap, is_fused_experts
 
 
@@ -91,14 +91,15 @@ class Collected:
 class LayerWalk:
     """Holds the model skeleton and the current block inputs of every sample."""
 
-    def __init__(self, source, samples: list[torch.Tensor], device: torch.device, moe: MoeCalib | None = None,
+    def __init__(self, ckpt, samples: list[torch.Tensor], device: torch.device, moe: MoeCalib | None = None,
                  arch: Architecture | None = None):
-        """source: a checkpoint, or a dense view of a quantized one (its weights dequantized as the walk loads them);
-        arch: its `build_architecture`, when the caller has built it already."""
-        self.source, self.ckpt = source, checkpoint_of(source)
+        """ckpt: a checkpoint, or a dense view of a quantized one (formats.dense.DenseView: its weights dequantized as
+        the walk loads them); only its .tensors, .get, .config, .path and .root are read. arch: its
+        `build_architecture`, when the caller has built it already."""
+        self.ckpt = ckpt
         self.device = device
         self.moe = moe or MoeCalib()
-        self.arch = arch or build_architecture(source)
+        self.arch = arch or build_architecture(ckpt)
         self.model, self.layout, self.dtype = self.arch.model, self.arch.layout, self.arch.dtype
         self.layers = self.arch.blocks
         self._check_experts()
@@ -135,7 +136,7 @@ class LayerWalk:
         return self.device if need < free // 2 else torch.device("cpu")
 
     def _load(self, entries: list[Entry], overrides: dict | None = None) -> None:
-        self.layout.load(entries, self.source.get, self.device, overrides)
+        self.layout.load(entries, self.ckpt.get, self.device, overrides)
 
     # -- capture ---------------------------------------------------------------------------------------------
     @contextmanager

@@ -43,8 +43,9 @@ def _output_specs(plan: TensorPlan, spec: QuantSpec) -> list[tuple]:
 
 @guarded(inputs=("source", "calib"), outputs={"out": FOLDER, "report_path": REPORT})
 def quantize(source, out, spec: QuantSpec | None = None, *, include=(), exclude=(), calib=None, calib_samples=128,
-             seq_len=512, damp=0.01, device="auto", moe_calib="routed", moe_min_tokens=None, report_path=None, max_rel_error=None, allow_nonfinite=False,
-             max_shard_bytes=None, overwrite=False, revision=None, progress=None) -> dict:
+             seq_len=512, damp=0.01, device="auto", moe_calib="routed", moe_min_tokens=None, report_path=None,
+             max_rel_error=None, allow_nonfinite=False, max_shard_bytes=None, overwrite=False, revision=None,
+             progress=None) -> dict:
     """Quantize SOURCE into OUT (compressed-tensors pack-quantized); returns the report (design §7)."""
     start = time.perf_counter()
     spec = spec or QuantSpec()
