@@ -8,6 +8,8 @@ The Python API is what the command line calls:
     report = qtool.merge_lora("model/", ["adapter/"], "merged/")
     model = qtool.load("model-int4/")                    # QuantLinear modules run from the packed bytes
     name = qtool.attach_adapter(model, "adapter/")
+    qtool.add_adapter(model, r=16, alpha=32, targets="all-linear", name="new")  # QLoRA: train it, then
+    qtool.save_adapter(model, "new", "new-adapter/")                 # a PEFT folder merge-lora merges
 
 Names load lazily so that `qtool --help` does not pay for importing torch.
 """
@@ -21,6 +23,10 @@ _API = {
     "calibrate": ("qtool.jobs.calibrate", "calibrate"),
     "load": ("qtool.nn.load", "load"),
     "attach_adapter": ("qtool.nn.lora", "attach_adapter"),
+    "add_adapter": ("qtool.nn.adapters", "add_adapter"),
+    "save_adapter": ("qtool.nn.adapters", "save_adapter"),
+    "set_adapter": ("qtool.nn.lora", "set_adapter"),
+    "set_trainable": ("qtool.nn.lora", "set_trainable"),
     "QuantLinear": ("qtool.nn.quant_linear", "QuantLinear"),
     "LoRALinear": ("qtool.nn.lora", "LoRALinear"),
     "parameter_counts": ("qtool.nn.accounting", "parameter_counts"),
@@ -29,6 +35,7 @@ _API = {
     "QuantSpec": ("qtool.quant.spec", "QuantSpec"),
     "open_checkpoint": ("qtool.checkpoint", "open_checkpoint"),
     "QtoolError": ("qtool.errors", "QtoolError"),
+    "ArgumentError": ("qtool.errors", "ArgumentError"),
 }
 __all__ = ["__version__", *_API]
 

@@ -48,6 +48,15 @@ def tied_embeddings(config: dict | None) -> bool:
     return bool(config.get("tie_word_embeddings", config.get("text_config", {}).get("tie_word_embeddings", True)))
 
 
+def tied_heads(names: Iterable[str], config: dict | None) -> list[str]:
+    """Output heads a checkpoint stores no weight for because transformers ties them to the input embeddings
+    (`tie_word_embeddings`): they are still nn.Linear modules of the model, so compressed-tensors must be told to
+    leave them alone (its `ignore`), or its default loading path looks for packed weights that are not there."""
+    archs = (config or {}).get("architectures") or []
+    lm = any(a.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")) for a in archs)
+    return ["lm_head"] if lm and tied_embeddings(config) and "lm_head.weight" not in set(names) else []
+
+
 def is_head(module: str) -> bool:
     """An output head (lm_head and its other names)."""
     return leaf(module) in HEAD_PARTS

@@ -2,17 +2,23 @@
 from __future__ import annotations
 
 import functools
-import gc
 import os
 import sys
 
 import click
 
 from . import __version__, runtime
-from .errors import GateFailed, Interrupted, QtoolError
+from .errors import ArgumentError, GateFailed, Interrupted, QtoolError
 from .interrupts import stop_on_signals
+from .jobs import arguments
 
 DTYPES = click.Choice(["float16", "bfloat16", "float32"])
+
+
+def _group_size(ctx, param, value: int | None) -> int | None:
+    if value is not None and value < -1:
+        raise click.BadParameter("must be N > 0, -1 (per channel) or 0 (per tensor)", param_hint="--group-size")
+    return value
 
 
 def _fail(message: str, code: int = 1):
@@ -24,6 +30,7 @@ def handle_errors(fn):
     """Map user-caused failures to one line on stderr and their exit code; never a traceback."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        cli = arguments.CLI.set(True)  # errors name options (--overwrite), not the API's arguments
         try:
             with stop_on_signals():  # SIGINT/SIGTERM/SIGHUP unwind the job (outputs cleaned up), exit 128+signum
                 return fn(*args, **kwargs)
@@ -42,14 +49,8 @@ def handle_errors(fn):
         except OSError as e:
             _fail(f"{e.filename or 'I/O'}: {e.strerror or e}")
         finally:
-            gc.unfreeze()  # pairs with _imports_done: a caller in the same process (tests) gets its GC back
+            arguments.CLI.reset(cli)
     return wrapper
-
-
-def _imports_done() -> None:
-    """Called once a command has imported its job (and torch): those hundreds of thousands of objects live for the
-    whole run, so take them out of the garbage collector's walks, which otherwise cost ~10% of a job's CPU time."""
-    gc.freeze()
 
 
 def _emit(report: dict, as_json: bool, top: int = 10) -> None:
@@ -69,11 +70,40 @@ def _finish(report: dict, as_json: bool, quiet: bool = False, top: int = 10) -> 
                                            f"{g['max_rel_error']} (first: {g['failed'][0]})") from None
 
 
+class _Number(click.ParamType):
+    """A number the job's argument check accepts (qtool.jobs.arguments.number): never NaN, within its limits."""
+
+    name = "number"
+
+    def __init__(self, **limits):
+        self.limits = limits
+
+    def convert(self, value, param, ctx):
+        try:
+            x = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        try:
+            return arguments.number(x, param.name, **self.limits)
+        except ArgumentError as e:
+            self.fail(e.problem, param, ctx)
+
+
+class _Device(click.ParamType):
+    name = "device"
+
+    def convert(self, value, param, ctx):
+        try:
+            return arguments.device(value)
+        except ArgumentError as e:
+            self.fail(e.problem, param, ctx)
+
+
 revision_option = click.option("--revision", default=None, help="Revision of a hub id (branch, tag or commit), from the local cache.")
 overwrite_option = click.option("--overwrite", is_flag=True,
                                 help="Replace an existing output, only when it is one qtool could have written "
                                      "(a checkpoint folder, a qtool report or statistics file).")
-device_option = click.option("--device", default="auto", show_default=True,
+device_option = click.option("--device", default="auto", show_default=True, type=_Device(),
                              help="auto (cuda when available, else cpu), cpu, cuda or cuda:N.")
 def moe_options(fn):
     fn = click.option("--moe-min-tokens", type=click.IntRange(min=1), default=None, metavar="N",
@@ -127,24 +157,28 @@ def main():
 @json_option
 @click.option("--against", default=None, metavar="REFERENCE", help="Per-tensor errors of SOURCE against this checkpoint.")
 @click.option("--base", default=None, help="Base model of an adapter SOURCE (default: adapter_config's base path).")
-@click.option("--top", default=10, show_default=True, type=click.IntRange(min=0), help="Rows in the largest/worst tensor tables.")
-@click.option("--max-rel-error", type=float, default=None, help="With --against: exit 3 when any quantized tensor's rel_error exceeds X.")
+@click.option("--top", default=10, show_default=True, type=click.IntRange(min=0),
+              help="Rows in the largest/worst tensor tables; names in the JSON's `largest` and `summary.worst`.")
+@click.option("--max-rel-error", type=_Number(minimum=0), default=None,
+              help="With --against: exit 3 when any tensor that differs has a rel_error above X (X >= 0).")
 @click.option("--lora-rank", type=click.IntRange(min=1), default=None, metavar="R",
               help="Also estimate the memory of a LoRA fine-tune at rank R on every linear layer (weights, gradients, Adam).")
+@click.option("--lora-tokens", type=click.IntRange(min=0), default=0, show_default=True, metavar="T",
+              help="With --lora-rank: add the activations of a training step of T tokens (batch x sequence length).")
 @revision_option
 @handle_errors
-def inspect(source, as_json, against, base, top, max_rel_error, lora_rank, revision):
+def inspect(source, as_json, against, base, top, max_rel_error, lora_rank, lora_tokens, revision):
     """Size report of SOURCE: parameters, bytes by dtype, bits per parameter, size at other widths.
 
     \b
     qtool inspect samples/tiny-llama
     qtool inspect out/tiny-llama-int4 --against samples/tiny-llama --json
     qtool inspect samples/tiny-llama-lora --base samples/tiny-llama
-    qtool inspect samples/tiny-llama --lora-rank 16
+    qtool inspect samples/tiny-llama --lora-rank 16 --lora-tokens 512
     """
     from .jobs.inspect import inspect as run
-    _imports_done()
-    report = run(source, against=against, base=base, revision=revision, max_rel_error=max_rel_error, lora_rank=lora_rank)
+    report = run(source, against=against, base=base, revision=revision, max_rel_error=max_rel_error,
+                 lora_rank=lora_rank, top=top, lora_tokens=lora_tokens)
     _finish(report, as_json, top=top)
 
 
@@ -153,7 +187,7 @@ def inspect(source, as_json, against, base, top, max_rel_error, lora_rank, revis
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
 @click.option("--bits", type=click.Choice(["4", "8"]), default="4", show_default=True)
 @click.option("--symmetric/--asymmetric", default=True, show_default=True, help="Zero point 0, or a zero point per group.")
-@click.option("--group-size", type=int, default=None,
+@click.option("--group-size", type=int, default=None, callback=_group_size,
               help="N>0: groups of N input columns; -1: per output channel; 0: per tensor. Default: 128 for int4, -1 for int8.")
 @click.option("--method", type=click.Choice(["rtn", "mse", "gptq"]), default="mse", show_default=True,
               help="rtn: min-max, byte-identical to llm-compressor; mse: clipping search; gptq: error compensation (needs --calib).")
@@ -167,9 +201,11 @@ def inspect(source, as_json, against, base, top, max_rel_error, lora_rank, revis
 @click.option("--include", multiple=True, metavar="GLOB", help="Also quantize tensors/modules matching GLOB (repeatable).")
 @click.option("--exclude", multiple=True, metavar="GLOB", help="Keep tensors/modules matching GLOB unquantized; wins over --include.")
 @report_option
-@click.option("--max-rel-error", type=float, default=None, help="Quality gate: exit 3 when any quantized tensor's rel_error exceeds X.")
+@click.option("--max-rel-error", type=_Number(minimum=0), default=None,
+              help="Quality gate: exit 3 when any quantized tensor's rel_error exceeds X (X >= 0).")
 @click.option("--allow-nonfinite", is_flag=True, help="Keep tensors with NaN/Inf unquantized instead of failing.")
-@click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard, e.g. 500MB, 2GB.")
+@click.option("--max-shard-size", default="5GB", show_default=True, callback=lambda ctx, param, v: parse_size(v),
+              help="Largest output shard, e.g. 500MB, 2GB.")
 @overwrite_option
 @quiet_option
 @json_option
@@ -190,15 +226,12 @@ def quantize(source, out, bits, symmetric, group_size, method, calib, calib_samp
     from .jobs.quantize import quantize as run
     from .progress import make_progress
     from .quant.spec import QuantSpec
-    _imports_done()
-    b = int(bits)
-    if group_size is not None and group_size < -1:
-        raise click.BadParameter("must be N > 0, -1 (per channel) or 0 (per tensor)", param_hint="--group-size")
-    spec = QuantSpec(bits=b, symmetric=symmetric, group_size=group_size, method=method)
+    spec = QuantSpec(bits=int(bits), symmetric=symmetric, group_size=group_size, method=method)
     with make_progress(quiet or as_json) as progress:
         report = run(source, out, spec, include=include, exclude=exclude, calib=calib, calib_samples=calib_samples,
                      seq_len=seq_len, damp=damp, moe_calib=moe_calib, moe_min_tokens=moe_min_tokens, device=device,
-                     report_path=report_path, max_rel_error=max_rel_error, allow_nonfinite=allow_nonfinite, max_shard_bytes=parse_size(max_shard_size), overwrite=overwrite,
+                     report_path=report_path, max_rel_error=max_rel_error, allow_nonfinite=allow_nonfinite,
+                     max_shard_bytes=max_shard_size, overwrite=overwrite,
                      revision=revision, progress=progress)
     _finish(report, as_json, quiet)
 
@@ -222,7 +255,6 @@ def calibrate(source, calib, out, calib_samples, seq_len, moe_calib, moe_min_tok
     """
     from .jobs.calibrate import calibrate as run
     from .progress import make_progress
-    _imports_done()
     with make_progress(quiet) as progress:
         summary = run(source, calib, out, calib_samples=calib_samples, seq_len=seq_len, device=device,
                       moe_calib=moe_calib, moe_min_tokens=moe_min_tokens,
@@ -249,7 +281,6 @@ def dequantize(source, out, dtype, overwrite, quiet, as_json, revision):
     """Turn a pack-quantized checkpoint (qtool's or compressed-tensors') back into a dense one."""
     from .jobs.dequantize import dequantize as run
     from .progress import make_progress
-    _imports_done()
     with make_progress(quiet or as_json) as progress:
         report = run(source, out, dtype=dtype, overwrite=overwrite, revision=revision, progress=progress)
     _finish(report, as_json, quiet)
@@ -259,7 +290,8 @@ def dequantize(source, out, dtype, overwrite, quiet, as_json, revision):
 @click.argument("base")
 @click.argument("adapters", nargs=-1, required=True)
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
-@click.option("--weight", "weights", multiple=True, type=float, help="Weight of each adapter, in order (default 1.0 each).")
+@click.option("--weight", "weights", multiple=True, type=_Number(finite=True),
+              help="Weight of each adapter, in order (default 1.0 each).")
 @click.option("--dtype", type=DTYPES, default=None, help="Output dtype of merged tensors (default: the base's).")
 @report_option
 @overwrite_option
@@ -276,7 +308,6 @@ def merge_lora(base, adapters, out, weights, dtype, report_path, overwrite, quie
     """
     from .jobs.merge import merge_lora as run
     from .progress import make_progress
-    _imports_done()
     if weights and len(weights) != len(adapters):
         raise click.BadParameter(f"got {len(weights)} weights for {len(adapters)} adapters", param_hint="--weight")
     with make_progress(quiet or as_json) as progress:
@@ -293,7 +324,10 @@ def parse_size(text: str) -> int:
     m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", text)
     if not m or m.group(2).upper() not in _UNITS:
         raise click.BadParameter(f"{text!r} is not a size like 500MB or 2GB", param_hint="--max-shard-size")
-    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+    size = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+    if size < 1:
+        raise click.BadParameter(f"{text!r} is not a size of at least 1 byte", param_hint="--max-shard-size")
+    return size
 
 
 if __name__ == "__main__":

@@ -23,6 +23,17 @@ class QtoolError(Exception):
         self.problem = problem
         super().__init__(f"{self.path}: {problem}")
 
+    def restate(self, path: str, problem: str) -> None:
+        """Say the same thing in other words (the Python API names arguments where the CLI names options)."""
+        self.path, self.problem = path, problem
+        self.args = (f"{path}: {problem}",)
+
+
+class ArgumentError(QtoolError, ValueError):
+    """A bad argument value (`path` names the argument): a usage error, exit 2 on the command line."""
+
+    exit_code = EXIT_USAGE
+
 
 class GateFailed(QtoolError):
     """A quality gate failed; the output and report were still written."""

@@ -68,6 +68,9 @@ def plan_tensor(t, spec: QuantSpec, config: dict | None, include: Sequence[str] 
         if role.kind == "router":
             raise QtoolError(t.name, f"matched by --include {inc!r} but is an MoE router: routers stay dense "
                                      "(vLLM loads them unquantized)")
+        if role.kind in _UNLOADABLE:
+            raise QtoolError(t.name, f"matched by --include {inc!r}, but it is {_UNLOADABLE[role.kind]}: compressed-tensors "
+                                     f"consumers (transformers, vLLM) load only nn.Linear weights packed, so it stays dense")
         if arch.tied_embeddings(config) and arch.is_head(arch.module_of(t.name)):
             raise QtoolError(t.name, "is tied to the input embeddings (tie_word_embeddings); quantizing it would untie them on reload")
         quantize, reason = True, f"included by --include {inc!r}"
@@ -78,9 +81,40 @@ def plan_tensor(t, spec: QuantSpec, config: dict | None, include: Sequence[str] 
 
 
 def plan_quantization(tensors: Iterable, spec: QuantSpec, config: dict | None = None,
-                      include: Sequence[str] = (), exclude: Sequence[str] = ()) -> list[TensorPlan]:
-    """Plan every tensor (objects with .name, .shape, .dtype) of a checkpoint."""
-    return [plan_tensor(t, spec, config, include, exclude) for t in tensors]
+                      include: Sequence[str] = (), exclude: Sequence[str] = (), source="checkpoint") -> list[TensorPlan]:
+    """Plan every tensor (objects with .name, .shape, .dtype) of a checkpoint. Nothing is done silently wrong: a
+    glob that matches no name and a plan that quantizes nothing are errors (naming `source`)."""
+    tensors = list(tensors)
+    tied = arch.tied_heads([t.name for t in tensors], config)
+    for flag, patterns in (("--include", include), ("--exclude", exclude)):
+        for p in patterns:
+            if not any(_matches(t.name, [p]) for t in tensors):
+                head = next((h for h in tied if _matches(f"{h}.weight", [p])), None)
+                why = (f": {head} is tied to the input embeddings (tie_word_embeddings), so the checkpoint stores no "
+                       "weight for it and it stays tied and dense") if head else ""
+                raise QtoolError(source, f"{flag} {p!r} matches no tensor or module name of the checkpoint{why}")
+    plans = [plan_tensor(t, spec, config, include, exclude) for t in tensors]
+    if not any(p.quantize for p in plans):
+        raise QtoolError(source, _nothing_to_quantize(plans, config, exclude))
+    return plans
+
+
+# Tensors --include may not quantize: what they are, for the refusal.
+_UNLOADABLE = {"embedding": "an embedding", "conv1d": "a GPT-2 Conv1D weight, not an nn.Linear one"}
+
+
+def _nothing_to_quantize(plans: list[TensorPlan], config: dict | None, exclude: Sequence[str]) -> str:
+    """Why a plan quantizes no tensor, and what to do about it."""
+    kinds = {arch.role(p.name, p.shape, p.dtype, config).kind for p in plans}
+    if "linear" in kinds:  # there were linear weights: the globs excluded them all
+        return (f"nothing to quantize: --exclude {' '.join(repr(e) for e in exclude)} leaves no linear weight; "
+                "narrow the globs")
+    if "conv1d" in kinds:
+        return ("nothing to quantize: GPT-2 Conv1D weights are not quantized by default (compressed-tensors consumers "
+                "such as transformers and vLLM load only nn.Linear weights packed) and it has no other linear weight: "
+                "keep this model dense, or quantize one whose layers are nn.Linear")
+    heads = " (--include its output head to quantize that)" if "head" in kinds else ""
+    return f"nothing to quantize: it has no 2-D floating linear weight{heads}"
 
 
 def keep_nonfinite(plans: list[TensorPlan], read: Callable[[str], torch.Tensor]) -> list[TensorPlan]:
@@ -91,12 +125,16 @@ def keep_nonfinite(plans: list[TensorPlan], read: Callable[[str], torch.Tensor])
         if p.quantize and not torch.isfinite(read(p.name)).all():
             p = replace(p, quantize=False, reason="kept unquantized: holds NaN/Inf (--allow-nonfinite)", spec=None)
         out.append(p)
+    if not any(p.quantize for p in out):
+        raise QtoolError(out[0].name if out else "checkpoint", "nothing to quantize: every linear weight holds NaN/Inf")
     return out
 
 
-def ignore_list(plans: Iterable[TensorPlan]) -> list[str]:
-    """The linear modules left dense, as compressed-tensors' `ignore` lists them (sorted): under the checkpoint's
-    names (vLLM's) and, where transformers 5 renames one on load, under its name too (transformers' compressed
-    path matches `ignore` against its own modules)."""
+def ignore_list(plans: Iterable[TensorPlan], names: Iterable[str] = (), config: dict | None = None) -> list[str]:
+    """compressed-tensors' `ignore` (sorted): the linear modules left dense, under the checkpoint's names (vLLM's)
+    and, where transformers 5 renames one on load, under its name too (transformers' compressed path matches
+    `ignore` against its own modules); and the output heads tied to the embeddings (arch.tied_heads) of the
+    checkpoint whose tensor `names` and `config` are given."""
     kept = {p.module for p in plans if p.linear and not p.quantize}
-    return sorted(kept | {arch.TRANSFORMERS_NAMES[m] for m in kept if m in arch.TRANSFORMERS_NAMES})
+    renamed = {arch.TRANSFORMERS_NAMES[m] for m in kept if m in arch.TRANSFORMERS_NAMES}
+    return sorted(kept | renamed | set(arch.tied_heads(names, config)))

@@ -9,11 +9,12 @@ from safetensors.torch import load_file, save_file
 
 from qtool.calib.data import is_stats_file, load_calibration
 from qtool.runtime import resolve_device
-from qtool.calib.layerwise import collect_stats, quantize_layerwise
+from qtool.calib.layerwise import collect_stats
 from qtool.calib.stats import load_stats, read_stats
 from qtool.checkpoint import open_checkpoint
 from qtool.errors import QtoolError
 from qtool.jobs.calibrate import calibrate
+from qtool.jobs.quantize import quantize
 from qtool.plan import plan_quantization
 from qtool.quant import mse_qparams
 from qtool.quant.spec import QuantSpec
@@ -128,15 +129,20 @@ def test_quantize_from_stats_file_uses_importance(bert, tmp_path):
     path = tmp_path / "s.safetensors"
     save_stats(path, stats, {"samples": 4, "tokens": 1, "seq_len": 32, "source": "x"})
     spec = QuantSpec(bits=4, group_size=32, method="mse")
-    plans = plan_quantization(ckpt.tensors.values(), spec, ckpt.config)
-    got = {}
-    summary = quantize_layerwise(ckpt, plans, spec, path, samples=4, seq_len=32, damp=0.01, device="cpu",
-                                 emit=lambda name, w, q, s, z, extra: got.__setitem__(name, (w, s, extra)))
-    assert summary["calibrated"] == 12 and summary["uncalibrated"] == ["pooler.dense.weight"]
-    name = "encoder.layer.0.intermediate.dense.weight"
-    w, scale, extra = got[name]
-    imp = load_stats(path)["encoder.layer.0.intermediate.dense"]
-    torch.testing.assert_close(scale, mse_qparams(w, spec, importance=imp)[0], rtol=0, atol=0)
-    with pytest.raises(QtoolError, match="gptq needs calibration data"):
-        quantize_layerwise(ckpt, plans, QuantSpec(bits=4, group_size=32, method="gptq"), path, samples=4,
-                           seq_len=32, damp=0.01, device="cpu", emit=lambda *a: None)
+    plans = [p for p in plan_quantization(ckpt.tensors.values(), spec, ckpt.config) if p.quantize]
+    quantize(str(folder), tmp_path / "q", spec, calib=path, device="cpu")
+    stored = load_file(tmp_path / "q" / "model.safetensors")
+    imp = load_stats(path)
+    # the 12 encoder linears with their statistics; the pooler (outside the encoder blocks) has none: unweighted
+    assert len(plans) == 13 and sum(p.module in imp for p in plans) == 12 and "pooler.dense" not in imp
+    for p in plans:
+        want = mse_qparams(ckpt.get(p.name), spec, importance=imp.get(p.module))[0]
+        torch.testing.assert_close(stored[f"{p.module}.weight_scale"], want, rtol=0, atol=0)
+    with pytest.raises(QtoolError, match="a statistics file feeds method=.mse. only; method=.gptq. needs calibration data"):
+        quantize(str(folder), tmp_path / "g", QuantSpec(bits=4, group_size=32, method="gptq"), calib=path, device="cpu")
+    other = {m: {**e, "sum_sq": e["sum_sq"][:64], "absmax": e["absmax"][:64]} if m == "encoder.layer.0.output.dense" else e
+             for m, e in stats.items()}
+    save_stats(tmp_path / "other.safetensors", other, {"samples": 4, "tokens": 1, "seq_len": 32, "source": "x"})
+    with pytest.raises(QtoolError, match="'encoder.layer.0.output.dense' has 64 input channels in the statistics file"):
+        quantize(str(folder), tmp_path / "o", spec, calib=tmp_path / "other.safetensors", device="cpu")
+    assert not (tmp_path / "o").exists()

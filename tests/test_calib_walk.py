@@ -12,9 +12,10 @@ from safetensors.torch import save_file
 from qtool.calib.layerwise import collect_stats, layer_order, quantize_layerwise
 from qtool.checkpoint import open_checkpoint
 from qtool.errors import QtoolError
-from qtool.plan import plan_quantization
+from qtool.plan import TensorPlan, plan_quantization
 from qtool.quant.core import dequantize
 from qtool.quant.spec import QuantSpec
+from qtool.quant.weight import quantize_weight
 
 from .conftest import run_cli
 from .test_calib_helpers import reference_stats, samples, save_tiny
@@ -40,16 +41,23 @@ def test_layerwise_stats_equal_full_forward(tmp_path, kind):
         torch.testing.assert_close(got[name]["absmax"], ref[name]["absmax"], rtol=RTOL, atol=ATOL)
 
 
+def walk_all(walk) -> tuple[dict, dict]:
+    """Everything quantize_layerwise yields, by name in yield order, and the summary it returns."""
+    items = {}
+    while True:
+        try:
+            item = next(walk)
+        except StopIteration as stop:
+            return items, stop.value
+        items[item.name] = item
+
+
 def _quantize(ckpt, ids, method, **kw):
     spec = QuantSpec(bits=4, symmetric=True, group_size=32, method=method)
     plans = plan_quantization(ckpt.tensors.values(), spec, ckpt.config)
-    emitted = {}
-
-    def emit(name, w, q, scale, zp, extra):
-        emitted[name] = (w, q, scale, zp, extra)
-
-    summary = quantize_layerwise(ckpt, plans, spec, ids, samples=len(ids), seq_len=64, damp=0.01, device="cpu",
-                                 emit=emit, **kw)
+    items, summary = walk_all(quantize_layerwise(ckpt, plans, ids, samples=len(ids), seq_len=64, damp=0.01,
+                                                 device="cpu", **kw))
+    emitted = {n: (ckpt.get(n), c.weight.codes(), c.weight.scale, c.weight.zero_point, c.extra) for n, c in items.items()}
     return spec, plans, emitted, summary
 
 
@@ -87,6 +95,23 @@ def test_mse_with_importance_beats_rtn_on_output_error(tmp_path):
     before = sum(e[4]["output_error_before"] for e in emitted.values())
     after = sum(e[4]["output_error_after"] for e in emitted.values())
     assert len(emitted) == 12 and after < before and all(e[4]["weighted"] for e in emitted.values())
+
+
+def test_a_block_with_nothing_to_calibrate_still_passes_its_outputs_on(tmp_path):
+    """--exclude a whole block: the walk still runs it, so block 1 is calibrated on what block 0 gives it (the
+    original model's block-1 inputs: the same importance as `calibrate` measures)."""
+    save_tiny("llama", tmp_path)
+    ckpt = open_checkpoint(tmp_path)
+    ids = samples(4)
+    spec = QuantSpec(bits=4, symmetric=True, group_size=32, method="mse")
+    plans = plan_quantization(ckpt.tensors.values(), spec, ckpt.config, exclude=["model.layers.0.*"])
+    items, summary = walk_all(quantize_layerwise(ckpt, plans, ids, samples=len(ids), seq_len=64, device="cpu"))
+    stats, _ = collect_stats(ckpt, ids, samples=len(ids), seq_len=64, device="cpu")
+    assert len(items) == 7 and all(".layers.1." in n for n in items) and summary["calibrated"] == 7
+    for name, item in items.items():
+        st = stats[name[: -len(".weight")]]
+        ref = quantize_weight(ckpt.get(name), spec, importance=st["sum_sq"] / st["count"])
+        assert torch.equal(item.weight.codes(), ref.codes()) and torch.equal(item.weight.scale, ref.scale), name
 
 
 def test_gpt2_conv1d_not_quantized_by_default(tmp_path):
@@ -141,10 +166,13 @@ def test_gpt2_included_conv1d_quantized_uncalibrated_in_walk_order(tmp_path):
     save_tiny("gpt2", tmp_path)
     ckpt = open_checkpoint(tmp_path)
     spec = QuantSpec(bits=4, symmetric=True, group_size=32, method="gptq")
-    plans = plan_quantization(ckpt.tensors.values(), spec, ckpt.config, include=["*.mlp.c_fc"])
-    got = []
-    summary = quantize_layerwise(ckpt, plans, spec, samples(), samples=6, seq_len=64, damp=0.01, device="cpu",
-                                 emit=lambda name, w, q, s, z, extra: got.append((name, extra)))
+    with pytest.raises(QtoolError, match="a GPT-2 Conv1D weight, not an nn.Linear one"):  # the planner refuses it
+        plan_quantization(ckpt.tensors.values(), spec, ckpt.config, include=["*.mlp.c_fc"])
+    # the walk still handles a Conv1D weight that a plan made by hand quantizes
+    plans = [TensorPlan(t, t.name.endswith("mlp.c_fc.weight"), "by hand", False,
+                        spec if t.name.endswith("mlp.c_fc.weight") else None) for t in ckpt.tensors.values()]
+    items, summary = walk_all(quantize_layerwise(ckpt, plans, samples(), samples=6, seq_len=64, damp=0.01, device="cpu"))
+    got = [(n, c.extra) for n, c in items.items()]
     assert [n for n, _ in got] == ["transformer.h.0.mlp.c_fc.weight", "transformer.h.1.mlp.c_fc.weight"]
     assert summary["uncalibrated"] == [n for n, _ in got] and summary["calibrated"] == 0
     assert all(not e["calibrated"] and "Conv1D" in e["note"] and e["method"] == "mse" for _, e in got)

@@ -77,8 +77,8 @@ def test_peft_adapter_folder(tmp_path):
     ckpt = open_checkpoint(a)
     _same(ckpt, sd)
     assert ckpt.adapter_config["r"] == 8 and ckpt.storage == "safetensors"
-    from qtool.report.size import size_report
-    assert size_report(ckpt)["format"] == "peft-adapter (safetensors)"
+    from qtool.report.size import listing
+    assert listing(ckpt).format == "peft-adapter (safetensors)"
 
 
 def test_hub_id_from_local_cache(tmp_path, monkeypatch):

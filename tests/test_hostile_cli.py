@@ -139,8 +139,8 @@ def quantized(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def big(tmp_path_factory) -> Path:
-    """A ~40 MB float32 Llama: its quantize runs long enough (~0.5 s of writing) to be stopped mid-write."""
-    cfg = dict(hidden=384, inter=1024, layers=6, vocab=256)
+    """A ~26 MB float32 Llama: its quantize writes long enough (a few hundred ms) to be stopped mid-write."""
+    cfg = dict(hidden=384, inter=1024, layers=4, vocab=256)
     return write_folder(tmp_path_factory.mktemp("big") / "big", llama_state(**cfg, dtype=torch.float32),
                         llama_config(**cfg, dtype="float32"))
 
@@ -339,7 +339,7 @@ def _lock(folder: Path, name: str):
 def _mid_write(folder: Path, name: str):
     for t in temps(folder, name):
         shard = t / "model.safetensors"
-        if shard.is_file() and shard.stat().st_size > 2 * 2**20:
+        if shard.is_file() and shard.stat().st_size > 2**20:
             return True
     return False
 
@@ -347,9 +347,13 @@ def _mid_write(folder: Path, name: str):
 POINTS = {"claimed": _lock, "temporary folder made": lambda f, n: bool(temps(f, n)), "mid-write": _mid_write}
 
 
-@pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130), (signal.SIGHUP, 129)],
-                         ids=["SIGTERM", "SIGINT", "SIGHUP"])
-@pytest.mark.parametrize("point", list(POINTS))
+# Every signal, and every point of a run, at least once (each case costs a run of the big model).
+SIGNAL_CASES = [(signal.SIGTERM, 143, "claimed"), (signal.SIGTERM, 143, "temporary folder made"),
+                (signal.SIGTERM, 143, "mid-write"), (signal.SIGINT, 130, "mid-write"),
+                (signal.SIGHUP, 129, "temporary folder made"), (signal.SIGHUP, 129, "claimed")]
+
+
+@pytest.mark.parametrize("sig,code,point", SIGNAL_CASES, ids=[f"{s.name}-{p}" for s, _, p in SIGNAL_CASES])
 def test_signal_cleans_up_and_keeps_an_existing_output(work, big, quantized, sig, code, point):
     out = work / "out"
     existing = point != "claimed"  # with --overwrite over an earlier output, which must survive byte for byte
@@ -479,6 +483,18 @@ def test_deeply_nested_adapter_config(work):
             "nested too deeply", inputs=[work / "src", work / "lora"], out=work / "m")
 
 
+def test_a_packed_module_missing_a_part(work, quantized):
+    """Found by the 5,000-case fuzz: a flipped byte renamed one module's weight_scale."""
+    q = work / "q"
+    shutil.copytree(quantized, q)
+    raw = (q / "model.safetensors").read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    head = raw[8:8 + n].replace(b'"model.layers.1.self_attn.k_proj.weight_scale"', b'"model/layers.1.self_attn.k_proj.weight_scale"')
+    (q / "model.safetensors").write_bytes(raw[:8] + head + raw[8 + n:])
+    refused(["dequantize", q, "-o", work / "d"], "model.layers.1.self_attn.k_proj: stores weight_packed but no weight_scale",
+            inputs=[q], out=work / "d")
+
+
 @pytest.mark.parametrize("name", ["model.bin", "model.safetensors", "pytorch_model.bin", "adapter_model.safetensors"])
 def test_a_text_file_under_a_checkpoints_name(work, name):
     d = work / "m"
@@ -568,3 +584,61 @@ def test_a_report_that_cannot_be_written_completely_leaves_no_file(work, many_la
 def test_a_checkpoint_that_cannot_be_written_completely_leaves_nothing(work, many_layers):
     refused(["quantize", many_layers, "-q", "--group-size", "32", "-o", work / "q"], f"{work / 'q'}: cannot write", inputs=[many_layers],
             out=work / "q", fsize=16 * 1024)
+
+
+# -- 7. nothing is done silently wrong ----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def gpt2(tmp_path_factory) -> Path:
+    from .test_calib_helpers import save_tiny
+    folder = tmp_path_factory.mktemp("gpt2") / "gpt2"
+    save_tiny("gpt2", folder)
+    return folder
+
+
+def test_a_run_that_would_quantize_nothing_is_an_error(work, gpt2):
+    refused(["quantize", gpt2, "-o", work / "q"], f"{gpt2}: nothing to quantize: GPT-2 Conv1D weights",
+            "keep this model dense", inputs=[gpt2], out=work / "q")
+    refused(["quantize", work / "src", "-o", work / "q", "--exclude", "*"],
+            "nothing to quantize: --exclude '*' leaves no linear weight", inputs=[work / "src"], out=work / "q")
+
+
+@pytest.mark.parametrize("flag,glob", [("--exclude", "model.layer.*"), ("--include", "lm_head_typo")])
+def test_a_glob_that_matches_nothing_is_an_error(work, flag, glob):
+    refused(["quantize", work / "src", "-o", work / "q", flag, glob],
+            f"{flag} '{glob}' matches no tensor or module name", inputs=[work / "src"], out=work / "q")
+
+
+def test_including_what_no_consumer_loads_packed_is_refused(work, gpt2):
+    refused(["quantize", work / "src", "-o", work / "q", "--include", "model.embed_tokens"],
+            "model.embed_tokens.weight: matched by --include 'model.embed_tokens', but it is an embedding",
+            "load only nn.Linear weights packed", inputs=[work / "src"], out=work / "q")
+    refused(["quantize", gpt2, "-o", work / "q", "--include", "*.mlp.c_fc"],
+            "but it is a GPT-2 Conv1D weight, not an nn.Linear one", inputs=[gpt2], out=work / "q")
+
+
+def test_inspect_gates_every_tensor_that_differs(work):
+    r = qtool("merge-lora", work / "src", work / "lora", "-o", work / "merged", "-q")
+    assert r.returncode == 0, r.stderr
+    line = refused(["inspect", work / "merged", "--against", work / "src", "--max-rel-error", "1e-6"],
+                   "quality gate failed", code=3, inputs=[work / "merged", work / "src"])
+    assert "over max rel_error 1e-06" in line
+    r = qtool("inspect", work / "merged", "--against", work / "src", "--max-rel-error", "10", "--json")
+    report = json.loads(r.stdout)
+    assert r.returncode == 0 and report["gate"]["passed"] and report["quantization"] is None
+
+
+@pytest.mark.parametrize("args,part", [
+    (["quantize", "SRC", "-o", "OUT", "--max-rel-error", "-0.1"], "'--max-rel-error': must be at least 0, not -0.1"),
+    (["quantize", "SRC", "-o", "OUT", "--max-rel-error", "nan"], "'--max-rel-error': must be a number, not nan"),
+    (["inspect", "SRC", "--against", "SRC", "--max-rel-error", "nan"], "'--max-rel-error': must be a number, not nan"),
+    (["merge-lora", "SRC", "LORA", "-o", "OUT", "--weight", "nan"], "'--weight': must be a finite number, not nan"),
+    (["quantize", "SRC", "-o", "OUT", "--device", "tpu"], "'--device': 'tpu' is not a device"),
+    (["calibrate", "SRC", "--calib", "SRC/config.json", "-o", "OUT", "--device", "gpu"], "'gpu' is not a device"),
+    (["quantize", "SRC", "-o", "OUT", "--max-shard-size", "0"], "'0' is not a size of at least 1 byte"),
+])
+def test_usage_errors_say_why(work, args, part):
+    sub = {"SRC": str(work / "src"), "LORA": str(work / "lora"), "OUT": str(work / "out")}
+    args = [sub.get(a, a.replace("SRC", sub["SRC"])) for a in args]
+    line = refused(args, part, code=2, inputs=[work / "src", work / "lora"], out=work / "out")
+    assert line.endswith("--help')")

@@ -108,3 +108,51 @@ def test_lora_training_estimate_matches_the_live_model_accounting(tiny_llama):
     live = lora_training_memory(AutoModelForCausalLM.from_pretrained(tiny_llama), rank=8)
     assert live["adapter_parameters"] == est["adapter_parameters"] and live["targets"] == est["targets"]
     assert "LoRA fine-tune, rank 8" in run_cli("inspect", tiny_llama, "--lora-rank", "8").stdout
+
+
+def test_json_honours_top(tiny_llama, tmp_path):
+    """--top N sets the JSON's lists too (it was ignored there): `largest` names the N largest tensors by bytes and,
+    against a reference, summary.worst the N worst by rel_error."""
+    tensors, *_ = _expected(tiny_llama)
+    itemsize = {"BF16": 2, "F32": 4, "F16": 2}
+    by_bytes = sorted(tensors, key=lambda k: (-math.prod(tensors[k][0]) * itemsize[tensors[k][1]], k))
+    for top in (0, 3, 7):
+        rep = json.loads(run_cli("inspect", tiny_llama, "--json", "--top", str(top)).stdout)
+        assert rep["largest"] == by_bytes[:top] and rep["kind"] == "inspect"
+    assert run_cli("quantize", tiny_llama, "-o", tmp_path / "q", "--method", "rtn", "--group-size", "32",
+                   "--quiet").exit_code == 0
+    rep = json.loads(run_cli("inspect", tmp_path / "q", "--against", tiny_llama, "--json", "--top", "3").stdout)
+    quantized = sorted((l for l in rep["layers"] if l["quantized"]), key=lambda l: -l["error"]["rel_error"])
+    assert rep["summary"]["worst"] == [l["name"] for l in quantized[:3]] and len(rep["largest"]) == 3
+
+
+def test_timing_written_once_rounded(tiny_llama, tmp_path):
+    """Every job's timing comes from one builder, rounded to the millisecond (inspect --against and merge-lora
+    wrote it unrounded)."""
+    import qtool
+    from qtool.report.schema import timing_part
+    assert run_cli("quantize", tiny_llama, "-o", tmp_path / "q", "--group-size", "32", "--quiet").exit_code == 0
+    reports = [qtool.inspect(str(tmp_path / "q"), against=str(tiny_llama)),
+               qtool.quantize(str(tiny_llama), str(tmp_path / "q2"), qtool.QuantSpec(group_size=32)),
+               qtool.dequantize(str(tmp_path / "q"), str(tmp_path / "d"))]
+    for rep in reports:
+        t = rep["timing"]
+        assert set(t) == {"seconds", "input_gb_per_s"} and t["seconds"] == round(t["seconds"], 3) > 0
+        assert t["input_gb_per_s"] == round(t["input_gb_per_s"], 3)
+    assert timing_part(0.0, 10**9)["input_gb_per_s"] == round(timing_part(0.0, 10**9)["input_gb_per_s"], 3)
+
+
+def test_the_training_estimate_is_one_builder(tiny_llama):
+    """inspect --lora-rank and qtool.nn.lora_training_memory fill the same part (it was written twice): the same
+    fields, the same arithmetic on the same layers."""
+    from transformers import AutoModelForCausalLM
+    from qtool.nn.accounting import lora_training_memory
+    from qtool.report.lora import training_part
+    est = json.loads(run_cli("inspect", tiny_llama, "--json", "--lora-rank", "4").stdout)["lora_training"]
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    live = lora_training_memory(model, rank=4)
+    assert list(est) == list(live) == list(training_part(4, [], 0))
+    shapes = [(128, 128), (64, 128), (64, 128), (128, 128), (256, 128), (256, 128), (128, 256)] * 2
+    config = json.loads((tiny_llama / "config.json").read_text())
+    assert est == training_part(4, shapes, est["base_bytes"], config)
+    assert live == training_part(4, shapes, live["base_bytes"], model.config.to_dict())

@@ -133,3 +133,23 @@ def test_weight_count_and_existing_output(setup, tmp_path):
     out.mkdir()
     with pytest.raises(QtoolError, match="already exists"):
         merge_lora(str(base), [str(a1)], str(out))
+
+
+def test_reports_give_the_scaling_each_module_merged_with(setup, tmp_path):
+    """merge-lora reports lora.scaling (they lacked it), and with rank/alpha patterns it is the per-module scaling
+    PEFT uses (the report's own copy of the formula ignored the patterns); inspect of the adapter says the same."""
+    from qtool.jobs.inspect import inspect
+    from .conftest import run_cli
+    _, base, a1, a2, _ = setup
+    report = merge_lora(str(base), [str(a1), str(a2)], str(tmp_path / "out"), weights=[1.0, 1.0])
+    # a1: r=4 alpha=8, v_proj pattern r=2 alpha=3; a2: rsLoRA r=8 alpha=4, no pattern
+    want_a1 = {f"model.layers.{i}.self_attn.{p}": (3 / 2 if p == "v_proj" else 8 / 4) for i in (0, 1)
+               for p in ("q_proj", "v_proj")}
+    assert report["lora"]["scaling"] == [want_a1, 4 / math.sqrt(8)]
+    assert [a["scaling"] for a in report["lora"]["adapters"]] == [want_a1, 4 / math.sqrt(8)]
+    assert inspect(str(a1))["lora"]["scaling"] == want_a1
+    assert inspect(str(a2))["lora"]["scaling"] == 4 / math.sqrt(8)
+    single = merge_lora(str(base), [str(a2)], str(tmp_path / "one"))
+    assert single["lora"]["scaling"] == 4 / math.sqrt(8)
+    r = run_cli("merge-lora", base, a1, "-o", tmp_path / "cli")
+    assert r.exit_code == 0 and "scaling 1.5–2 by module" in r.stdout and "scaling -" not in r.stdout

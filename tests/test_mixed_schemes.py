@@ -38,12 +38,23 @@ def _mixed(tmp_path):
 def test_each_module_reads_with_its_own_group(tmp_path):
     out, sd, specs = _mixed(tmp_path)
     assert len(set(specs.values())) == 2
-    r = run_cli("dequantize", out, "-o", tmp_path / "dense", "--quiet")
+    r = run_cli("dequantize", out, "-o", tmp_path / "dense")
     assert r.exit_code == 0, r.stderr
+    assert "largest 10 of" in r.stdout and "worst" not in r.stdout  # render dispatches on the report's kind
     dense = load_file(tmp_path / "dense" / "model.safetensors")
     for module, spec in specs.items():
         want = quantize_weight(sd[f"{module}.weight"], spec).dequantize()
         assert torch.equal(dense[f"{module}.weight"], want), module
+    # the dense view reads like a checkpoint of the dequantized model (what a layer walk of a quantized model uses)
+    from qtool.checkpoint import open_checkpoint
+    from qtool.formats.dense import DenseView
+    view = DenseView(open_checkpoint(out))
+    assert list(view.tensors) == sorted(dense)
+    for n, t in dense.items():
+        info = view.tensors[n]
+        assert (tuple(info.shape), info.dtype, info.nbytes) == (tuple(t.shape), t.dtype, t.numel() * t.element_size())
+        assert torch.equal(view.get(n), t), n
+    assert "schemes differ by module" in run_cli("inspect", out).stdout
     rep = json.loads(run_cli("inspect", out, "--json").stdout)
     dtypes = {row["name"]: row["dtype"] for row in rep["layers"]}
     assert all(dtypes[f"{m}.weight"] == ("int8" if "down_proj" in m else "int4") for m in specs)

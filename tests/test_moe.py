@@ -103,6 +103,12 @@ def test_moe_calib_all_takes_every_token_for_every_expert(tmp_path):
     for m, e in experts.items():  # the report still gives each expert's routed token count
         layer, idx = int(m.split(".")[2]), int(m.split(".experts.")[1].split(".")[0])
         assert e["tokens"] == int(routed[f"model.layers.{layer}.mlp.experts"][idx])
+    # quantizing with the file: each expert weight's report row says what the file says of it
+    r = run_cli("quantize", tmp_path / "m", "-o", tmp_path / "q", "--method", "mse", "--group-size", "32",
+                "--calib", tmp_path / "s.safetensors", "--report", tmp_path / "r.json", "--quiet")
+    assert r.exit_code == 0, r.stderr
+    rows = {l["name"]: l for l in json.loads((tmp_path / "r.json").read_text())["layers"]}
+    assert {n[: -len(".weight")]: l["expert"] for n, l in rows.items() if "expert" in l} == experts
 
 
 def test_threshold_sends_thin_experts_to_all_tokens(tmp_path):
@@ -147,6 +153,15 @@ def test_bad_moe_options(tmp_path):
     assert r.exit_code == 2 and "'some' is not one of 'routed', 'all'" in r.stderr
     r = run_cli("calibrate", tmp_path / "m", "--calib", "x", "-o", tmp_path / "s", "--moe-min-tokens", "0")
     assert r.exit_code == 2
+    # the Python API refuses the same values before any work, in its own terms
+    from qtool.errors import ArgumentError
+    from qtool.jobs.calibrate import calibrate
+    from qtool.jobs.quantize import quantize
+    with pytest.raises(ArgumentError, match=r"moe_calib: 'some' is not one of 'routed', 'all'"):
+        quantize(tmp_path / "m", tmp_path / "q", calib="x", moe_calib="some")
+    with pytest.raises(ArgumentError, match=r"moe_min_tokens: must be an integer of at least 1, not 0"):
+        calibrate(tmp_path / "m", "x", tmp_path / "s", moe_min_tokens=0)
+    assert not (tmp_path / "q").exists() and not (tmp_path / "s").exists()
 
 
 def test_transformers_cannot_load_asymmetric_experts(tmp_path):

@@ -194,8 +194,11 @@ def test_tied_embeddings_reload_tied(tmp_path):
     cfg = dict(llama_config(), tie_word_embeddings=True)
     src = write_folder(tmp_path / "tied", sd, cfg)
     r = run_cli("quantize", src, "-o", tmp_path / "q", "--quiet", "--include", "lm_head")
-    assert r.exit_code == 0  # nothing named lm_head in a tied checkpoint: the include matches nothing
+    assert r.exit_code == 1 and "--include 'lm_head' matches no tensor" in r.stderr and "lm_head is tied" in r.stderr
+    r = run_cli("quantize", src, "-o", tmp_path / "q", "--quiet")
+    assert r.exit_code == 0, r.stderr
     out_cfg = json.loads((tmp_path / "q" / "config.json").read_text())
+    assert "lm_head" in out_cfg["quantization_config"]["ignore"]  # compressed-tensors must leave the tied head alone
     assert out_cfg["tie_word_embeddings"] is True
     m = AutoModelForCausalLM.from_pretrained(tmp_path / "q", quantization_config=CompressedTensorsConfig(dequantize=True))
     assert m.lm_head.weight.data_ptr() == m.model.embed_tokens.weight.data_ptr()
@@ -281,6 +284,24 @@ def test_inspect_recognises_quantized_output(model_dir, tmp_path):
     assert "vLLM will not serve it" in text
 
 
+@pytest.mark.parametrize("group,servable", [(16, False), (32, True), (64, True), (128, True), (-1, True), (0, False)])
+def test_vllm_servable_is_what_vllms_weight_only_kernels_take(model_dir, tmp_path, group, servable):
+    r = _quantize(model_dir, tmp_path / "q", "--group-size", str(group), "--method", "rtn", "--json")
+    assert json.loads(r.stdout)["quantization"]["vllm_servable"] is servable
+    assert ("vLLM will not serve it" in run_cli("inspect", tmp_path / "q").stdout) is not servable
+
+
 def test_dequantize_refuses_a_dense_checkpoint(model_dir, tmp_path):
     r = run_cli("dequantize", model_dir, "-o", tmp_path / "d")
     assert r.exit_code == 1 and "is not a compressed-tensors quantized checkpoint" in r.stderr
+
+
+def test_api_int8_defaults_to_per_channel_like_the_cli(model_dir, tmp_path):
+    """QuantSpec(bits=8) through the Python API writes the same bytes as `--bits 8` (the API used to get group 128)."""
+    from qtool.jobs.quantize import quantize
+    from qtool.quant.spec import QuantSpec
+    _quantize(model_dir, tmp_path / "cli", "--bits", "8", "--method", "rtn")
+    rep = quantize(str(model_dir), str(tmp_path / "api"), QuantSpec(bits=8, method="rtn"))
+    assert rep["quantization"]["group_size"] == -1 and rep["kind"] == "quantize"
+    for f in ("model.safetensors", "config.json"):
+        assert (tmp_path / "cli" / f).read_bytes() == (tmp_path / "api" / f).read_bytes(), f

@@ -3,13 +3,15 @@
 quantize_layerwise walks the model block by block (see `.walk`): for each block it loads the weights, runs every
 sample with hooks accumulating per-channel statistics and XᵀX on the device, quantizes the block's planned
 linears (gptq with their Hessian, mse with their mean squared input, rtn min-max), loads the dequantized weights
-back and runs the samples again, so the next block sees the inputs the quantized model will give it.
+back and runs the samples again, so the next block sees the inputs the quantized model will give it. It is a
+generator: the quantize job writes each weight it yields while the walk goes on (no callback into the writer).
 Peak memory: one block, its Hessians, and the activations of all samples.
 """
 from __future__ import annotations
 
 import time
-from pathlib import Path
+from dataclasses import dataclass
+from typing import Generator, Iterator
 
 import torch
 
@@ -17,13 +19,12 @@ from ..arch import module_of
 from ..errors import QtoolError
 from ..progress import NullProgress
 from ..quant.gptq import output_error
-from ..quant.spec import QuantSpec
-from ..quant.weight import quantize_weight
+from ..quant.weight import QuantizedWeight, quantize_weight
+from ..report.schema import ExpertRow, ExpertSource
 from ..runtime import exact_matmul, resolve_device
-from .data import is_stats_file, load_calibration
+from .data import load_calibration
 from .model import build_architecture
 from .moe import MoeCalib
-from .stats import expert_sources, load_stats
 
 
 def layer_order(ckpt) -> list[str]:
@@ -44,14 +45,15 @@ def _samples(ckpt, calib, samples: int, seq_len: int) -> list[torch.Tensor]:
     return load_calibration(calib, ckpt.root if ckpt.is_folder else None, samples=samples, seq_len=seq_len)
 
 
-def _experts_summary(experts: dict[str, dict]) -> list[dict]:
+def _experts_summary(experts: dict[str, ExpertSource]) -> list[ExpertRow]:
     """One row per expert weight: its module, expert index, routed tokens and where its statistics came from."""
-    return [{"module": module_of(n), **info} for n, info in sorted(experts.items())]
+    return [ExpertRow(module=module_of(n), **info) for n, info in sorted(experts.items())]
 
 
 def collect_stats(ckpt, calib, *, samples: int = 128, seq_len: int = 512, device="auto", progress=None,
                   moe: MoeCalib | None = None) -> tuple[dict, dict]:
-    """Per linear module {"sum_sq", "absmax", "count"} (CPU) of the original model on the calibration data."""
+    """Per linear module {"sum_sq", "absmax", "count"} (CPU) of the original model on the calibration data; info
+    has "experts": one row per MoE expert weight ({"module", "expert", "tokens", "stats"})."""
     from .walk import LayerWalk
     progress = progress or NullProgress()
     device = resolve_device(device)
@@ -76,33 +78,89 @@ def collect_stats(ckpt, calib, *, samples: int = 128, seq_len: int = 512, device
     return out, info
 
 
-def _plain(ckpt, plan, spec: QuantSpec, device, importance=None, note: str = ""):
-    """Quantize one weight with no Hessian: mse (weighted when importance exists) for mse/gptq, min-max for rtn."""
-    w = ckpt.get(plan.name)
-    method = "rtn" if spec.method == "rtn" else "mse"
-    imp = None if importance is None else importance.to(device)
-    qw = quantize_weight(w.to(device), spec.with_method(method), importance=imp).cpu()
-    extra = {**qw.info, "calibrated": importance is not None, "output_error_before": None, "output_error_after": None}
-    if note:
-        extra["note"] = note
-    return w, qw.codes(), qw.scale, qw.zero_point, extra
+@dataclass(frozen=True)
+class Calibrated:
+    """One planned weight as the walk quantized it: the weight, and what the report says of it (`extra`: how it was
+    quantized, whether calibration data reached it, its output error on that data for rtn and for its method)."""
+
+    name: str
+    weight: QuantizedWeight
+    extra: dict
 
 
-def _calibrated(ckpt, name, st, spec: QuantSpec, damp: float, device):
-    """(original weight, q, scale, zp, extra, dequantized weight) of one weight with its input statistics."""
-    w_orig = ckpt.get(name)
-    w = w_orig.to(device)
-    h = st.hessian
-    qw = quantize_weight(w, spec, hessian=h, importance=st.importance(), damp=damp, name=name)
-    w_hat = qw.dequantize(torch.float32)
-    if spec.method == "rtn":
-        before = after = output_error(w, w_hat, h)
-    else:
-        before = output_error(w, quantize_weight(w, spec.with_method("rtn")).dequantize(torch.float32), h)
-        after = output_error(w, w_hat, h)
-    extra = {**qw.info, "calibrated": True, "output_error_before": before, "output_error_after": after}
-    qw = qw.cpu()
-    return w_orig, qw.codes(), qw.scale, qw.zero_point, extra, w_hat
+def quantize_layerwise(ckpt, plans, calib, *, samples: int = 128, seq_len: int = 512, damp: float = 0.01,
+                       device="auto", progress=None, moe: MoeCalib | None = None) -> Generator[Calibrated, None, dict]:
+    """Quantize every planned weight (each with its plan's spec) on calibration data, block by block, yielding each
+    as it is done: a block's weights in name order, then the weights outside the walked blocks. An MoE expert
+    weight's `extra["expert"]` says how many tokens the router sent it and where its statistics came from.
+
+    calib: calibration data (text / JSONL / safetensors token ids) or a list of id tensors. moe: how experts get
+    their statistics (`--moe-calib`). The generator's value (StopIteration.value) is {"samples", "tokens",
+    "device", "seconds", "layers", "method", "damp", "calibrated", "uncalibrated", "experts"}.
+    """
+    progress = progress or NullProgress()
+    device = resolve_device(device)
+    t0 = time.perf_counter()
+    todo = _todo(ckpt, plans)
+    methods = ", ".join(sorted({p.spec.method for p in todo.values()}))
+    arch = build_architecture(ckpt)  # a clear error for a model the walk cannot handle, before any data is read
+    from .walk import LayerWalk
+    ids = _samples(ckpt, calib, samples, seq_len)
+    done: list[Calibrated] = []
+    with exact_matmul(device):
+        walk = LayerWalk(ckpt, ids, device, moe, arch)
+        progress.start(f"quantizing ({methods})", len(walk.layers))
+        for block in walk.blocks():
+            for item in _block(ckpt, walk, block, todo, damp, device):
+                done.append(item)
+                yield item
+            progress.advance(1, description=block.path)
+    for name in [n for n in layer_order(ckpt) if n in todo]:
+        done.append(_plain(ckpt, todo.pop(name), device, "outside the walked blocks: no calibration statistics"))
+        yield done[-1]
+    return {"samples": len(ids), "tokens": walk.tokens, "device": str(device), "seconds": time.perf_counter() - t0,
+            "layers": len(walk.layers), "method": methods, "damp": damp,
+            "calibrated": sum(1 for c in done if c.extra["calibrated"]),
+            "uncalibrated": [c.name for c in done if not c.extra["calibrated"]],
+            "experts": _experts_summary({c.name: c.extra["expert"] for c in done if "expert" in c.extra})}
+
+
+def _todo(ckpt, plans) -> dict:
+    todo = {p.name: p for p in plans if p.quantize}
+    if not todo:
+        conv1d = any("Conv1D" in p.reason for p in plans)
+        raise QtoolError(ckpt.path, "nothing to quantize: no tensor is planned for quantization" +
+                         (" (GPT-2 Conv1D weights are not quantized by default; --include them to quantize "
+                          "them without calibration)" if conv1d else ""))
+    return todo
+
+
+def _block(ckpt, walk, block, todo: dict, damp: float, device) -> Iterator[Calibrated]:
+    """The planned weights of one block: statistics of every sample's inputs to its nn.Linear modules and MoE
+    experts, each weight quantized with them, the dequantized weights loaded back, then the samples run again for
+    the next block's inputs (a block with nothing to calibrate runs once)."""
+    from .walk import calibratable
+    targets = walk.targets(block)
+    block_todo = sorted(n for n in block.tensors if n in todo)
+    usable = calibratable(targets)
+    names = [n for n in block_todo if n in usable]
+    # walk.collect is where a data-parallel run (issue 16) reduces the statistics across ranks (LayerWalk.reduce),
+    # before any weight of the block is quantized; a per-block transform (AWQ, issue 15) would rescale here.
+    got = walk.collect(block, names, hessian=True) if names else None
+    w_hats = {}
+    for name in block_todo:
+        if name not in usable:
+            yield _plain(ckpt, todo.pop(name), device, _uncalibrated_note(name, targets))
+            continue
+        item, w_hats[name] = _calibrated(ckpt, todo.pop(name), got.stats.pop(name), damp, device)
+        if name in got.experts:
+            item.extra["expert"] = got.experts[name]
+        yield item
+    del got
+    if w_hats:
+        walk.update(block, w_hats)  # through the checkpoint's conversion: an expert lands in its fused slice
+    del w_hats
+    walk.run(block, keep=True)
 
 
 def _uncalibrated_note(name: str, targets: dict) -> str:
@@ -111,85 +169,25 @@ def _uncalibrated_note(name: str, targets: dict) -> str:
     return "not an nn.Linear or expert weight: quantized without calibration"
 
 
-def quantize_layerwise(ckpt, plans, spec: QuantSpec, calib, *, samples: int = 128, seq_len: int = 512,
-                       damp: float = 0.01, device="auto", emit, progress=None, moe: MoeCalib | None = None) -> dict:
-    """Quantize every planned weight with calibration; call emit(name, w, q, scale, zp, extra) for each.
-
-    calib: calibration data (text / JSONL / safetensors token ids, or a list of id tensors) or a statistics file
-    from `qtool calibrate` (then no model runs: mse uses its importance, rtn ignores it, gptq is refused).
-    Returns {"samples", "tokens", "device", "seconds", "layers", "method", "damp", "calibrated", "uncalibrated",
-    "experts"}.
-    """
-    progress = progress or NullProgress()
-    device = resolve_device(device)
-    t0 = time.perf_counter()
-    todo = {p.name: p for p in plans if p.quantize}
-    if not todo:
-        conv1d = any("Conv1D" in p.reason for p in plans)
-        raise QtoolError(ckpt.path, "nothing to quantize: no tensor is planned for quantization" +
-                         (" (GPT-2 Conv1D weights are not quantized by default; --include them to quantize "
-                          "them without calibration)" if conv1d else ""))
-    if not isinstance(calib, (list, tuple)) and is_stats_file(calib):
-        return _from_stats_file(ckpt, todo, spec, Path(calib), device, emit, progress, t0)
-    arch = build_architecture(ckpt)  # a clear error for a model the walk cannot handle, before any data is read
-    from .walk import LayerWalk, dense_targets
-    ids = _samples(ckpt, calib, samples, seq_len)
-    calibrated, uncalibrated, experts = [], [], {}
-    with exact_matmul(device):
-        walk = LayerWalk(ckpt, ids, device, moe, arch)
-        progress.start(f"quantizing ({spec.method})", len(walk.layers))
-        for block in walk.blocks():
-            targets = walk.targets(block)
-            block_todo = sorted(n for n in block.tensors if n in todo)
-            usable = {**dense_targets(targets), **{n: t for n, t in targets.items() if not isinstance(t, torch.nn.Module)}}
-            names = [n for n in block_todo if n in usable]
-            got = walk.collect(block, names, hessian=True) if names else None
-            w_hats = {}
-            for name in block_todo:
-                if name not in usable:
-                    emit(name, *_plain(ckpt, todo.pop(name), spec, device, note=_uncalibrated_note(name, targets)))
-                    uncalibrated.append(name)
-                    continue
-                *parts, extra, w_hats[name] = _calibrated(ckpt, name, got.stats.pop(name), spec, damp, device)
-                if name in got.experts:
-                    extra["expert"] = got.experts[name]
-                    experts[name] = got.experts[name]
-                emit(name, *parts, extra)
-                calibrated.append(name)
-                todo.pop(name)
-            if w_hats:
-                walk.update(block, w_hats)
-                del got, w_hats
-                walk.run(block, keep=True)
-            progress.advance(1, description=block.path)
-    for name in [n for n in layer_order(ckpt) if n in todo]:
-        emit(name, *_plain(ckpt, todo.pop(name), spec, device, note="outside the walked blocks: no calibration statistics"))
-        uncalibrated.append(name)
-    return {"samples": len(ids), "tokens": walk.tokens, "device": str(device), "seconds": time.perf_counter() - t0,
-            "layers": len(walk.layers), "method": spec.method, "damp": damp, "calibrated": len(calibrated),
-            "uncalibrated": uncalibrated, "experts": _experts_summary(experts)}
+def _calibrated(ckpt, plan, st, damp: float, device) -> tuple[Calibrated, torch.Tensor]:
+    """One weight quantized with its inputs' statistics (gptq: Hessian; mse: mean square), its output error on the
+    calibration data measured for rtn and for the method, and its dequantized value (float32, on the device)."""
+    w = ckpt.get(plan.name).to(device)
+    h = st.hessian
+    qw = quantize_weight(w, plan.spec, hessian=h, importance=st.importance(), damp=damp, name=plan.name)
+    w_hat = qw.dequantize(torch.float32)
+    after = output_error(w, w_hat, h)
+    if plan.spec.method == "rtn":
+        before = after
+    else:
+        before = output_error(w, quantize_weight(w, plan.spec.with_method("rtn")).dequantize(torch.float32), h)
+    extra = {**qw.info, "calibrated": True, "output_error_before": before, "output_error_after": after}
+    return Calibrated(plan.name, qw.cpu(), extra), w_hat
 
 
-def _from_stats_file(ckpt, todo: dict, spec: QuantSpec, path: Path, device, emit, progress, t0) -> dict:
-    if spec.method == "gptq":
-        raise QtoolError(path, "gptq needs calibration data (text, JSONL or token ids), not a statistics file")
-    imp, sources = load_stats(path), expert_sources(path)
-    progress.start(f"quantizing ({spec.method}, statistics file)", len(todo))
-    calibrated, uncalibrated = [], []
-    order = [n for n in layer_order(ckpt) if n in todo]
-    for name in order:
-        module = module_of(name)
-        importance = imp.get(module) if spec.method == "mse" else None
-        if importance is not None and importance.shape[0] != ckpt.tensors[name].shape[1]:
-            raise QtoolError(path, f"statistics for {module!r} cover {importance.shape[0]} inputs, the weight has "
-                                   f"{ckpt.tensors[name].shape[1]}: the file belongs to another model")
-        note = "" if importance is not None or spec.method != "mse" else "no statistics for this module in the file"
-        *parts, extra = _plain(ckpt, todo[name], spec, device, importance, note)
-        if module in sources:
-            extra["expert"] = sources[module]
-        emit(name, *parts, extra)
-        (calibrated if importance is not None else uncalibrated).append(name)
-        progress.advance(1, description=module)
-    return {"samples": None, "tokens": None, "device": str(device), "seconds": time.perf_counter() - t0,
-            "layers": 0, "method": spec.method, "damp": None, "calibrated": len(calibrated),
-            "uncalibrated": uncalibrated, "stats_file": str(path)}
+def _plain(ckpt, plan, device, note: str) -> Calibrated:
+    """A planned weight no calibration data reached: mse (unweighted) for mse/gptq, min-max for rtn."""
+    method = "rtn" if plan.spec.method == "rtn" else "mse"
+    qw = quantize_weight(ckpt.get(plan.name).to(device), plan.spec.with_method(method))
+    extra = {**qw.info, "calibrated": False, "output_error_before": None, "output_error_after": None, "note": note}
+    return Calibrated(plan.name, qw.cpu(), extra)

@@ -20,10 +20,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..errors import QtoolError
 from .collect import InputStats
 
-MODES = ("routed", "all")
 # An expert's XᵀX from fewer tokens than this is too thin to steer GPTQ or an importance-weighted search; such an
 # expert takes the statistics of all calibration tokens instead (as llm-compressor's all-experts calibration does).
 DEFAULT_MIN_TOKENS = 32
@@ -36,10 +34,8 @@ class MoeCalib:
 
     @classmethod
     def of(cls, mode: str = "routed", min_tokens: int | None = None) -> "MoeCalib":
-        if mode not in MODES:
-            raise QtoolError("--moe-calib", f"{mode!r} is not one of {', '.join(MODES)}")
-        if min_tokens is not None and min_tokens < 1:
-            raise QtoolError("--moe-min-tokens", f"must be at least 1, not {min_tokens}")
+        """From the jobs' arguments (`moe_calib`, `moe_min_tokens`: checked by qtool.jobs.arguments), None for the
+        default threshold."""
         return cls(mode, DEFAULT_MIN_TOKENS if min_tokens is None else min_tokens)
 
 

@@ -23,6 +23,7 @@ from torch import nn
 
 from ..arch import is_conv1d_module
 from ..errors import QtoolError
+from ..report.schema import ExpertSource
 from ..runtime import release_host_memory
 from .collect import InputGroup, LinearTaps
 from .layout import Entry
@@ -84,7 +85,7 @@ class Block:
 @dataclass
 class Collected:
     stats: dict                  # checkpoint weight name → InputStats (shared objects where inputs are shared)
-    experts: dict                # expert weight name → {"expert", "tokens" (routed), "stats": "routed" | "all"}
+    experts: dict[str, ExpertSource]  # expert weight name → its index, routed tokens and statistics source
     groups: list[InputGroup]     # dense linears reading one tensor, and the module that produced it
 
 
@@ -254,7 +255,7 @@ class LayerWalk:
             with ExpertTaps(fused, starved, self.device, hessian, "all") as fb:
                 self.run(block, False, hiddens=before)
             stats.update(fb.stats)
-        info = {n: {"expert": r.index, "tokens": routed[n], "stats": "all" if (mode == "all" or n in starved) else "routed"}
+        info = {n: ExpertSource(expert=r.index, tokens=routed[n], stats="all" if mode == "all" or n in starved else "routed")
                 for n, r in experts.items()}
         self.reduce(stats=list({id(s): s for s in stats.values()}.values()))
         return Collected(stats, info, lt.groups)
@@ -332,6 +333,7 @@ class Tail:
         return seen[0]
 
 
-def dense_targets(targets: dict) -> dict[str, nn.Module]:
-    """The nn.Linear weights among a block's targets (GPT-2 Conv1D left out)."""
-    return {n: t for n, t in targets.items() if isinstance(t, nn.Module) and not is_conv1d_module(t)}
+def calibratable(targets: dict) -> dict:
+    """The targets whose statistics can calibrate their weight: nn.Linear weights and MoE expert weights (GPT-2's
+    Conv1D left out: stored [in, out], quantized without calibration)."""
+    return {n: t for n, t in targets.items() if not (isinstance(t, nn.Module) and is_conv1d_module(t))}

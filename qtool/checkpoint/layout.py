@@ -88,10 +88,16 @@ def _pipeline_folders(folder: Path) -> list[str]:
                    and not (folder / p).is_symlink()})
 
 
+ADAPTER_CONFIG = "adapter_config.json"  # a PEFT adapter folder's config, beside adapter_model weights
+
+
 def foreign_entry(folder: Path) -> str | None:
     """The first entry (sorted, as a path relative to `folder`) that a checkpoint folder does not hold, or None:
-    weights, indexes, side files; in subfolders, weight shards (an index may place them there)."""
+    weights, indexes, side files; in subfolders, weight shards (an index may place them there). A PEFT adapter
+    folder (qtool.save_adapter's output) is a checkpoint folder too: its adapter_config.json belongs to it."""
     allowed = {p.relative_to(folder).as_posix() for p in side_files(folder)}
+    if any(e.name.startswith("adapter_model.") and is_weight_file(e.name) for e in os.scandir(folder)):
+        allowed.add(ADAPTER_CONFIG)
     for dirpath, dirnames, filenames in os.walk(folder):
         rel = Path(dirpath).relative_to(folder)
         top = rel == Path(".")

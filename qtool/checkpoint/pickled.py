@@ -8,6 +8,7 @@ naming it; the message never suggests loading it less safely.
 from __future__ import annotations
 
 import pickle
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Iterator
@@ -35,7 +36,9 @@ class PickledFile:
         if not is_zip and not head.startswith(bytes([_PICKLE_PROTO])):
             raise QtoolError(self.path, "not a PyTorch checkpoint: neither torch's zip archive nor a pickle")
         try:
-            obj = torch.load(self.path, map_location="cpu", weights_only=True, mmap=is_zip)
+            with warnings.catch_warnings():  # torch warns about pickle protocols on stderr: the error says enough
+                warnings.simplefilter("ignore")
+                obj = torch.load(self.path, map_location="cpu", weights_only=True, mmap=is_zip)
         except pickle.UnpicklingError as e:
             raise QtoolError(self.path, f"refusing to load: not a plain tensor checkpoint ({_refusal(e)})") from None
         except Exception as e:  # torch.load's errors for a damaged file vary (RuntimeError, KeyError, EOFError...)

@@ -122,10 +122,10 @@ class CheckpointWriter:
         return self
 
     def plan(self, specs: Iterable, shards: dict[str, str] | None = None, max_shard_bytes: int | None = None,
-             index: bool | None = None) -> None:
+             index: bool | None = None) -> list[str]:
         """Fix every output tensor and its place: data in the order given (headers list names sorted). `shards`
         maps names to shard files (to mirror a source's layout); otherwise the sequence is cut into shards of at
-        most `max_shard_bytes`. Each shard file is created with its header."""
+        most `max_shard_bytes`. Each shard file is created with its header. Returns the shard files' names."""
         planned = [_Planned(s[0], tuple(int(d) for d in s[1]), s[2]) for s in specs]
         if len({p.name for p in planned}) != len(planned):
             raise ValueError("duplicate tensor names in the plan")
@@ -168,6 +168,7 @@ class CheckpointWriter:
             }
         self._thread = threading.Thread(target=self._drain, name="qtool-writer", daemon=True)
         self._thread.start()
+        return list(by_shard)
 
     # -- writing ------------------------------------------------------------------------------------------
     def write(self, name: str, tensor: torch.Tensor) -> None:

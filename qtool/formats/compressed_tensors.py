@@ -32,6 +32,9 @@ QUANT_METHOD = "compressed-tensors"
 CT_VERSION = "0.20.1"  # the compressed-tensors release whose layout and config block qtool matches
 PROVIDER = "qtool"
 TARGETS = ["Linear"]
+# What vLLM's weight-only path (CompressedTensorsWNA16, Marlin/Machete kernels) serves: groups of 32, 64 or 128
+# columns, or one scale per output channel (-1); per-tensor scales and other group sizes (16, 256...) it does not.
+VLLM_GROUP_SIZES = (32, 64, 128, -1)
 PACKED, SCALE, SHAPE, ZERO_POINT = "weight_packed", "weight_scale", "weight_shape", "weight_zero_point"
 PARTS = (PACKED, SCALE, SHAPE, ZERO_POINT)
 # strategies whose zero points CT packs along dim 0 (PACK_ZP_STRATS)
@@ -198,15 +201,17 @@ class Scheme:
         """The scheme qtool writes: one group targeting Linear for one spec. For a mapping module → spec with several
         specs, every spec but the most common gets a group naming its modules, and the most common one's group,
         last, targets Linear: compressed-tensors' model path prefers an exact name to a class target, and its
-        model-free dequantizer takes the groups in order, with Linear matching whatever is left."""
+        model-free dequantizer takes the groups in order, with Linear matching whatever is left. The specs' method is
+        recorded when they share one."""
         if isinstance(specs, QuantSpec):
-            return cls((ConfigGroup("group_0", specs, tuple(TARGETS)),), tuple(sorted(ignore)))
+            return cls((ConfigGroup("group_0", specs, tuple(TARGETS)),), tuple(sorted(ignore)), method=specs.method)
+        methods = {s.method for s in specs.values()}
         counts = Counter(specs.values())
         order = sorted(counts, key=lambda s: (-counts[s], min(m for m, x in specs.items() if x == s)))
         groups = [ConfigGroup(f"group_{i}", spec, tuple(sorted(m for m, x in specs.items() if x == spec)))
                   for i, spec in enumerate(order[1:])]
         groups.append(ConfigGroup(f"group_{len(groups)}", order[0], tuple(TARGETS)))
-        return cls(tuple(groups), tuple(sorted(ignore)))
+        return cls(tuple(groups), tuple(sorted(ignore)), method=methods.pop() if len(methods) == 1 else None)
 
     @property
     def uniform(self) -> QuantSpec | None:
@@ -244,6 +249,10 @@ class Scheme:
             "kv_cache_scheme": None,
             "moe_sparsity_config": None,
             "provider": PROVIDER,
+            # The method that wrote the weights (merge-lora requantizes with it): compressed-tensors'
+            # QuantizationConfig (extra="ignore"), transformers' CompressedTensorsConfig (**kwargs into it) and vLLM
+            # (reads keys by name) all accept the extra key.
+            **({"qtool": {"method": self.method}} if self.method else {}),
             "quant_method": QUANT_METHOD,
             "quantization_status": "compressed",
             "sparsity_config": {},

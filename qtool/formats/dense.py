@@ -9,6 +9,7 @@ import torch
 from ..arch import FLOAT_DTYPES
 from ..checkpoint import Checkpoint, TensorInfo
 from ..errors import QtoolError
+from ..quant.spec import QuantSpec
 from . import compressed_tensors as ct
 
 DENSE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}  # --dtype choices
@@ -23,6 +24,14 @@ def dense_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     return DENSE_DTYPES[dtype]
 
 
+def with_dtype(config: dict, dtype: torch.dtype | None) -> dict:
+    """config.json with the dtype fields it has (torch_dtype, dtype) naming `dtype` (unchanged for None)."""
+    if dtype is None:
+        return dict(config)
+    name = str(dtype).removeprefix("torch.")
+    return {k: (name if k in ("torch_dtype", "dtype") else v) for k, v in config.items()}
+
+
 class DenseView:
     """A checkpoint seen dense: a packed compressed-tensors module appears as its dequantized `<module>.weight`
     (in its scale's dtype, as transformers' `dequantize=True` gives it), every other tensor as stored. It reads like a
@@ -34,7 +43,8 @@ class DenseView:
         self.scheme = ct.detect(ckpt.config, ckpt.root / "config.json")
         modules = ct.packed_modules(ckpt.tensors) if self.scheme is not None else {}
         self.packed: dict[str, str] = {f"{m}.weight": m for m in modules}  # logical weight name → module
-        hidden = {f"{m}.{p}" for m, parts in modules.items() for p in parts}
+        self.stored: dict[str, list[str]] = {m: [f"{m}.{p}" for p in parts] for m, parts in modules.items()}
+        hidden = {n for names in self.stored.values() for n in names}
         self.names = sorted([n for n in ckpt.tensors if n not in hidden] + list(self.packed))
         self._tensors: dict[str, TensorInfo] | None = None
 
@@ -61,11 +71,16 @@ class DenseView:
     def module(self, name: str) -> ct.PackedModule:
         """The packed module behind logical weight `name`, its parts checked against its config group's scheme."""
         module = self.packed[name]
+        parts = {n.rpartition(".")[2]: self.ckpt.get(n) for n in self.stored[module]}
+        return ct.PackedModule.from_parts(parts, self.spec(name), name=module)
+
+    def spec(self, name: str) -> QuantSpec:
+        """The scheme of packed weight `name` (its config group's)."""
+        module = self.packed[name]
         spec = self.scheme.spec_for(module)
         if spec is None:
             raise QtoolError(module, "stores packed weights but no config group of quantization_config targets it")
-        parts = {p: self.ckpt.get(f"{module}.{p}") for p in ct.PARTS if f"{module}.{p}" in self.ckpt.tensors}
-        return ct.PackedModule.from_parts(parts, spec, name=module)
+        return spec
 
     def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         if name in self.packed:
@@ -83,5 +98,8 @@ class DenseView:
     def dtype(self, name: str) -> torch.dtype:
         """Dense dtype: a packed weight decompresses to its scale's dtype."""
         if name in self.packed:
-            return self.ckpt.tensors[f"{self.packed[name]}.{ct.SCALE}"].dtype
+            scale = self.ckpt.tensors.get(f"{self.packed[name]}.{ct.SCALE}")
+            if scale is None:
+                raise QtoolError(self.packed[name], f"stores {ct.PACKED} but no {ct.SCALE}: the checkpoint is incomplete")
+            return scale.dtype
         return self.ckpt.tensors[name].dtype

@@ -7,13 +7,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .. import runtime
 from ..calib.layerwise import collect_stats
 from ..calib.moe import MoeCalib
 from ..calib.stats import save_stats
 from ..checkpoint import open_checkpoint
 from ..checkpoint.outputs import STATS, guarded
+from .arguments import checked
 
 
+@checked
 @guarded(inputs=("source", "calib"), outputs={"out": STATS})
 def calibrate(source, calib, out, calib_samples: int = 128, seq_len: int = 512, device: str = "auto",
               moe_calib: str = "routed", moe_min_tokens: int | None = None, overwrite: bool = False,
@@ -23,8 +26,9 @@ def calibrate(source, calib, out, calib_samples: int = 128, seq_len: int = 512, 
     {"module", "expert", "tokens" (routed to it), "stats" ("routed" or "all": where its statistics came from)}."""
     out = Path(out)
     ckpt = open_checkpoint(source, revision)
-    stats, info = collect_stats(ckpt, calib, samples=calib_samples, seq_len=seq_len, device=device, progress=progress,
-                                moe=MoeCalib.of(moe_calib, moe_min_tokens))
+    with runtime.session(device, parallel=False) as rt:
+        stats, info = collect_stats(ckpt, calib, samples=calib_samples, seq_len=seq_len, device=rt.device,
+                                    progress=progress, moe=MoeCalib.of(moe_calib, moe_min_tokens))
     meta = {"samples": info["samples"], "tokens": info["tokens"], "seq_len": seq_len, "source": str(source)}
     if info["experts"]:
         meta["experts"] = json.dumps({r["module"]: {"expert": r["expert"], "tokens": r["tokens"], "stats": r["stats"]}

@@ -1,7 +1,6 @@
-"""Small pieces every pipeline shares: prefetching reads, copying a source's side files, timing."""
+"""Small pieces every pipeline shares: prefetching reads, work on worker threads in order, copying side files."""
 from __future__ import annotations
 
-import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable, Iterator
@@ -56,18 +55,18 @@ def ordered_map(fn: Callable, items: Iterable[tuple], workers: int) -> Iterator:
             yield pending.popleft().result()
 
 
-def copy_side_files(ckpt: Checkpoint, writer: CheckpointWriter, skip: Iterable[str] = ("config.json",)) -> list[str]:
-    """Copy the source's side files (checkpoint.layout) except those rewritten; returns every side file carried
-    into the output, the rewritten ones included (the report's `copied_files`)."""
-    skip, carried = set(skip), []
+def copy_side_files(ckpt: Checkpoint, writer: CheckpointWriter, replace: dict | None = None) -> list[str]:
+    """Copy the source's side files (checkpoint.layout: config, tokenizer, generation config, ...) beside the output,
+    byte for byte; a file named in `replace` is written as that JSON instead, or, where its value is None, left to
+    the caller, who writes it. Returns every side file carried into the output, the rewritten ones included (the
+    report's `copied_files`)."""
+    replace = replace or {}
+    carried = []
     for p in ckpt.extra_files():
         rel = p.relative_to(ckpt.root).as_posix()
-        if rel not in skip:
+        if rel not in replace:
             writer.copy_file(p, rel)
+        elif replace[rel] is not None:
+            writer.write_json(rel, replace[rel])
         carried.append(rel)
     return carried
-
-
-def timing(start: float, input_bytes: int) -> dict:
-    seconds = time.perf_counter() - start
-    return {"seconds": round(seconds, 3), "input_gb_per_s": round(input_bytes / 1e9 / seconds, 3) if seconds > 0 else None}

@@ -1,169 +1,258 @@
-"""`qtool quantize`: open → plan → quantize each linear weight → pack → write, the report as a by-product.
+"""`qtool quantize`: open → plan → one stream of quantized parts → one write loop → report.
 
-Tensors stream one at a time: a reader thread fetches the next tensor while this one is quantized, and the
-writer's thread puts finished bytes on disk. With calibration data the walk goes layer by layer instead
-(qtool.calib.layerwise), writing each layer's tensors as soon as they are quantized.
+The parts come from one generator either way: without calibration data, tensors stream from the source (a reader
+thread fetches the next ones while workers quantize) in the source's order; with it, the dense tensors come first,
+then the layer walk (qtool.calib.layerwise) yields each weight as its block is done. The write loop hands every part
+to the writer, whose thread puts the bytes on disk, and keeps what the report says of it. The report is built from
+the plan, the parts' results and what was written, without reading the output back.
 """
 from __future__ import annotations
 
+import functools
 import math
 import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Iterator
 
 import torch
 
-from ..checkpoint import CheckpointWriter, open_checkpoint
+from .. import runtime
+from ..checkpoint import CheckpointWriter, TensorInfo, open_checkpoint
 from ..checkpoint.outputs import FOLDER, REPORT, guarded
 from ..errors import QtoolError
 from ..formats import compressed_tensors as ct
-from ..plan import ignore_list, keep_nonfinite, plan_quantization
+from ..plan import TensorPlan, ignore_list, keep_nonfinite, plan_quantization
 from ..progress import NullProgress
-from ..quant.core import dequantize, error_stats, scale_dtype_for
-from ..quant.pack import pack_int32
-from ..quant.weight import QuantizedWeight, quantize_weight
+from ..quant.core import scale_dtype_for
 from ..quant.spec import QuantSpec
-from ..report.errors import gate, summarize
+from ..quant.weight import QuantizedWeight, quantize_weight
+from ..report.errors import gate_part, summary_part
 from ..report.render import write_json
-from ..report.size import describe_scheme, size_report
-from ..runtime import resolve_device, threads_per_worker, workers_for
-from .common import copy_side_files, ordered_map, prefetch, timing
+from ..report.schema import Report, assemble, timing_part
+from ..report.size import Listing, describe_scheme, listing, size_part
+from .common import copy_side_files, ordered_map, prefetch
+from .arguments import checked
 
 
-def _check_finite(name: str, w: torch.Tensor) -> None:
-    if not torch.isfinite(w).all():
-        bad = int((~torch.isfinite(w)).sum())
-        raise QtoolError(name, f"has {bad} NaN/Inf values; fix the source or pass --allow-nonfinite to keep it unquantized")
+@dataclass
+class Part:
+    """What the write loop gets for one source tensor: the tensors to store by output name (a packed module's parts,
+    or the tensor itself), its error against the source and, from the layer walk, what the report adds."""
+
+    name: str
+    tensors: dict[str, torch.Tensor]
+    error: dict | None = None
+    extra: dict = field(default_factory=dict)
+    nbytes: int = 0  # source bytes, for the progress bar
 
 
-def _output_specs(plan: TensorPlan, spec: QuantSpec) -> list[tuple]:
-    if plan.quantize:
-        return [(f"{plan.module}.{local}", shape, dtype)
-                for local, (shape, dtype) in ct.layout(plan.shape, spec, scale_dtype_for(plan.dtype)).items()]
-    return [(plan.name, plan.shape, plan.dtype)]
+@dataclass
+class Calibration:
+    """What --calib brought: per-module importance from a statistics file (feeds mse) with what the file says of
+    each MoE expert module (its report row's `expert`), or data for the layer walk."""
+
+    importance: dict[str, torch.Tensor] = field(default_factory=dict)
+    experts: dict[str, dict] = field(default_factory=dict)
+    data: object = None
+    path: object = None
 
 
+@dataclass(frozen=True)
+class Options:
+    calib_samples: int = 128
+    seq_len: int = 512
+    damp: float = 0.01
+    moe: object = None  # calib.moe.MoeCalib: how MoE experts get their statistics
+
+
+@checked
 @guarded(inputs=("source", "calib"), outputs={"out": FOLDER, "report_path": REPORT})
 def quantize(source, out, spec: QuantSpec | None = None, *, include=(), exclude=(), calib=None, calib_samples=128,
              seq_len=512, damp=0.01, device="auto", moe_calib="routed", moe_min_tokens=None, report_path=None,
              max_rel_error=None, allow_nonfinite=False, max_shard_bytes=None, overwrite=False, revision=None,
-             progress=None) -> dict:
+             progress=None) -> Report:
     """Quantize SOURCE into OUT (compressed-tensors pack-quantized); returns the report (design §7)."""
     start = time.perf_counter()
     spec = spec or QuantSpec()
     progress = progress or NullProgress()
+    ckpt = _open(source, revision)
+    dev = runtime.resolve_device(device)
+    plans = {p.name: p for p in plan_quantization(ckpt.tensors.values(), spec, ckpt.config, include, exclude, source)}
+    calibration = _calibration(calib, spec, source, ckpt, plans)
+    if allow_nonfinite:
+        plans = {p.name: p for p in keep_nonfinite(list(plans.values()), ckpt.get)}
+    order = _order(ckpt, plans, calibration)
+    scheme = _scheme(plans, spec, ckpt)
+    config = {**(ckpt.config or {}), "quantization_config": scheme.to_config()}
+    options = Options(calib_samples, seq_len, damp, _moe(moe_calib, moe_min_tokens)
+                      if calibration.data is not None else None)
+    with runtime.session(dev, parallel=calibration.data is None) as rt, \
+            CheckpointWriter(out, overwrite=overwrite) as writer:
+        outputs = _outputs(plans, order)
+        writer.plan(outputs, max_shard_bytes=max_shard_bytes)
+        parts = _parts(ckpt, plans, order, calibration, rt, options, progress)
+        results = _write(writer, parts, ckpt, progress)
+        writer.write_json("config.json", config)
+        copied = copy_side_files(ckpt, writer, {"config.json": None})
+    written = Listing({n: TensorInfo(n, tuple(s), d, Path(out), math.prod(s) * d.itemsize) for n, s, d in outputs},
+                      config, scheme.describe("safetensors"), replace(scheme, method=spec.method),
+                      {p.module: p.shape for p in plans.values() if p.quantize})
+    report = _report(source, out, ckpt, plans, written, results, max_rel_error, start, copied)
+    if report_path is not None:
+        write_json(report, report_path)
+    return report
+
+
+# -- open and plan ------------------------------------------------------------------------------------------
+
+def _open(source, revision):
     ckpt = open_checkpoint(source, revision)
     if ct.quant_method(ckpt.config):
         raise QtoolError(ckpt.root / "config.json", "is already quantized; run `qtool dequantize` first")
     if ckpt.adapter_config is not None:
         raise QtoolError(source, "is a LoRA adapter; merge it first with `qtool merge-lora`")
-    dev = resolve_device(device)
-    plans = {p.name: p for p in plan_quantization(ckpt.tensors.values(), spec, ckpt.config, include, exclude)}
+    return ckpt
 
-    importance, calib_data = {}, None
-    extras: dict[str, dict] = {}
-    if calib is not None:
-        from ..calib.data import is_stats_file
-        from ..calib.stats import load_stats
-        if is_stats_file(calib):
-            if spec.method != "mse":
-                raise QtoolError(calib, f"a statistics file feeds --method mse only; --method {spec.method} needs calibration data")
-            importance = load_stats(calib, ckpt.tensors, [p.module for p in plans.values() if p.quantize])
-            from ..calib.stats import expert_sources
-            extras.update({f"{m}.weight": {"expert": e} for m, e in expert_sources(calib).items()})
-        elif spec.method == "rtn":
-            raise QtoolError(calib, "--method rtn uses no calibration data; use --method mse or gptq")
-        else:
-            calib_data = calib
-    elif spec.method == "gptq":
-        raise QtoolError(source, "--method gptq needs calibration data: pass --calib DATA")
 
-    errors: dict[str, dict] = {}
+def _calibration(calib, spec: QuantSpec, source, ckpt, plans: dict[str, TensorPlan]) -> Calibration:
+    if calib is None:
+        if spec.method == "gptq":
+            raise QtoolError(source, "--method gptq needs calibration data: pass --calib DATA")
+        return Calibration()
+    from ..calib.data import is_stats_file
+    if is_stats_file(calib):
+        if spec.method != "mse":
+            raise QtoolError(calib, f"a statistics file feeds --method mse only; --method {spec.method} needs calibration data")
+        from ..calib.stats import expert_sources, load_stats  # load_stats refuses a file made from another model
+        quantized = [p.module for p in plans.values() if p.quantize]
+        return Calibration(importance=load_stats(calib, ckpt.tensors, quantized), experts=expert_sources(calib),
+                           path=calib)
+    if spec.method == "rtn":
+        raise QtoolError(calib, "--method rtn uses no calibration data; use --method mse or gptq")
+    return Calibration(data=calib)
 
-    def check(name, w, err):
-        if not all(map(math.isfinite, (err["rel_error"], err["mse"]))):
-            _check_finite(name, w)  # NaN/Inf in w poison its norm: only then pay for a full scan, to count them
 
-    def encode(name, w, q, scale, zp) -> tuple[dict, dict]:
-        """The stored parts of one quantized weight (from its int8 codes) and its error against the source."""
+def _moe(mode: str, min_tokens: int | None):
+    from ..calib.moe import MoeCalib  # qtool.calib is imported only when the walk runs
+    return MoeCalib.of(mode, min_tokens)
+
+
+def _order(ckpt, plans: dict[str, TensorPlan], calibration: Calibration) -> list[str]:
+    """The order parts reach the writer: the source's; with calibration data, dense tensors first (straight from the
+    source), then the quantized weights in the order the layer walk gives them."""
+    if calibration.data is None:
+        return list(ckpt.tensors)
+    from ..calib.layerwise import layer_order
+    return [n for n in ckpt.tensors if not plans[n].quantize] + [n for n in layer_order(ckpt) if plans[n].quantize]
+
+
+def _scheme(plans: dict[str, TensorPlan], spec: QuantSpec, ckpt) -> ct.Scheme:
+    """The quantization_config to write: each quantized module's spec; `ignore` lists the linear modules left dense
+    and the output heads tied to the embeddings (nn.Linear modules with no weight of their own)."""
+    specs = {p.module: p.spec for p in plans.values() if p.quantize}
+    return ct.Scheme.of(specs or spec, ignore_list(plans.values(), ckpt.tensors, ckpt.config))
+
+
+def _outputs(plans: dict[str, TensorPlan], order: list[str]) -> list[tuple]:
+    """(name, shape, dtype) of every output tensor, in the order they are written."""
+    out = []
+    for name in order:
         p = plans[name]
-        err = error_stats(w, dequantize(q, scale, zp, spec, dtype=w.dtype))
-        check(name, w, err)
-        qw = QuantizedWeight(pack_int32(q.cpu(), spec.bits), scale.cpu(), None if zp is None else zp.cpu(), spec,
-                             p.shape, err, {})
-        return ct.PackedModule.from_weight(qw).named(p.module), err
-
-    def emit(writer, name, w, q, scale, zp, extra=None):
-        parts, errors[name] = encode(name, w, q, scale, zp)
-        if extra:
-            extras[name] = extra
-        for k, v in parts.items():
-            writer.write(k, v)
-
-    def transform(name, t):
-        """One source tensor → its output tensors (runs on a worker thread)."""
-        p = plans[name]
-        if not p.quantize:
-            return name, {name: t}, None
-        w = t.to(dev)
-        qw = quantize_weight(w, spec, importance=importance.get(p.module)).cpu()
-        check(name, w, qw.error)
-        parts = ct.PackedModule.from_weight(qw).named(p.module)
-        return name, parts, qw.error
-
-    if allow_nonfinite:
-        plans = {p.name: p for p in keep_nonfinite(list(plans.values()), ckpt.get)}
-
-    if calib_data is not None:
-        # Dense tensors first, straight from the source; then quantized weights in the order the walk emits them.
-        from ..calib.layerwise import layer_order
-        order = [n for n in ckpt.tensors if not plans[n].quantize] + [n for n in layer_order(ckpt) if plans[n].quantize]
-    else:
-        order = list(ckpt.tensors)
-    with CheckpointWriter(out, overwrite=overwrite) as writer:
-        writer.plan([s for name in order for s in _output_specs(plans[name], spec)], max_shard_bytes=max_shard_bytes)
-        if calib_data is not None:
-            from ..calib.layerwise import quantize_layerwise
-            from ..calib.moe import MoeCalib
-
-            dense = [n for n in order if not plans[n].quantize]
-            for name, t in prefetch(ckpt.get, dense, {n: ckpt.tensors[n].nbytes for n in dense}):
-                writer.write(name, t)
-            quantize_layerwise(ckpt, list(plans.values()), spec, calib_data, samples=calib_samples, seq_len=seq_len,
-                               damp=damp, device=dev, progress=progress, moe=MoeCalib.of(moe_calib, moe_min_tokens),
-                               emit=lambda name, w, q, scale, zp, extra=None: emit(writer, name, w, q, scale, zp, extra))
+        if p.quantize:
+            parts = ct.layout(p.shape, p.spec, scale_dtype_for(p.dtype))
+            out += [(f"{p.module}.{local}", shape, dtype) for local, (shape, dtype) in parts.items()]
         else:
-            progress.start("quantizing", total=sum(ckpt.tensors[n].nbytes for n in order))
-            workers = workers_for(dev)
-            reads = prefetch(ckpt.get, order, {n: i.nbytes for n, i in ckpt.tensors.items()})
-            with threads_per_worker(workers):
-                for name, parts, err in ordered_map(transform, reads, workers):
-                    if err is not None:
-                        errors[name] = err
-                    for k, v in parts.items():
-                        writer.write(k, v)
-                    progress.advance(ckpt.tensors[name].nbytes, description=name)
-        ignore = ignore_list(plans.values())
-        config = dict(ckpt.config or {})
-        config["quantization_config"] = ct.Scheme.of(spec, ignore).to_config()
-        writer.write_json("config.json", config)
-        copied = copy_side_files(ckpt, writer)
+            out.append((p.name, p.shape, p.dtype))
+    return out
 
-    report = size_report(open_checkpoint(out), source=str(source))
-    report["estimates"] = size_report(ckpt)["estimates"]  # what the source would weigh: about the model, not this file
-    for row in report["layers"]:
-        p = plans.get(row["name"])
-        if p is not None:
-            # A calibrated run says per weight which method ran (one outside the walked layers gets mse, no data).
-            method = extras.get(row["name"], {}).get("method") or spec.method
-            row["reason"] = f"{describe_scheme(spec)}, {method}" if p.quantize else p.reason
-        row["error"] = errors.get(row["name"])
-        if row["name"] in extras:
-            row.update(extras[row["name"]])
-    report["quantization"]["method"] = spec.method
-    report["summary"] = summarize(report["layers"])
-    report["gate"] = gate(report["layers"], max_rel_error)
-    report["timing"] = timing(start, sum(i.nbytes for i in ckpt.tensors.values()))
-    report["output"] = str(out)
-    report["copied_files"] = copied
-    if report_path is not None:
-        write_json(report, report_path)
-    return report
+
+# -- the stream of parts ------------------------------------------------------------------------------------
+
+def _parts(ckpt, plans: dict[str, TensorPlan], order: list[str], calibration: Calibration, rt, options: Options,
+           progress) -> Iterator[Part]:
+    """Every source tensor's part, in `order`."""
+    sizes = {n: i.nbytes for n, i in ckpt.tensors.items()}
+    if calibration.data is None:
+        progress.start("quantizing", total=sum(sizes[n] for n in order))
+        transform = functools.partial(_streamed_part, plans, calibration, rt.device)
+        yield from ordered_map(transform, prefetch(ckpt.get, order, sizes), rt.workers)
+        return
+    dense = [n for n in order if not plans[n].quantize]
+    for name, t in prefetch(ckpt.get, dense, sizes):
+        yield Part(name, {name: t})
+    from ..calib.layerwise import quantize_layerwise
+    walk = quantize_layerwise(ckpt, list(plans.values()), calibration.data, samples=options.calib_samples,
+                              seq_len=options.seq_len, damp=options.damp, device=rt.device, progress=progress,
+                              moe=options.moe)
+    for item in walk:
+        yield _packed_part(plans[item.name], item.weight, item.extra)
+
+
+def _streamed_part(plans: dict[str, TensorPlan], calibration: Calibration, device, name: str,
+                   t: torch.Tensor) -> Part:
+    """One source tensor → its part (runs on a worker thread): quantized by its plan's spec (weighted by a
+    statistics file's importance when there is one), or as it is."""
+    p = plans[name]
+    if not p.quantize:
+        return Part(name, {name: t}, nbytes=t.numel() * t.element_size())
+    qw = quantize_weight(t.to(device), p.spec, importance=calibration.importance.get(p.module)).cpu()
+    extra = {"expert": calibration.experts[p.module]} if p.module in calibration.experts else {}
+    return _packed_part(p, qw, extra, t.numel() * t.element_size())
+
+
+def _packed_part(p: TensorPlan, qw: QuantizedWeight, extra: dict, nbytes: int = 0) -> Part:
+    return Part(p.name, ct.PackedModule.from_weight(qw).named(p.module), qw.error, extra, nbytes)
+
+
+# -- writing ------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Result:
+    error: dict | None
+    extra: dict
+
+
+def _write(writer: CheckpointWriter, parts: Iterator[Part], ckpt, progress) -> dict[str, Result]:
+    """The one write loop: every part's tensors to the writer; what the report needs is kept, the tensors are not."""
+    results = {}
+    for part in parts:
+        if part.error is not None:
+            _check_finite(part.name, part.error, ckpt)
+        for name, t in part.tensors.items():
+            writer.write(name, t)
+        results[part.name] = Result(part.error, part.extra)
+        progress.advance(part.nbytes, description=part.name)
+    return results
+
+
+def _check_finite(name: str, err: dict, ckpt) -> None:
+    # NaN/Inf in a weight poison its norm: only then pay for a full scan, to count them
+    if all(map(math.isfinite, (err["rel_error"], err["mse"]))):
+        return
+    w = ckpt.get(name)
+    if not torch.isfinite(w).all():
+        bad = int((~torch.isfinite(w)).sum())
+        raise QtoolError(name, f"has {bad} NaN/Inf values; fix the source or pass --allow-nonfinite to keep it unquantized")
+
+
+# -- report -------------------------------------------------------------------------------------------------
+
+def _report(source, out, ckpt, plans: dict[str, TensorPlan], written: Listing, results: dict[str, Result],
+            max_rel_error, start: float, copied: list[str]) -> Report:
+    size = size_part(written, estimates_of=listing(ckpt))  # the estimates are about the source model
+    layers = [_layer(row, plans.get(row["name"]), results.get(row["name"])) for row in size["layers"]]
+    return assemble("quantize", source, size, layers=layers, summary=summary_part(layers),
+                    gate=gate_part(layers, max_rel_error),
+                    timing=timing_part(start, sum(i.nbytes for i in ckpt.tensors.values())), output=str(out),
+                    copied_files=copied)
+
+
+def _layer(row: dict, p: TensorPlan | None, result: Result | None) -> dict:
+    """A written tensor's row: why it is (not) quantized, by which method (a calibrated run says per weight), its
+    error against the source, and what the layer walk adds."""
+    extra = result.extra if result is not None else {}
+    reason = row["reason"]
+    if p is not None:
+        reason = f"{describe_scheme(p.spec)}, {extra.get('method') or p.spec.method}" if p.quantize else p.reason
+    return {**row, "reason": reason, "error": result.error if result is not None else None, **extra}

@@ -58,9 +58,20 @@ class LoraSettings:
         return r, alpha
 
     def scaling(self, module: str) -> float:
-        """PEFT's `scaling[adapter]`: alpha/r, or alpha/sqrt(r) with rsLoRA (same float expression as PEFT)."""
-        r, alpha = self.rank_alpha(module)
-        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+        """PEFT's `scaling[adapter]` of one module (its rank and alpha patterns applied)."""
+        return scaling(*self.rank_alpha(module), self.use_rslora)
+
+
+def scaling(r: int, alpha: float, use_rslora: bool) -> float:
+    """alpha/r, or alpha/sqrt(r) with rsLoRA (the same float expression as PEFT)."""
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+def raw_settings(cfg: dict) -> LoraSettings:
+    """The scaling-relevant settings of an adapter_config.json taken as they are, unchecked (for describing an
+    adapter, which must work for adapters qtool would refuse to merge)."""
+    return LoraSettings(r=cfg.get("r"), lora_alpha=cfg.get("lora_alpha"), use_rslora=bool(cfg.get("use_rslora")),
+                        rank_pattern=dict(cfg.get("rank_pattern") or {}), alpha_pattern=dict(cfg.get("alpha_pattern") or {}))
 
 
 def pattern_key(patterns: dict, module: str) -> str | None:
@@ -77,6 +88,33 @@ def parse_adapter_config(cfg: dict | None, path) -> LoraSettings:
         raise QtoolError(path, "no adapter_config.json: not a PEFT adapter")
     if not isinstance(cfg, dict):
         raise QtoolError(path, "adapter_config.json is not a JSON object")
+    _refuse_other_kinds(cfg, path)
+    bias = cfg.get("bias", "none") or "none"
+    if bias not in ("none", "all", "lora_only"):
+        raise QtoolError(path, f"bias must be none, all or lora_only, not {bias!r}")
+    target, exclude, layers, layers_pattern = _selection(cfg, path)
+    use_dora = bool(cfg.get("use_dora", False))
+    lora_bias = bool(cfg.get("lora_bias", False))
+    if use_dora and lora_bias:
+        raise QtoolError(path, "lora_bias=True is not supported with DoRA (PEFT refuses it too)")
+    return LoraSettings(
+        r=_number(cfg, path, "r", 8, int),
+        lora_alpha=_number(cfg, path, "lora_alpha", 8),
+        use_rslora=bool(cfg.get("use_rslora", False)),
+        rank_pattern=_patterns(cfg, path, "rank_pattern", int),
+        alpha_pattern=_patterns(cfg, path, "alpha_pattern", float),
+        target_modules=target,
+        exclude_modules=exclude,
+        layers_to_transform=layers,
+        layers_pattern=layers_pattern,
+        modules_to_save=tuple(_str_list(path, "modules_to_save", cfg.get("modules_to_save") or [])),
+        bias=bias,
+        lora_bias=lora_bias,
+        use_dora=use_dora,
+    )
+
+
+def _refuse_other_kinds(cfg: dict, path) -> None:
     peft_type = str(cfg.get("peft_type", "LORA"))
     if peft_type.upper() != "LORA":
         raise QtoolError(path, f"peft_type {peft_type}: only LORA adapters can be merged")
@@ -88,29 +126,9 @@ def parse_adapter_config(cfg: dict | None, path) -> LoraSettings:
         raise QtoolError(path, f"init_lora_weights={cfg['init_lora_weights']!r} rewrote the base weights at init; "
                                "convert the adapter with PEFT's path_initial_model_for_weight_conversion first")
 
-    def number(key, default, kind=float, positive=True):
-        v = cfg.get(key, default)
-        if v is None:
-            v = default
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and int(v) != v):
-            raise QtoolError(path, f"{key} must be {'an integer' if kind is int else 'a number'}, not {v!r}")
-        if positive and not v > 0:
-            raise QtoolError(path, f"{key} must be positive, not {v!r}")
-        return kind(v) if kind is int else v
 
-    def patterns(key, kind):
-        p = cfg.get(key) or {}
-        if not isinstance(p, dict):
-            raise QtoolError(path, f"{key} must be an object of module pattern -> value")
-        for k, v in p.items():
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 or (kind is int and int(v) != v):
-                raise QtoolError(path, f"{key}[{k!r}] must be a positive {'integer' if kind is int else 'number'}")
-            _check_regex(path, key, k)
-        return {k: (int(v) if kind is int else v) for k, v in p.items()}
-
-    bias = cfg.get("bias", "none") or "none"
-    if bias not in ("none", "all", "lora_only"):
-        raise QtoolError(path, f"bias must be none, all or lora_only, not {bias!r}")
+def _selection(cfg: dict, path):
+    """(target_modules, exclude_modules, layers_to_transform, layers_pattern), checked."""
     target = cfg.get("target_modules")
     if isinstance(target, str):
         if target.lower() != "all-linear":
@@ -131,25 +149,29 @@ def parse_adapter_config(cfg: dict | None, path) -> LoraSettings:
         layers_pattern = _str_list(path, "layers_pattern", layers_pattern)
     if isinstance(target, str) and (layers is not None or layers_pattern is not None):
         raise QtoolError(path, "layers_to_transform/layers_pattern cannot be used when target_modules is a string")
-    use_dora = bool(cfg.get("use_dora", False))
-    lora_bias = bool(cfg.get("lora_bias", False))
-    if use_dora and lora_bias:
-        raise QtoolError(path, "lora_bias=True is not supported with DoRA (PEFT refuses it too)")
-    return LoraSettings(
-        r=number("r", 8, int),
-        lora_alpha=number("lora_alpha", 8),
-        use_rslora=bool(cfg.get("use_rslora", False)),
-        rank_pattern=patterns("rank_pattern", int),
-        alpha_pattern=patterns("alpha_pattern", float),
-        target_modules=target,
-        exclude_modules=exclude,
-        layers_to_transform=layers,
-        layers_pattern=layers_pattern,
-        modules_to_save=tuple(_str_list(path, "modules_to_save", cfg.get("modules_to_save") or [])),
-        bias=bias,
-        lora_bias=lora_bias,
-        use_dora=use_dora,
-    )
+    return target, exclude, layers, layers_pattern
+
+
+def _number(cfg: dict, path, key: str, default, kind=float, positive: bool = True):
+    v = cfg.get(key, default)
+    if v is None:
+        v = default
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and int(v) != v):
+        raise QtoolError(path, f"{key} must be {'an integer' if kind is int else 'a number'}, not {v!r}")
+    if positive and not v > 0:
+        raise QtoolError(path, f"{key} must be positive, not {v!r}")
+    return kind(v) if kind is int else v
+
+
+def _patterns(cfg: dict, path, key: str, kind) -> dict:
+    p = cfg.get(key) or {}
+    if not isinstance(p, dict):
+        raise QtoolError(path, f"{key} must be an object of module pattern -> value")
+    for k, v in p.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 or (kind is int and int(v) != v):
+            raise QtoolError(path, f"{key}[{k!r}] must be a positive {'integer' if kind is int else 'number'}")
+        _check_regex(path, key, k)
+    return {k: (int(v) if kind is int else v) for k, v in p.items()}
 
 
 def _str_list(path, key, value) -> list[str]:

@@ -77,10 +77,8 @@ def plan_merge(base_tensors: dict, base_config: dict | None, adapters: list[Adap
         raise QtoolError("--weight", f"{len(weights)} weights given for {len(adapters)} adapters")
     wmap = module_weights(base_tensors)
     wmap.update(weights_of or {})
-    ops: dict[str, TensorOp] = {}
-    modules: dict[str, list] = {}
+    plan = MergePlan({}, {})
     for i, (ad, w) in enumerate(zip(adapters, weights)):
-        s = ad.settings
         _check_weight(ad, w, len(adapters))
         unmatched = list(ad.unprefixed)
         unmatched += [k for m, lm in ad.modules.items() if m not in wmap for k in lm.keys]
@@ -88,52 +86,68 @@ def plan_merge(base_tensors: dict, base_config: dict | None, adapters: list[Adap
         if unmatched:
             raise QtoolError(ad.source, _unmatched_message(unmatched, len(ad.ckpt.tensors), wmap))
         for name, key in sorted(ad.full.items()):
-            base_shape, shape = tuple(base_tensors[name].shape), tuple(ad.ckpt.tensors[key].shape)
-            if base_shape != shape:
-                raise QtoolError(key, f"shape {list(shape)} does not match base tensor {name} {list(base_shape)}")
-            op = ops.setdefault(name, TensorOp(name, name.rsplit(".", 1)[0], "full"))
-            if op.replace is not None:
-                raise QtoolError(key, f"{op.replace[0].source} also replaces {name}; two full copies conflict")
-            op.replace = (ad, key)
+            _plan_full(plan, ad, name, key, base_tensors)
         for m, lm in sorted(ad.modules.items()):
-            if not is_targeted(s, m):
-                raise QtoolError(lm.keys[0], f"module {m} is not selected by the adapter's target rules "
-                                             "(target_modules/exclude_modules/layers_to_transform); PEFT would "
-                                             "ignore these tensors")
-            r, _alpha = s.rank_alpha(m)
-            if lm.rank != r:
-                raise QtoolError(lm.keys[0], f"lora rank is {lm.rank} but the config (r/rank_pattern) says {r}")
-            mw = wmap[m]
-            if lm.embedding:
-                kind = "embedding"
-                want = (lm.a_shape[1], lm.b_shape[0])
-                if mw.shape != want:
-                    raise QtoolError(lm.keys[0], f"embedding LoRA gives a weight of shape {list(want)}, "
-                                                 f"but the base weight is {list(mw.shape)}")
-            elif mw.quantized:
-                kind = "linear"  # packed weights are always stored [out, in]
-                if mw.shape != (lm.b_shape[0], lm.a_shape[1]):
-                    raise QtoolError(lm.keys[0], f"LoRA shapes give a weight of shape "
-                                                 f"{[lm.b_shape[0], lm.a_shape[1]]}, but the base is {list(mw.shape)}")
-            else:
-                kind = "conv1d" if is_conv1d(m, mw.shape, (lm.b_shape[0], lm.a_shape[1]), base_config) else "linear"
-            check_variant(ad, lm)
-            term = PlannedTerm(lm, s.scaling(m), kind, w)
-            op = ops.setdefault(mw.name, TensorOp(mw.name, m, "weight", quantized=mw.quantized))
-            op.role = "weight"
-            op.quantized = mw.quantized
-            if op.terms and (term.magnitude is not None or op.terms[0].magnitude is not None):
-                raise QtoolError(lm.keys[0], "DoRA adapters merge only alone (the norm rescale is not additive)")
-            op.terms.append(term)
-            modules.setdefault(m, []).append((i, lm.rank, term.scaling))
-            if lm.bias is not None:
-                bname = f"{m}.bias"
-                if bname not in base_tensors:
-                    raise QtoolError(lm.keys[0], f"lora_bias is set but the base has no {bname}")
-                bop = ops.setdefault(bname, TensorOp(bname, m, "bias"))
-                bop.role = "bias"
-                bop.terms.append(term)
-    return MergePlan(ops, modules)
+            _plan_module(plan, i, ad, w, m, lm, wmap[m], base_tensors, base_config)
+    return plan
+
+
+def _plan_full(plan: MergePlan, ad: Adapter, name: str, key: str, base_tensors: dict) -> None:
+    """A full tensor of the adapter (modules_to_save, bias="all"/"lora_only") replaces the base's."""
+    base_shape, shape = tuple(base_tensors[name].shape), tuple(ad.ckpt.tensors[key].shape)
+    if base_shape != shape:
+        raise QtoolError(key, f"shape {list(shape)} does not match base tensor {name} {list(base_shape)}")
+    op = plan.ops.setdefault(name, TensorOp(name, name.rsplit(".", 1)[0], "full"))
+    if op.replace is not None:
+        raise QtoolError(key, f"{op.replace[0].source} also replaces {name}; two full copies conflict")
+    op.replace = (ad, key)
+
+
+def _plan_module(plan: MergePlan, i: int, ad: Adapter, w: float, m: str, lm: LoraModule, mw: ModuleWeight,
+                 base_tensors: dict, base_config: dict | None) -> None:
+    """One adapter's LoRA update of module `m`: checked against the target rules, its rank, the base weight's shape
+    and orientation, then added to the weight's op (and its lora_bias to the bias's)."""
+    s = ad.settings
+    if not is_targeted(s, m):
+        raise QtoolError(lm.keys[0], f"module {m} is not selected by the adapter's target rules "
+                                     "(target_modules/exclude_modules/layers_to_transform); PEFT would "
+                                     "ignore these tensors")
+    r, _alpha = s.rank_alpha(m)
+    if lm.rank != r:
+        raise QtoolError(lm.keys[0], f"lora rank is {lm.rank} but the config (r/rank_pattern) says {r}")
+    kind = _kind(m, lm, mw, base_config)
+    check_variant(ad, lm)
+    term = PlannedTerm(lm, s.scaling(m), kind, w)
+    op = plan.ops.setdefault(mw.name, TensorOp(mw.name, m, "weight", quantized=mw.quantized))
+    op.role = "weight"
+    op.quantized = mw.quantized
+    if op.terms and (term.magnitude is not None or op.terms[0].magnitude is not None):
+        raise QtoolError(lm.keys[0], "DoRA adapters merge only alone (the norm rescale is not additive)")
+    op.terms.append(term)
+    plan.modules.setdefault(m, []).append((i, lm.rank, term.scaling))
+    if lm.bias is not None:
+        bname = f"{m}.bias"
+        if bname not in base_tensors:
+            raise QtoolError(lm.keys[0], f"lora_bias is set but the base has no {bname}")
+        bop = plan.ops.setdefault(bname, TensorOp(bname, m, "bias"))
+        bop.role = "bias"
+        bop.terms.append(term)
+
+
+def _kind(m: str, lm: LoraModule, mw: ModuleWeight, base_config: dict | None) -> str:
+    """linear, conv1d or embedding: how ΔW = s·B@A lies on the base weight (whose shape must fit)."""
+    if lm.embedding:
+        want = (lm.a_shape[1], lm.b_shape[0])
+        if mw.shape != want:
+            raise QtoolError(lm.keys[0], f"embedding LoRA gives a weight of shape {list(want)}, "
+                                         f"but the base weight is {list(mw.shape)}")
+        return "embedding"
+    if mw.quantized:  # packed weights are always stored [out, in]
+        if mw.shape != (lm.b_shape[0], lm.a_shape[1]):
+            raise QtoolError(lm.keys[0], f"LoRA shapes give a weight of shape "
+                                         f"{[lm.b_shape[0], lm.a_shape[1]]}, but the base is {list(mw.shape)}")
+        return "linear"
+    return "conv1d" if is_conv1d(m, mw.shape, (lm.b_shape[0], lm.a_shape[1]), base_config) else "linear"
 
 
 def _check_weight(ad: Adapter, w: float, n: int) -> None:

@@ -1,6 +1,6 @@
 """What a live model costs: parameters, memory by dtype, and the memory a LoRA fine-tune of it would need.
 
-Conventions follow the size report (design §7, `qtool.report.size`): a quantized weight is one logical tensor
+Conventions follow the size report (design §7, `qtool.report.size`; the training estimate is `report.lora`'s): a quantized weight is one logical tensor
 of dtype `int4`/`int8` whose parameters are those of its [out, in] shape and whose bytes are all its stored
 parts (packed codes, scales, zero points, shape). Tied tensors are counted once.
 """
@@ -11,8 +11,9 @@ from typing import Iterable
 import torch
 import torch.nn as nn
 
-from ..report.size import dtype_name
 from ..arch import is_conv1d_module
+from ..report.lora import training_part
+from ..report.size import dtype_name
 from .lora import LoRALinear, _features
 from .quant_linear import QuantLinear
 
@@ -79,13 +80,15 @@ def _linear_layers(model: nn.Module) -> dict[str, tuple[int, int]]:
 
 
 def lora_training_memory(model: nn.Module, rank: int, targets: Iterable[str] | None = None,
-                         adapter_dtype: torch.dtype = torch.float32, optimizer_states: int = ADAM_STATES) -> dict:
-    """Bytes a LoRA fine-tune of `model` at `rank` needs, activations aside.
+                         adapter_dtype: torch.dtype = torch.float32, optimizer_states: int = ADAM_STATES,
+                         tokens: int = 0) -> dict:
+    """Bytes a LoRA fine-tune of `model` at `rank` needs (the size report's lora_training block, for a live model).
 
     targets: module names or name suffixes (PEFT's list rule: equal, or ending in "." + target); None means
     PEFT's "all-linear" (every linear layer except the output head). The adapter's weights, gradients and
-    optimizer states (Adam: 2) are counted at `adapter_dtype`; the base at its stored width (memory_footprint),
-    frozen, so it has no gradients or states.
+    optimizer states (Adam: 2) are counted at `adapter_dtype`; the base as it is held (memory_footprint), frozen,
+    so it has no gradients or states; `tokens` of a training step add their activations
+    (qtool.report.lora.activation_bytes_per_token, from the model's config).
     """
     if rank <= 0:
         raise ValueError(f"rank must be positive, not {rank}")
@@ -96,17 +99,8 @@ def lora_training_memory(model: nn.Module, rank: int, targets: Iterable[str] | N
     else:
         targets = list(targets)
         chosen = {n: s for n, s in layers.items() if any(n == t or n.endswith("." + t) for t in targets)}
-    params = sum(rank * (o + i) for o, i in chosen.values())
+    config = getattr(model, "config", None)
+    config = config.to_dict() if hasattr(config, "to_dict") else config
     width = torch.empty(0, dtype=adapter_dtype).element_size()
-    weights = params * width
-    base = memory_footprint(model)["bytes"]
-    return {
-        "rank": rank,
-        "targets": len(chosen),
-        "adapter_parameters": params,
-        "adapter_bytes": weights,
-        "gradient_bytes": weights,
-        "optimizer_bytes": optimizer_states * weights,
-        "base_bytes": base,
-        "total_bytes": base + (2 + optimizer_states) * weights,
-    }
+    return training_part(rank, list(chosen.values()), memory_footprint(model)["bytes"], config, tokens, width,
+                         optimizer_states)

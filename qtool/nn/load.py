@@ -12,6 +12,7 @@ import os
 import torch
 import torch.nn as nn
 
+from .. import runtime
 from ..arch import FLOAT_DTYPES
 from ..checkpoint import open_checkpoint
 from ..errors import QtoolError
@@ -21,13 +22,14 @@ from .quant_linear import QuantLinear
 
 
 def load(path: str | os.PathLike, model: nn.Module | None = None, device: str | torch.device = "cpu",
-         dtype: torch.dtype | None = None, revision: str | None = None) -> nn.Module:
+         dtype: torch.dtype | None = None, revision: str | None = None, kernels: bool = True) -> nn.Module:
     """A torch model for the checkpoint at `path` (folder, file or cached hub id), in eval mode.
 
     model: None builds the transformers model of config.json (architectures[0], else AutoModelForCausalLM)
     on the meta device; an nn.Module (on meta or a real device) has its linears replaced by name.
     dtype: of the unquantized floating tensors (default: config.json's dtype, else as stored). Quantized
-    weights keep their stored bytes and scales whatever `dtype` is.
+    weights keep their stored bytes and scales whatever `dtype` is; QuantLinear builds its kernel layout for
+    the model's dtype (kernels=False: the tiled path on the stored words, for comparisons).
     A dense checkpoint loads too (nothing is quantized then).
     """
     ckpt = open_checkpoint(path, revision)
@@ -39,7 +41,7 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, device: str | 
                                     "quantization_config")
     if model is None:
         model = _build_transformers(ckpt, dtype)
-    _fill(model, ckpt, scheme, modules, device, dtype)
+    _fill(model, ckpt, scheme, modules, device, dtype, kernels)
     return model.eval()
 
 
@@ -75,7 +77,7 @@ def _stored_float_dtype(ckpt) -> torch.dtype:
     return torch.float32
 
 
-def _fill(model: nn.Module, ckpt, scheme, modules: list[str], device: torch.device, dtype) -> None:
+def _fill(model: nn.Module, ckpt, scheme, modules: list[str], device: torch.device, dtype, kernels: bool) -> None:
     """Replace the quantized modules, then load every other checkpoint tensor into its parameter or buffer."""
     # Every name a parameter is reachable by: tied weights (lm_head = embed_tokens) are one Parameter under
     # two names, and a meta Parameter replaced under one name must be replaced under all.
@@ -83,11 +85,15 @@ def _fill(model: nn.Module, ckpt, scheme, modules: list[str], device: torch.devi
     for name, p in model.named_parameters(remove_duplicate=False):
         aliases.setdefault(id(p), []).append(name)
     consumed: set[str] = set()
-    for m in modules:
-        consumed |= _swap_quantized(model, ckpt, scheme, m, device, dtype)
-        # a quantized lm_head unties from the embedding: drop it from the alias lists
-        for names in aliases.values():
-            names[:] = [n for n in names if not n.startswith(m + ".")]
+    compute = dtype or next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    # building a kernel layout is many small ops: one thread (threads would mostly wait for each other)
+    with runtime.threads_per_worker(torch.get_num_threads()):
+        for m in modules:
+            consumed |= _swap_quantized(model, ckpt, scheme, m, device, dtype, compute, kernels)
+            # a quantized lm_head unties from the embedding: drop it from the alias lists
+            for names in aliases.values():
+                names[:] = [n for n in names if not n.startswith(m + ".")]
+    runtime.release_host_memory()  # the layouts' temporaries, freed, back to the OS
     own = dict(model.named_parameters(remove_duplicate=False))
     buffers = dict(model.named_buffers(remove_duplicate=False))
     unexpected, loaded = [], set()
@@ -123,14 +129,15 @@ def _fill(model: nn.Module, ckpt, scheme, modules: list[str], device: torch.devi
     _finish(model, device, loaded)
 
 
-def _swap_quantized(model: nn.Module, ckpt, scheme, m: str, device, dtype) -> set[str]:
+def _swap_quantized(model: nn.Module, ckpt, scheme, m: str, device, dtype, compute, kernels: bool) -> set[str]:
     try:
         old = model.get_submodule(m)
     except AttributeError:
         raise QtoolError(m, "the checkpoint quantizes a module the model does not have") from None
     out_in = (getattr(old, "out_features", None), getattr(old, "in_features", None))
-    # clone: the reader maps the file (copy-on-write), and a loaded model owns its memory
-    parts = {p: ckpt.get(f"{m}.{p}").clone() for p in ct.PARTS if f"{m}.{p}" in ckpt.tensors}
+    # copy=True: the reader maps the file (copy-on-write) and a loaded model owns its memory; a kernel layout is
+    # new memory already, so only what the layer keeps as read is copied
+    parts = {p: ckpt.get(f"{m}.{p}") for p in ct.PARTS if f"{m}.{p}" in ckpt.tensors}
     spec = scheme.spec_for(m)
     if spec is None:
         raise QtoolError(m, "stores packed weights but no config group of quantization_config targets it")
@@ -138,7 +145,8 @@ def _swap_quantized(model: nn.Module, ckpt, scheme, m: str, device, dtype) -> se
     if bias is not None:
         old_b = getattr(old, "bias", None)
         bias = bias.to(dtype or (old_b.dtype if old_b is not None else bias.dtype))
-    q = QuantLinear(parts, spec, bias=bias, name=m, device=device)
+    q = QuantLinear(parts, spec, bias=bias, name=m, device=device, compute_dtype=compute, kernels=kernels,
+                    copy=True)
     if out_in != (q.out_features, q.in_features):
         raise QtoolError(m, f"quantized weight is [{q.out_features}, {q.in_features}] but the model's module is "
                             f"{type(old).__name__} [{out_in[0]}, {out_in[1]}]")

@@ -1,9 +1,12 @@
 """LoRA adapters run beside a shared base layer (dense or quantized), attached from PEFT folders and swapped
 without touching the base.
 
-The math is PEFT's forward (peft 0.21.2 `tuners/lora/layer.py::Linear.forward`, `dora.py`): the input is cast
-to the adapter's dtype (float32, as PEFT upcasts adapters), `y = base(x) + s·B(A(x))` (B carries lora_bias),
-the sum is cast back to the base output's dtype; DoRA adds `(m/‖W + s·BA‖ − 1)·(base(x) − b) + (m/‖·‖)·s·B(A(x))`.
+The math is PEFT's forward (peft 0.21.2 `tuners/lora/layer.py::Linear.forward`, `variants.py`, `dora.py`): the
+input is cast to the adapter's dtype (float32, as PEFT upcasts adapters), `y = base(x) + s·B(A(drop(x)))` (B
+carries lora_bias), the sum is cast back to the base output's dtype; DoRA adds
+`(m/‖W + s·BA‖ − 1)·(base(x) − b) + (m/‖·‖)·s·B(A(x))`, the norm detached, and while training with dropout both
+its terms use the dropped input (the base term then without bias). Trainable adapters get gradients through a
+QuantLinear base without a dense weight ever being stored (its backward pass dequantizes tiles again).
 Which modules an adapter targets, its scaling (alpha/r, rsLoRA alpha/√r, rank/alpha patterns) and what it may
 hold come from `qtool.lora`, the same code merge-lora uses.
 """
@@ -35,16 +38,19 @@ def _features(base: nn.Module) -> tuple[int, int]:
 
 class LoraAdapter(nn.Module):
     """One adapter's tensors for one layer: A [r, in], B [out, r], optional lora_B bias [out] and DoRA
-    magnitude [out]; frozen unless the caller sets requires_grad."""
+    magnitude [out]; frozen unless made trainable (set_trainable). `config` is the whole adapter's PEFT
+    LoraConfig as a dict (shared by its layers; save_adapter writes it); `dropout` PEFT's lora_dropout."""
 
     def __init__(self, A: torch.Tensor, B: torch.Tensor, scaling: float, bias: torch.Tensor | None = None,
-                 magnitude: torch.Tensor | None = None):
+                 magnitude: torch.Tensor | None = None, dropout: float = 0.0, config: dict | None = None):
         super().__init__()
         self.A = nn.Parameter(A, requires_grad=False)
         self.B = nn.Parameter(B, requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.magnitude = None if magnitude is None else nn.Parameter(magnitude, requires_grad=False)
         self.scaling = float(scaling)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.config = config
         self._norm: torch.Tensor | None = None  # DoRA's ‖W + s·BA‖ per row, cached while A and B are frozen
 
     @property
@@ -72,7 +78,8 @@ class LoRALinear(nn.Module):
         self.active: dict[str, float] = {}
 
     def add_adapter(self, name: str, A: torch.Tensor, B: torch.Tensor, scaling: float,
-                    bias: torch.Tensor | None = None, magnitude: torch.Tensor | None = None) -> None:
+                    bias: torch.Tensor | None = None, magnitude: torch.Tensor | None = None, dropout: float = 0.0,
+                    config: dict | None = None) -> None:
         if name in self.adapters:
             raise QtoolError(name, "an adapter of this name is already attached")
         if tuple(A.shape[1:]) != (self.in_features,) or tuple(B.shape) != (self.out_features, A.shape[0]):
@@ -80,7 +87,7 @@ class LoRALinear(nn.Module):
                                    f"[{self.out_features}, {self.in_features}]")
         device = _device_of(self.base)
         move = (lambda t: None if t is None else t.to(device))
-        self.adapters[name] = LoraAdapter(move(A), move(B), scaling, move(bias), move(magnitude))
+        self.adapters[name] = LoraAdapter(move(A), move(B), scaling, move(bias), move(magnitude), dropout, config)
 
     def remove_adapter(self, name: str) -> None:
         del self.adapters[name]
@@ -104,16 +111,27 @@ class LoRALinear(nn.Module):
         out_dtype = result.dtype
         for name, w in self.active.items():
             ad = self.adapters[name]
-            xa = x.to(ad.A.dtype)
+            xa = ad.dropout(x.to(ad.A.dtype))
             s = ad.scaling if w == 1.0 else ad.scaling * w
-            if ad.magnitude is None:
-                result = result + ad.delta(xa) * s
+            if ad.magnitude is None:  # result + B(A(x))·s, summed in place (the same bits): fewer temporaries
+                result = ad.delta(xa).mul_(s).add_(result)
                 continue
             scale = (ad.magnitude / self._dora_norm(ad)).view(1, -1)
-            bias = getattr(self.base, "bias", None)
-            base_result = result if bias is None else result - bias
+            if self.training and not isinstance(ad.dropout, nn.Identity):
+                base_result = self._unbiased_base(xa)  # PEFT: F.linear(dropout(x), W)
+            else:
+                bias = getattr(self.base, "bias", None)
+                base_result = result if bias is None else result - bias
             result = result + (scale - 1) * base_result + scale * ad.delta(xa) * s
         return result.to(out_dtype)
+
+    def _unbiased_base(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ Wᵀ without the bias, in x's dtype (a QuantLinear multiplies any dtype itself)."""
+        if isinstance(self.base, QuantLinear):
+            out = self.base(x)
+            return out if self.base.bias is None else out - self.base.bias.to(out.dtype)
+        W = self.base.weight.T if is_conv1d_module(self.base) else self.base.weight
+        return F.linear(x, W.to(x.dtype))
 
     # ---- DoRA -----------------------------------------------------------------------------------------------
     def _dora_norm(self, ad: LoraAdapter) -> torch.Tensor:
@@ -121,23 +139,27 @@ class LoRALinear(nn.Module):
         training = ad.A.requires_grad or ad.B.requires_grad
         if ad._norm is not None and not training:
             return ad._norm
-        with torch.no_grad():
-            A, B = ad.A.detach(), ad.B.detach()
-            if isinstance(self.base, QuantLinear):
-                step = self.base.tile_rows()
-                parts = [torch.linalg.norm(self.base.dequantize_rows(r0, min(r0 + step, self.out_features), A.dtype)
-                                           + ad.scaling * (B[r0:r0 + step] @ A), dim=1)
-                         for r0 in range(0, self.out_features, step)]
-                norm = torch.cat(parts)
-            else:
-                W = self.base.weight.T if is_conv1d_module(self.base) else self.base.weight
-                norm = torch.linalg.norm(W.to(A.dtype) + ad.scaling * (B @ A), dim=1)
+        norm = weight_norm(self.base, ad.A, ad.B, ad.scaling)
         if not training:
             ad._norm = norm
         return norm
 
     def extra_repr(self) -> str:
         return f"adapters={list(self.adapters)}, active={self.active}"
+
+
+def weight_norm(base: nn.Module, A: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:
+    """‖W + s·B@A‖₂ of each output row of a base layer, in A's dtype, without gradient; tile by tile for a
+    QuantLinear (its dense weight is never whole)."""
+    with torch.no_grad():
+        A, B = A.detach(), B.detach()
+        if isinstance(base, QuantLinear):
+            step, out_f = base.tile_rows(), base.out_features
+            return torch.cat([torch.linalg.norm(base.dequantize_rows(r0, min(r0 + step, out_f), A.dtype)
+                                                + scaling * (B[r0:r0 + step] @ A), dim=1)
+                              for r0 in range(0, out_f, step)])
+        W = base.weight.T if is_conv1d_module(base) else base.weight
+        return torch.linalg.norm(W.to(A.dtype) + scaling * (B @ A), dim=1)
 
 
 def _device_of(module: nn.Module) -> torch.device:
@@ -197,7 +219,7 @@ def detach_adapter(model: nn.Module, name: str) -> None:
 
 
 def attach_adapter(model: nn.Module, adapter_path: str | os.PathLike, name: str | None = None,
-                   activate: bool = True) -> str:
+                   activate: bool = True, trainable: bool = False) -> str:
     """Attach a PEFT LoRA adapter folder (or cached hub id) to a loaded model and return its name.
 
     Targeted linears (nn.Linear, QuantLinear, transformers Conv1D) are wrapped in LoRALinear once and share
@@ -205,13 +227,29 @@ def attach_adapter(model: nn.Module, adapter_path: str | os.PathLike, name: str 
     target rules select, with the rank its config gives. Adapters that replace base tensors
     (modules_to_save, bias="all"/"lora_only") or put LoRA on embeddings are refused: they cannot be swapped
     on a shared base. activate: make it the active adapter of the whole model (otherwise use set_adapter).
+    trainable: fine-tune it (set_trainable: its factors get gradients, every other parameter is frozen; the
+    config's lora_dropout applies in train mode); otherwise it is frozen.
     """
     ckpt = open_checkpoint(adapter_path)
     ad = read_adapter(ckpt, str(adapter_path))
-    s = ad.settings
     name = name or ("default" if "default" not in adapter_names(model) else Path(str(adapter_path)).name)
     if name in adapter_names(model):
         raise QtoolError(name, "an adapter of this name is already attached")
+    placed = _placements(model, ad)
+    config = dict(ckpt.adapter_config)
+    dropout = float(config.get("lora_dropout") or 0.0)
+    for m, lm in placed:  # all checked: now change the model
+        wrap(model, m).add_adapter(name, lm.A, lm.B, ad.settings.scaling(m), lm.bias, lm.magnitude, dropout, config)
+    if activate:
+        set_adapter(model, name)
+    if trainable:
+        set_trainable(model, name)
+    return name
+
+
+def _placements(model: nn.Module, ad) -> list:
+    """(module name, LoraModule) of every module the adapter puts LoRA on, each checked against the model."""
+    s = ad.settings
     if ad.unprefixed:
         raise QtoolError(ad.unprefixed[0], f"adapter key lacks PEFT's '{PREFIX}' prefix; PEFT would ignore it")
     if ad.full:
@@ -239,14 +277,30 @@ def attach_adapter(model: nn.Module, adapter_path: str | os.PathLike, name: str 
         if out_in != (lm.b_shape[0], lm.a_shape[1]):
             raise QtoolError(lm.keys[0], f"LoRA shapes give a [{lm.b_shape[0]}, {lm.a_shape[1]}] layer but {m} "
                                          f"is [{out_in[0]}, {out_in[1]}]")
-        placed.append((m, lm, target))
-    for m, lm, target in placed:  # all checked: now change the model
-        if not isinstance(target, LoRALinear):
-            wrapped = LoRALinear(target)
-            parent, _, leaf = m.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, leaf, wrapped)
-            target = wrapped
-        target.add_adapter(name, lm.A, lm.B, s.scaling(m), lm.bias, lm.magnitude)
-    if activate:
-        set_adapter(model, name)
-    return name
+        placed.append((m, lm))
+    return placed
+
+
+def wrap(model: nn.Module, name: str) -> LoRALinear:
+    """The LoRALinear at `name`, wrapping the linear layer there on first use."""
+    target = model.get_submodule(name)
+    if isinstance(target, LoRALinear):
+        return target
+    wrapped = LoRALinear(target)
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, wrapped)
+    return wrapped
+
+
+def set_trainable(model: nn.Module, name: str | None) -> None:
+    """Train adapter `name` as PEFT does: its factors (A, B, lora bias, DoRA magnitude) require gradients and
+    every other parameter of the model (base weights, embeddings, norms, other adapters) is frozen.
+    None freezes everything."""
+    if name is not None and name not in adapter_names(model):
+        raise QtoolError(name, "no adapter of this name is attached")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for layer in lora_layers(model).values():
+        if name in layer.adapters:
+            for p in layer.adapters[name].parameters():
+                p.requires_grad_(True)

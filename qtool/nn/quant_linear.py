@@ -1,15 +1,17 @@
 """A linear layer that runs straight from compressed-tensors pack-quantized weights.
 
-The module holds the tensors of the file as buffers (`weight_packed`, `weight_scale`, `weight_shape`,
-`weight_zero_point`), so its memory is the packed size and its state_dict has the checkpoint's own names.
-Each call dequantizes the weight one tile of output rows at a time and multiplies the input by that tile;
-no call ever holds the whole dense weight of a large layer, in the forward or the backward pass.
+The module holds the file's tensors (its state_dict has the checkpoint's own names) and multiplies on the path
+picked for its scheme and device when they are installed (`qtool.nn.kernels`): torch's int4/int8 weight-only
+kernels on their own packed layout (the same bytes as `weight_packed`, which is rebuilt when asked for), or
+tiles of output rows dequantized per call. No call ever holds the whole dense weight of a large layer, in the
+forward or the backward pass.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..errors import QtoolError
 from ..formats import compressed_tensors as ct
@@ -17,6 +19,7 @@ from ..quant.core import dequantize as dequantize_codes
 from ..quant.pack import packed_len, unpack_int32
 from ..quant.spec import QuantSpec
 from ..quant.weight import quantize_weight
+from . import kernels
 
 # Dense elements per tile. Small enough that a tile and its temporaries stay in a CPU's L2/L3 cache (the
 # matmul then reads the tile from cache) and a forward pass never allocates a large layer's dense weight;
@@ -28,66 +31,149 @@ _ROW_ALIGN = 32
 
 
 class QuantLinear(nn.Module):
-    """y = x @ Ŵᵀ + b with Ŵ = (q - zp) · scale dequantized per call, tile by tile (compressed-tensors math).
+    """y = x @ Ŵᵀ + b with Ŵ = (q - zp) · scale (compressed-tensors math), on the layer's path (see kernels.py):
+    one of torch's int4/int8 weight-only kernels where it applies, else tiles of Ŵ dequantized per call.
 
-    Buffers (the checkpoint's bytes): weight_packed int32 [out, ceil(in·bits/32)]; weight_scale [out, groups],
-    [out, 1] or [1]; weight_shape int64 [2]; weight_zero_point (asymmetric only) int32 packed along dim 0
-    [ceil(out·bits/32), groups], or unpacked int8 of the scale's shape for the tensor strategy.
+    state_dict (and so export) has the checkpoint's tensors under their own names: weight_packed int32
+    [out, ceil(in·bits/32)]; weight_scale [out, groups], [out, 1] or [1]; weight_shape int64 [2];
+    weight_zero_point (asymmetric only) int32 packed along dim 0 [ceil(out·bits/32), groups], or int8 of the
+    scale's shape for the tensor strategy. A kernel path holds the codes in its own layout instead of
+    weight_packed (same bytes) and rebuilds weight_packed when asked; it adds its scales and zeros in the
+    compute dtype (int4: 4 bytes per group of g ≥ 32 columns; int8: none when the scale is bfloat16).
     Works on any device and for float32/float16/bfloat16 inputs; the output has the input's dtype.
     """
 
     def __init__(self, parts: dict[str, torch.Tensor], spec: QuantSpec, bias: torch.Tensor | None = None,
-                 name: str = "QuantLinear", device=None):
+                 name: str = "QuantLinear", device=None, compute_dtype: torch.dtype | None = None,
+                 kernels: bool = True, copy: bool = False):
         """Wrap the stored tensors of one module (local names weight_packed, weight_scale, weight_shape,
-        weight_zero_point) without copying them (unless `device` moves them). Shapes and dtypes are checked
-        against the scheme, so a wrong file fails here, not inside a matmul."""
+        weight_zero_point); shapes and dtypes are checked against the scheme, so a wrong file fails here, not
+        inside a matmul. compute_dtype: the activations' dtype the kernel paths are built for (default: the
+        scale's dtype); kernels=False keeps the tiled path on compressed-tensors' own words. copy: the layer
+        owns new memory for every tensor it keeps (else it keeps the given ones where it can)."""
         super().__init__()
-        m = ct.PackedModule.from_parts(parts, spec, name)
-        out_f, in_f = m.shape
-        self.in_features, self.out_features, self.spec = in_f, out_f, spec
-        self.register_buffer(ct.PACKED, m.parts[ct.PACKED].to(device))
-        self.register_buffer(ct.SCALE, m.parts[ct.SCALE].to(device))
-        self.register_buffer(ct.SHAPE, torch.tensor(m.shape, dtype=torch.int64, device=device))
-        zp = m.parts.get(ct.ZERO_POINT)
-        if zp is None:
-            self.weight_zero_point = None
-        else:
-            self.register_buffer(ct.ZERO_POINT, zp.to(device))
+        self.spec, self.label, self.kernels = spec, name, kernels
+        self._install(parts, device, compute_dtype, copy)
+        out_f = self.out_features
         if bias is not None and tuple(bias.shape) != (out_f,):
             raise QtoolError(f"{name}.bias", f"has shape {list(bias.shape)}, expected [{out_f}]")
-        self.bias = None if bias is None else nn.Parameter(bias.to(device), requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias.to(self.device), requires_grad=False)
+
+    def _install(self, parts: dict[str, torch.Tensor], device, compute_dtype: torch.dtype | None,
+                 copy: bool = False) -> None:
+        """Check one module's tensors, then hold them on `device` in the layout of the path picked for them."""
+        module = ct.PackedModule.from_parts(parts, self.spec, self.label)
+        parts, shape = module.parts, module.shape
+        self.out_features, self.in_features = shape
+        for key in list(self._buffers):
+            del self._buffers[key]
+        device = torch.device(device) if device is not None else parts["weight_packed"].device
+
+        def keep(t: torch.Tensor) -> torch.Tensor:
+            moved = t.to(device)
+            return moved.clone() if copy and moved.data_ptr() == t.data_ptr() else moved
+
+        self.register_buffer("weight_scale", keep(parts["weight_scale"]))
+        self.register_buffer("weight_shape", torch.tensor(shape, dtype=torch.int64, device=device))
+        zp = parts.get("weight_zero_point")
+        self.register_buffer("weight_zero_point", None if zp is None else keep(zp))
+        self.compute_dtype = compute_dtype or self.weight_scale.dtype
+        self.path = kernels.pick(self.spec, *shape, device, self.compute_dtype, self.kernels)
+        packed = parts["weight_packed"]
+        self.path.build(self, keep(packed) if self.path.keeps_words else packed.to(device))
+
+    def relayout(self, compute_dtype: torch.dtype | None = None, kernels: bool | None = None) -> "QuantLinear":
+        """Pick the path again for another activation dtype (or with kernels off/on); the stored tensors stay."""
+        if kernels is not None:
+            self.kernels = kernels
+        self._install(self.compressed_parts(), self.device, compute_dtype or self.compute_dtype)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.weight_shape.device
 
     @classmethod
     def empty(cls, in_features: int, out_features: int, spec: QuantSpec, bias: bool = False,
-              scale_dtype: torch.dtype = torch.bfloat16, device=None) -> "QuantLinear":
+              scale_dtype: torch.dtype = torch.bfloat16, device=None, **kw) -> "QuantLinear":
         """A zero layer of the given shape (fill it with load_state_dict)."""
         parts = {local: torch.zeros(shape, dtype=dtype)
                  for local, (shape, dtype) in ct.layout((out_features, in_features), spec, scale_dtype).items()}
         parts[ct.SCALE] = torch.ones_like(parts[ct.SCALE])
         parts[ct.SHAPE] = torch.tensor([out_features, in_features])
         b = torch.zeros(out_features, dtype=scale_dtype) if bias else None
-        return cls(parts, spec, bias=b, device=device)
+        return cls(parts, spec, bias=b, device=device, **kw)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, spec: QuantSpec) -> "QuantLinear":
+    def from_linear(cls, linear: nn.Linear, spec: QuantSpec, **kw) -> "QuantLinear":
         """Quantize a dense linear with min-max round-to-nearest (compressed-tensors' RTN), whatever spec.method says."""
         parts = ct.PackedModule.from_weight(quantize_weight(linear.weight.detach(), spec.with_method("rtn"))).parts
         bias = None if linear.bias is None else linear.bias.detach().clone()
-        return cls(parts, spec, bias=bias)
+        return cls(parts, spec, bias=bias, **kw)
+
+    # ---- compressed-tensors in and out ----------------------------------------------------------------------
+    def compressed_parts(self) -> dict[str, torch.Tensor]:
+        """The module's compressed-tensors tensors by local name (weight_packed rebuilt from a kernel layout)."""
+        parts = {ct.PACKED: self.path.packed(self), ct.SCALE: self.weight_scale, ct.SHAPE: self.weight_shape}
+        if self.weight_zero_point is not None:
+            parts[ct.ZERO_POINT] = self.weight_zero_point
+        return dict(sorted(parts.items()))
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        for key, t in self.compressed_parts().items():
+            destination[prefix + key] = t
+        if self.bias is not None:
+            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        parts = {k: state_dict[prefix + k] for k in ct.PARTS if prefix + k in state_dict}
+        missing = [prefix + k for k in ct.layout((self.out_features, self.in_features), self.spec, torch.float16)
+                   if k not in parts]
+        if self.bias is not None and prefix + "bias" not in state_dict:
+            missing.append(prefix + "bias")
+        missing_keys.extend(missing)
+        if strict:
+            own = set(ct.PARTS) | {"bias"}
+            unexpected_keys.extend(k for k in state_dict if k.startswith(prefix) and "." not in k[len(prefix):]
+                                   and k[len(prefix):] not in own)
+        if missing:
+            return
+        try:
+            self._install(parts, self.device, self.compute_dtype, copy=True)
+            if self.bias is not None:
+                with torch.no_grad():
+                    self.bias.copy_(state_dict[prefix + "bias"])
+        except (QtoolError, RuntimeError) as e:
+            error_msgs.append(f"{prefix or self.label}: {e}")
+
+    def _apply(self, fn, recurse=True):
+        """`.to()`, `.cuda()`, `.half()`...: applied to the compressed-tensors tensors, then the layout is built
+        again for the new device and dtype (a CPU kernel layout means nothing on a GPU)."""
+        parts = self.compressed_parts()
+        probe = fn(torch.empty(0, dtype=self.compute_dtype, device=self.device))
+        for key in list(self._buffers):
+            del self._buffers[key]
+        super()._apply(fn, recurse)  # the bias
+        self._install({k: fn(v) for k, v in parts.items()}, probe.device, probe.dtype)
+        return self
 
     # ---- dequantization -------------------------------------------------------------------------------------
     def tile_rows(self) -> int:
-        """Output rows per tile: about TILE_ELEMS dense elements, a multiple of _ROW_ALIGN."""
-        elems = TILE_ELEMS.get(self.weight_packed.device.type, TILE_ELEMS["cuda"])
-        rows = max(_ROW_ALIGN, elems // max(self.in_features, 1) // _ROW_ALIGN * _ROW_ALIGN)
+        """Output rows per tile: about TILE_ELEMS dense elements, a multiple of the row alignment."""
+        align = math.lcm(_ROW_ALIGN, self.path.row_align)
+        elems = TILE_ELEMS.get(self.device.type, TILE_ELEMS["cuda"])
+        rows = max(align, elems // max(self.in_features, 1) // align * align)
         return min(rows, self.out_features)
 
-    def _zero_point(self, r0: int, r1: int) -> torch.Tensor | None:
+    def zero_point_rows(self, r0: int, r1: int) -> torch.Tensor | None:
+        """The zero points of rows r0:r1 as int8 [r1 - r0, groups] (r0 word-aligned), [1] for the tensor
+        strategy, None when symmetric."""
         zp = self.weight_zero_point
         if zp is None or zp.dim() == 1:
             return zp
         bits = self.spec.bits
-        w0, w1 = r0 * bits // 32, packed_len(r1, bits)  # r0 is word-aligned (tile rows % _ROW_ALIGN == 0)
+        w0, w1 = r0 * bits // 32, packed_len(r1, bits)
         return unpack_int32(zp[w0:w1], bits, (r1 - r0, zp.shape[1]), dim=0)
 
     def _scale(self, r0: int, r1: int) -> torch.Tensor:
@@ -95,128 +181,99 @@ class QuantLinear(nn.Module):
 
     def dequantize_rows(self, r0: int, r1: int, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Dense Ŵ[r0:r1] (in the scale's dtype unless `dtype`), exactly as compressed-tensors decompresses it."""
-        q = unpack_int32(self.weight_packed[r0:r1], self.spec.bits, (r1 - r0, self.in_features))
-        return dequantize_codes(q, self._scale(r0, r1), self._zero_point(r0, r1), self.spec, dtype=dtype)
+        return dequantize_codes(self.path.codes(self, r0, r1), self._scale(r0, r1), self.zero_point_rows(r0, r1),
+                                self.spec, dtype=dtype)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The whole dense weight [out, in] (for tests and export; forward never calls it)."""
         return self.dequantize_rows(0, self.out_features, dtype)
 
-    # ---- the compute layout ---------------------------------------------------------------------------------
-    # Interleaving the two nibbles of every byte back into column order is the slowest step of unpacking int4
-    # (a strided write). The forward pass skips it: a tile holds, per block of input columns (a group, or the
-    # whole padded row), first the low nibbles then the high ones, and the input's columns are put in that
-    # same order once per call. Each weight is still exactly (q - zp)·scale; only the order of the sum changes.
-    def _block(self) -> int | None:
-        """Columns per block of the int4 compute layout (None: columns stay in their natural order)."""
-        if self.spec.bits != 4:
-            return None
-        if self.spec.group_size > 0:
-            return self.spec.group_size if self.spec.group_size % 2 == 0 else None
-        return 4 * self.weight_packed.shape[1] * 2  # channel/tensor: the whole row, padding included
-
-    def _kernel_width(self) -> int:
-        blk = self._block()
-        return self.in_features if blk is None or self.spec.group_size > 0 else blk
-
-    def _to_kernel(self, x2: torch.Tensor) -> torch.Tensor:
-        """[n, in] input columns -> the compute layout [n, width]."""
-        blk = self._block()
-        if blk is None:
-            return x2
-        width = self._kernel_width()
-        if width != x2.shape[1]:
-            x2 = F.pad(x2, (0, width - x2.shape[1]))
-        return x2.reshape(x2.shape[0], -1, blk // 2, 2).transpose(-1, -2).reshape(x2.shape[0], width)
-
-    def _from_kernel(self, g2: torch.Tensor) -> torch.Tensor:
-        """Inverse of _to_kernel (for the input gradient)."""
-        blk = self._block()
-        if blk is None:
-            return g2
-        g2 = g2.reshape(g2.shape[0], -1, 2, blk // 2).transpose(-1, -2).reshape(g2.shape[0], -1)
-        return g2[:, : self.in_features]
-
-    def _kernel_codes(self, r0: int, r1: int) -> torch.Tensor:
-        """int8 codes q of rows r0:r1 in the compute layout."""
-        blk = self._block()
-        rows = r1 - r0
-        b = self.weight_packed[r0:r1].view(torch.uint8)  # the words' bytes, little-endian on every torch device
-        if self.spec.bits == 8:  # one code per byte, stored as q + 128
-            return (b[:, : self.in_features] ^ 0x80).view(torch.int8)
-        if blk is None:
-            return unpack_int32(self.weight_packed[r0:r1], self.spec.bits, (rows, self.in_features))
-        width = self._kernel_width()
-        # q + 8 in a nibble; xor 8 turns it into q as a 4-bit two's complement, and arithmetic shifts
-        # sign-extend each nibble into an int8
-        c = (b[:, : width // 2] ^ 0x88).view(torch.int8).view(rows, -1, blk // 2)
-        out = torch.empty(rows, c.shape[1], 2, blk // 2, dtype=torch.int8, device=b.device)
-        torch.bitwise_left_shift(c, 4, out=out[:, :, 0])
-        out[:, :, 0] >>= 4
-        torch.bitwise_right_shift(c, 4, out=out[:, :, 1])
-        return out.view(rows, width)
-
     def kernel_rows(self, r0: int, r1: int, dtype: torch.dtype) -> torch.Tensor:
-        """Ŵ[r0:r1] in the compute layout, each element bit-identical to dequantize_rows'."""
-        q = self._kernel_codes(r0, r1)
-        return dequantize_codes(q, self._scale(r0, r1), self._zero_point(r0, r1), self.spec, dtype=dtype)
+        """Ŵ[r0:r1] in the tiled matmul's column order, each element bit-identical to dequantize_rows'."""
+        return dequantize_codes(self.path.tile_codes(self, r0, r1), self._scale(r0, r1),
+                                self.zero_point_rows(r0, r1), self.spec, dtype=dtype)
 
     # ---- forward --------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return _TiledQuantMatmul.apply(x, self, bias)
+        return _QuantMatmul.apply(x, self, bias)
 
     @property
     def weight_nbytes(self) -> int:
-        """Bytes of the stored quantized weight (packed codes, scales, zero points, shape)."""
-        return sum(b.numel() * b.element_size() for b in self.buffers(recurse=False) if b is not None)
+        """Bytes the layer holds for its weight (codes in the path's layout, scales, zeros, shape; a buffer that
+        is a view of another counts once)."""
+        storages = {}
+        for b in self.buffers(recurse=False):
+            if b is not None:
+                st = b.untyped_storage()
+                storages[(st.data_ptr(), b.device)] = st.nbytes()
+        return sum(storages.values())
+
+    @property
+    def stored_nbytes(self) -> int:
+        """Bytes of the module's compressed-tensors tensors (what a checkpoint holds for it)."""
+        stored = ct.layout((self.out_features, self.in_features), self.spec, self.weight_scale.dtype)
+        return sum(math.prod(shape) * dtype.itemsize for shape, dtype in stored.values())
 
     def extra_repr(self) -> str:
         s = self.spec
         kind = {"tensor": "tensor", "channel": "channel"}.get(s.strategy, f"group={s.group_size}")
         return (f"in_features={self.in_features}, out_features={self.out_features}, int{s.bits} "
-                f"{'sym' if s.symmetric else 'asym'} {kind}, bias={self.bias is not None}")
+                f"{'sym' if s.symmetric else 'asym'} {kind}, bias={self.bias is not None}, path={self.path.name}")
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    # CPU matmuls in float16/bfloat16 are several times slower than in float32 without native support, and
-    # accumulate in float32 anyway: multiply there and round the output once to the input's dtype.
-    return torch.float32 if x.device.type == "cpu" else x.dtype
+    return kernels.tile_dtype(x.dtype, x.device)
 
 
-class _TiledQuantMatmul(torch.autograd.Function):
-    """x @ Ŵᵀ + b over row tiles of Ŵ. The backward pass dequantizes the tiles again rather than keeping
-    them, so training adapters on top of a QuantLinear also never holds the dense weight."""
+class _QuantMatmul(torch.autograd.Function):
+    """x @ Ŵᵀ + b: the layer's kernel when it serves x, else row tiles of Ŵ. The backward pass dequantizes the
+    tiles again rather than keeping them, so training adapters on a QuantLinear never holds the dense weight."""
 
     @staticmethod
     def forward(ctx, x, layer: QuantLinear, bias):
         ctx.layer = layer
         ctx.has_bias = bias is not None
-        cd = _compute_dtype(x)
-        xk = layer._to_kernel(x.reshape(-1, x.shape[-1]).to(cd))
-        out = torch.empty(xk.shape[0], layer.out_features, dtype=cd, device=x.device)
-        step = layer.tile_rows()
-        for r0 in range(0, layer.out_features, step):
-            r1 = min(r0 + step, layer.out_features)
-            torch.mm(xk, layer.kernel_rows(r0, r1, cd).t(), out=out[:, r0:r1])
-        if bias is not None:
-            out += bias
-        return out.to(x.dtype).view(*x.shape[:-1], layer.out_features)
+        x2 = x.reshape(-1, x.shape[-1])
+        if layer.path.serves(x2):
+            out = layer.path.mm(layer, x2)
+            if bias is not None:
+                out += bias
+        else:
+            out = _tiled(layer, x2, bias)
+        return out.view(*x.shape[:-1], layer.out_features)
 
     @staticmethod
     def backward(ctx, grad_out):
-        layer = ctx.layer
+        layer, path = ctx.layer, ctx.layer.path
         grad_x = grad_b = None
         g2 = grad_out.reshape(-1, layer.out_features)
         if ctx.needs_input_grad[0]:
             cd = _compute_dtype(grad_out)
             gc = g2.to(cd)
-            gk = torch.zeros(g2.shape[0], layer._kernel_width(), dtype=cd, device=grad_out.device)
+            # every input column sums over all tiles: in float32, each tile's product rounded at most once
+            gk = torch.zeros(g2.shape[0], path.width(layer), dtype=torch.float32, device=grad_out.device)
             step = layer.tile_rows()
             for r0 in range(0, layer.out_features, step):
                 r1 = min(r0 + step, layer.out_features)
-                gk.addmm_(gc[:, r0:r1], layer.kernel_rows(r0, r1, cd))
-            grad_x = layer._from_kernel(gk).to(grad_out.dtype).view(*grad_out.shape[:-1], layer.in_features)
+                if cd == torch.float32:
+                    gk.addmm_(gc[:, r0:r1], layer.kernel_rows(r0, r1, cd))
+                else:
+                    gk += torch.mm(gc[:, r0:r1], layer.kernel_rows(r0, r1, cd))
+            grad_x = path.from_cols(layer, gk).to(grad_out.dtype).view(*grad_out.shape[:-1], layer.in_features)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = g2.sum(0)
         return grad_x, None, grad_b
+
+
+def _tiled(layer: QuantLinear, x2: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    cd = _compute_dtype(x2)
+    xk = layer.path.to_cols(layer, x2.to(cd))
+    out = torch.empty(xk.shape[0], layer.out_features, dtype=cd, device=x2.device)
+    step = layer.tile_rows()
+    for r0 in range(0, layer.out_features, step):
+        r1 = min(r0 + step, layer.out_features)
+        torch.mm(xk, layer.kernel_rows(r0, r1, cd).t(), out=out[:, r0:r1])
+    if bias is not None:
+        out += bias
+    return out.to(x2.dtype)

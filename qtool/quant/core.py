@@ -16,6 +16,7 @@ import math
 import torch
 
 from .spec import QuantSpec
+from ..errors import ArgumentError
 
 # Dtypes CT keeps for scales; any other weight dtype gets float16 scales (initialize_qparams step 2).
 SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -33,9 +34,10 @@ def scale_dtype_for(dtype: torch.dtype) -> torch.dtype:
 def check_shape(w: torch.Tensor, spec: QuantSpec) -> None:
     """Raise ValueError unless w is 2-D and, for groups, its columns split evenly into groups."""
     if w.ndim != 2:
-        raise ValueError(f"expected a 2-D weight, got shape {tuple(w.shape)}")
+        raise ArgumentError("w", f"expected a 2-D weight, got shape {tuple(w.shape)}")
     if spec.group_size > 0 and w.shape[1] % spec.group_size:
-        raise ValueError(
+        raise ArgumentError(
+            "w",
             f"{w.shape[1]} input columns are not divisible by the group size {spec.group_size}"
         )
 
@@ -240,7 +242,7 @@ def stats_from_sums(sums: tuple[float, float, float, float], n: int) -> dict:
 def error_stats(w: torch.Tensor, w_hat: torch.Tensor) -> dict:
     """rel_error, sqnr_db, max_abs, mse, cosine of a reconstruction, one cache-sized chunk at a time."""
     if w.shape != w_hat.shape:
-        raise ValueError(f"shapes differ: {tuple(w.shape)} vs {tuple(w_hat.shape)}")
+        raise ArgumentError("w_hat", f"shapes differ: {tuple(w.shape)} vs {tuple(w_hat.shape)}")
     a = w.reshape(w.shape[0] if w.ndim > 1 else 1, -1)
     b = w_hat.reshape(a.shape)
     acc = ErrorAccumulator()

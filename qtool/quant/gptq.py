@@ -15,6 +15,7 @@ from ..runtime import exact_matmul
 from .core import check_shape, scale_dtype_for
 from .qparams import minmax_qparams, mse_qparams
 from .spec import QuantSpec
+from ..errors import ArgumentError
 
 DAMP_RETRIES = 3  # damping is raised x10 this many times before giving up
 
@@ -64,7 +65,7 @@ def gptq_quantize(
     check_shape(w, spec)
     rows, cols = w.shape
     if hessian.shape != (cols, cols):
-        raise ValueError(f"hessian shape {tuple(hessian.shape)} does not match {cols} input columns")
+        raise ArgumentError("hessian", f"hessian shape {tuple(hessian.shape)} does not match {cols} input columns")
     device = w.device
     sdt = scale_dtype_for(w.dtype)
     with exact_matmul(device), torch.no_grad():
@@ -73,81 +74,99 @@ def gptq_quantize(
             raise QtoolError(name or "weight", "hessian has non-finite values")
         dead = torch.diagonal(H) <= 0
         importance = torch.where(dead, 1.0, torch.diagonal(H))
-        W = w.to(torch.float32).clone()
-
-        width = spec.group_width(cols)
         static = act_order or spec.strategy != "group"
         if static:
             # group params from the original weights (storable with act-order: no g_idx)
-            pick = mse_qparams if search else (lambda x, s, importance=None: minmax_qparams(x, s))
-            scale, zp = pick(w.to(sdt), spec, importance=importance)
+            scale, zp = _group_qparams(w.to(sdt), spec, importance, search)
         else:
             scale = torch.empty((rows, spec.n_groups(cols)), dtype=sdt, device=device)
             zp = None if spec.symmetric else torch.empty((rows, spec.n_groups(cols)), dtype=torch.int8, device=device)
-
         perm = torch.argsort(importance, descending=True, stable=True) if act_order else None
-        if perm is not None:
-            W = W[:, perm]
-            H = H.index_select(0, perm).index_select(1, perm)  # a permuted copy: the caller's H is left alone
-        else:
-            H = H.clone()
-        # dead columns (no input ever reached them) get H[i, i] = 1: quantized on their own, no error spread
-        dead_now = dead[perm] if perm is not None else dead
-        H[dead_now, dead_now] = 1.0
-        U = _inverse_cholesky(H, damp, name)
+        U = _permuted_inverse(H, dead, perm, damp, name)
         del H
-
-        col_group = torch.arange(cols, device=device) // width
+        col_group = torch.arange(cols, device=device) // spec.group_width(cols)
+        W = w.to(torch.float32).clone()
         if perm is not None:
-            col_group = col_group[perm]
-        Q = torch.empty((rows, cols), dtype=torch.int8, device=device)
-        qmin, qmax = float(spec.qmin), float(spec.qmax)
+            W, col_group = W[:, perm], col_group[perm]
+        Q = _Columns(W, U, scale, zp, spec, sdt, col_group, importance if not static else None, search).run(block_size)
+        if perm is not None:
+            Q = Q[:, torch.argsort(perm)]
+        return Q.contiguous(), scale, zp
 
-        def col_params(g: int):
-            # scale/zp of group g as float32 columns [rows]
-            s = scale[:, g] if scale.ndim == 2 else scale.expand(rows)
-            z = None if zp is None else (zp[:, g] if zp.ndim == 2 else zp.expand(rows))
-            return s, z
 
-        for i1 in range(0, cols, block_size):
-            i2 = min(cols, i1 + block_size)
+def _group_qparams(x: torch.Tensor, spec: QuantSpec, importance: torch.Tensor, search: bool):
+    """Group scales: the importance-weighted search, or min-max."""
+    return mse_qparams(x, spec, importance=importance) if search else minmax_qparams(x, spec)
+
+
+def _permuted_inverse(H: torch.Tensor, dead, perm, damp: float, name: str) -> torch.Tensor:
+    """The Cholesky factor of the damped inverse of H in processing order (a permuted copy: the caller's H is left
+    alone). Dead columns (no input ever reached them) get H[i, i] = 1: quantized on their own, no error spread."""
+    if perm is not None:
+        H = H.index_select(0, perm).index_select(1, perm)
+        dead = dead[perm]
+    else:
+        H = H.clone()
+    H[dead, dead] = 1.0
+    return _inverse_cholesky(H, damp, name)
+
+
+class _Columns:
+    """The column loop of GPTQ over W (float32, in processing order): quantize a column, push its error onto the
+    columns not yet quantized, in lazy blocks. `lazy_importance` is set for groups whose parameters are taken from
+    the already-updated weights as the loop reaches them (no act-order)."""
+
+    def __init__(self, W, U, scale, zp, spec: QuantSpec, sdt, col_group, lazy_importance, search: bool):
+        self.W, self.U, self.scale, self.zp, self.spec, self.sdt = W, U, scale, zp, spec, sdt
+        self.col_group, self.lazy, self.search = col_group, lazy_importance, search
+        self.rows, self.cols = W.shape
+        self.width = spec.group_width(self.cols)
+        self.Q = torch.empty((self.rows, self.cols), dtype=torch.int8, device=W.device)
+
+    def run(self, block_size: int) -> torch.Tensor:
+        W, U = self.W, self.U
+        for i1 in range(0, self.cols, block_size):
+            i2 = min(self.cols, i1 + block_size)
             W1 = W[:, i1:i2].clone()
             Err1 = torch.empty_like(W1)
             U1 = U[i1:i2, i1:i2]
             for i in range(i2 - i1):
                 j = i1 + i
-                g = int(col_group[j])
-                if not static and j % width == 0:
-                    # lazy groups (no act-order): params from the already-updated weights of the group
-                    # (columns past this block still hold their pre-block values, as in the reference)
-                    blk = torch.cat([W1[:, i:i + width], W[:, i2:j + width]], dim=1)
-                    sg, zg = (mse_qparams if search else
-                              (lambda x, s, importance=None: minmax_qparams(x, s)))(
-                        blk.to(sdt), QuantSpec(spec.bits, spec.symmetric, -1, spec.method),
-                        importance=importance[j:j + width])
-                    scale[:, g] = sg[:, 0]
-                    if zp is not None:
-                        zp[:, g] = zg[:, 0]
-                s, z = col_params(g)
+                if self.lazy is not None and j % self.width == 0:
+                    self._lazy_group(W1, i, i2, j)
                 x = W1[:, i]
-                s32 = s.float()
-                q = x / s32
-                if z is not None:
-                    q = q + z.float()
-                q = q.clamp_(qmin, qmax).round_()
-                Q[:, j] = q.to(torch.int8)
-                if z is not None:
-                    q = q - z.float()
-                # dequantized exactly as stored: product rounded to the scale dtype
-                dq = (q * s32).to(sdt).float()
-                err = (x - dq) / U1[i, i]
+                err = (x - self._quantize(x, j)) / U1[i, i]
                 W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
                 Err1[:, i] = err
             W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+        return self.Q
 
-        if perm is not None:
-            Q = Q[:, torch.argsort(perm)]
-        return Q.contiguous(), scale, zp
+    def _lazy_group(self, W1, i: int, i2: int, j: int) -> None:
+        # params from the already-updated weights of the group (columns past this block still hold their pre-block
+        # values, as in the reference)
+        g = int(self.col_group[j])
+        blk = torch.cat([W1[:, i:i + self.width], self.W[:, i2:j + self.width]], dim=1)
+        flat = QuantSpec(self.spec.bits, self.spec.symmetric, -1, self.spec.method)
+        sg, zg = _group_qparams(blk.to(self.sdt), flat, self.lazy[j:j + self.width], self.search)
+        self.scale[:, g] = sg[:, 0]
+        if self.zp is not None:
+            self.zp[:, g] = zg[:, 0]
+
+    def _quantize(self, x: torch.Tensor, j: int) -> torch.Tensor:
+        """Column j's codes into Q; returns the column dequantized exactly as stored (product rounded to the scale
+        dtype), in float32."""
+        g = int(self.col_group[j])
+        scale, zp, rows = self.scale, self.zp, self.rows
+        s32 = (scale[:, g] if scale.ndim == 2 else scale.expand(rows)).float()
+        z = None if zp is None else (zp[:, g] if zp.ndim == 2 else zp.expand(rows)).float()
+        q = x / s32
+        if z is not None:
+            q = q + z
+        q = q.clamp_(float(self.spec.qmin), float(self.spec.qmax)).round_()
+        self.Q[:, j] = q.to(torch.int8)
+        if z is not None:
+            q = q - z
+        return (q * s32).to(self.sdt).float()
 
 
 def output_error(w: torch.Tensor, w_hat: torch.Tensor, hessian: torch.Tensor, rows: int = 256) -> float:

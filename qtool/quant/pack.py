@@ -11,6 +11,7 @@ import sys
 
 import torch
 import torch.nn.functional as F
+from ..errors import ArgumentError
 
 SUPPORTED_BITS = (1, 2, 4, 8)
 
@@ -27,10 +28,10 @@ def packed_shape(rows: int, cols: int, bits: int) -> tuple[int, int]:
 
 def _check_bits(bits: int) -> None:
     if bits not in SUPPORTED_BITS:
-        raise ValueError(f"packing supports {SUPPORTED_BITS} bits, not {bits}")
+        raise ArgumentError("bits", f"packing supports {SUPPORTED_BITS} bits, not {bits}")
 
 
-def _bytes_to_words(b: torch.Tensor) -> torch.Tensor:
+def bytes_to_words(b: torch.Tensor) -> torch.Tensor:
     """[rows, 4k] uint8 (little-endian word bytes) -> [rows, k] int32."""
     b = b.contiguous()
     if b.device.type == "cpu" and sys.byteorder == "big":
@@ -39,7 +40,8 @@ def _bytes_to_words(b: torch.Tensor) -> torch.Tensor:
     return b.reshape(-1).view(torch.int32).view(b.shape[0], -1)
 
 
-def _words_to_bytes(w: torch.Tensor) -> torch.Tensor:
+def words_to_bytes(w: torch.Tensor) -> torch.Tensor:
+    """[rows, k] int32 -> [rows, 4k] uint8, each word's bytes little-endian (a view where the host is)."""
     b = w.contiguous().reshape(-1).view(torch.uint8).view(w.shape[0], -1)
     if w.device.type == "cpu" and sys.byteorder == "big":
         b = b.view(b.shape[0], -1, 4).flip(-1).reshape(b.shape[0], -1)
@@ -59,7 +61,7 @@ def _pack_rows(q: torch.Tensor, bits: int) -> torch.Tensor:
             u = F.pad(u, (0, pad))
         if bits == 4:
             u = u[:, 0::2] | (u[:, 1::2] << 4)
-        return _bytes_to_words(u)
+        return bytes_to_words(u)
     u = q.to(torch.int64) + (1 << (bits - 1))
     if pad:
         u = F.pad(u, (0, pad))
@@ -72,9 +74,9 @@ def _pack_rows(q: torch.Tensor, bits: int) -> torch.Tensor:
 def _unpack_rows(p: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
     rows = p.shape[0]
     if bits == 8:  # one code per byte: xor 0x80 turns q + 128 back into q as a two's-complement byte
-        return (_words_to_bytes(p)[:, :cols] ^ 0x80).view(torch.int8)
+        return (words_to_bytes(p)[:, :cols] ^ 0x80).view(torch.int8)
     if bits == 4:
-        b = _words_to_bytes(p)
+        b = words_to_bytes(p)
         u = torch.empty((rows, b.shape[1] * 2), dtype=torch.uint8, device=p.device)
         u[:, 0::2] = b & 0xF
         u[:, 1::2] = b >> 4
@@ -89,9 +91,9 @@ def pack_int32(q: torch.Tensor, bits: int, dim: int = 1) -> torch.Tensor:
     """Pack int8 codes in [-2^(b-1), 2^(b-1)-1] of a 2-D tensor along `dim` into int32 (CT layout)."""
     _check_bits(bits)
     if q.dtype != torch.int8:
-        raise ValueError(f"codes must be int8 before packing, got {q.dtype}")
+        raise ArgumentError("q", f"codes must be int8 before packing, got {q.dtype}")
     if q.ndim != 2 or dim not in (0, 1):
-        raise ValueError("pack_int32 takes a 2-D tensor and dim 0 or 1")
+        raise ArgumentError("q", "pack_int32 takes a 2-D tensor and dim 0 or 1")
     if dim == 0:
         return _pack_rows(q.t(), bits).t().contiguous()
     return _pack_rows(q, bits)
@@ -101,15 +103,16 @@ def unpack_int32(packed: torch.Tensor, bits: int, shape, dim: int = 1) -> torch.
     """Reverse pack_int32: int32 words -> int8 codes of the 2-D `shape` (a tuple, Size or int tensor)."""
     _check_bits(bits)
     if packed.dtype != torch.int32:
-        raise ValueError(f"packed codes must be int32, got {packed.dtype}")
+        raise ArgumentError("packed", f"packed codes must be int32, got {packed.dtype}")
     shape = [int(s) for s in shape]
     if packed.ndim != 2 or len(shape) != 2 or dim not in (0, 1):
-        raise ValueError("unpack_int32 takes a 2-D tensor, a 2-D shape and dim 0 or 1")
+        raise ArgumentError("packed", "unpack_int32 takes a 2-D tensor, a 2-D shape and dim 0 or 1")
     n = shape[dim]
     other = shape[1 - dim]
     p = packed.t() if dim == 0 else packed
     if p.shape[0] != other or p.shape[1] != packed_len(n, bits):
-        raise ValueError(
+        raise ArgumentError(
+            "packed",
             f"packed shape {tuple(packed.shape)} does not match {bits}-bit codes of shape {tuple(shape)}"
         )
     out = _unpack_rows(p, bits, n)

@@ -8,6 +8,7 @@ from . import search
 from .backend import active
 from .core import check_shape, dequantize, qparams_from_minmax, quantize, scale_dtype_for
 from .spec import QuantSpec
+from ..errors import ArgumentError
 
 
 def minmax_qparams(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -48,7 +49,7 @@ def choose_qparams(w: torch.Tensor, spec: QuantSpec, method: str | None = None,
         return minmax_qparams(w, spec)
     if method == "mse":
         return mse_qparams(w, spec, importance=importance)
-    raise ValueError(f"{method!r} scales need more than the weight (gptq: use gptq_quantize)")
+    raise ArgumentError("method", f"{method!r} scales need more than the weight (gptq: use gptq_quantize)")
 
 
 def fake_quantize(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:

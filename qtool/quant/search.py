@@ -16,6 +16,7 @@ import torch
 
 from .core import check_shape, grouped, group_minmax
 from .spec import QuantSpec
+from ..errors import ArgumentError
 
 # Symmetric: fractions of max|x| mapped to the code range. Asymmetric: per-side shrink ratios.
 # Small on purpose: the closed-form refit does most of the work (MiniLM int4 g128 sym, mean rel_error of the 36
@@ -97,7 +98,7 @@ def importance_weights(importance: torch.Tensor | None, cols: int, device) -> to
         return None
     imp = importance.to(device=device, dtype=torch.float32).reshape(-1)
     if imp.numel() != cols:
-        raise ValueError(f"importance has {imp.numel()} values for {cols} input columns")
+        raise ArgumentError("importance", f"importance has {imp.numel()} values for {cols} input columns")
     # a column no input ever reached still deserves a little weight, so its group is not left arbitrary
     floor = imp.mean().clamp_min(1e-12) * 1e-3 if imp.numel() else 1.0
     return torch.clamp(torch.nan_to_num(imp, nan=0.0), min=0.0) + floor

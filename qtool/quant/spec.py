@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from ..errors import ArgumentError
+
 METHODS = ("rtn", "mse", "gptq")
 # The contract's grouping when none is asked for: int4 → groups of 128 input columns, int8 → one scale per channel.
 DEFAULT_GROUP_SIZE = {4: 128, 8: -1}
@@ -23,14 +25,16 @@ class QuantSpec:
     method: str = "mse"
 
     def __post_init__(self):
-        if self.bits not in DEFAULT_GROUP_SIZE:
-            raise ValueError(f"bits must be 4 or 8, not {self.bits}")
+        if isinstance(self.bits, bool) or self.bits not in DEFAULT_GROUP_SIZE:
+            raise ArgumentError("bits", f"must be 4 or 8, not {self.bits!r}")
+        if not isinstance(self.symmetric, bool):
+            raise ArgumentError("symmetric", f"must be True or False, not {self.symmetric!r}")
         if self.group_size is None:
             object.__setattr__(self, "group_size", DEFAULT_GROUP_SIZE[self.bits])
-        if self.group_size < -1:
-            raise ValueError(f"group size must be N > 0, -1 (per channel) or 0 (per tensor), not {self.group_size}")
+        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < -1:
+            raise ArgumentError("group_size", f"must be N > 0, -1 (per channel) or 0 (per tensor), not {self.group_size!r}")
         if self.method not in METHODS:
-            raise ValueError(f"method must be one of {', '.join(METHODS)}, not {self.method!r}")
+            raise ArgumentError("method", f"must be one of {', '.join(METHODS)}, not {self.method!r}")
 
     @classmethod
     def default(cls, bits: int = 4, method: str = "mse") -> "QuantSpec":

@@ -14,6 +14,7 @@ from .gptq import gptq_quantize
 from .pack import pack_int32, unpack_int32
 from .qparams import choose_qparams
 from .spec import QuantSpec
+from ..errors import ArgumentError
 
 GPTQ_BLOCK = 128  # columns per lazy GPTQ update block
 
@@ -75,7 +76,7 @@ def quantize_weight(w: torch.Tensor, spec: QuantSpec, *, importance: torch.Tenso
 
 def _gptq(w, spec, hessian, damp, name, shape) -> QuantizedWeight:
     if hessian is None:
-        raise ValueError("gptq needs the input Hessian")
+        raise ArgumentError("hessian", "gptq needs the input Hessian")
     q, scale, zp = gptq_quantize(w, hessian, spec, damp=damp, block_size=GPTQ_BLOCK, name=name)
     err = error_stats(w, dequantize(q, scale, zp, spec, dtype=w.dtype))
     return QuantizedWeight(pack_int32(q, spec.bits, dim=1), scale, zp, spec, shape, err,

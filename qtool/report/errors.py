@@ -1,10 +1,14 @@
-"""Error reports: per-tensor error blocks, their summary, and the quality gate."""
+"""The error parts of a report: the summary of the per-tensor errors, and the quality gate."""
 from __future__ import annotations
 
 import math
 
+from .schema import Gate, Layer, Summary
 
-def summarize(layers: list[dict], worst: int = 5) -> dict | None:
+WORST = 5  # names in summary.worst unless the job is asked for another number (inspect --top)
+
+
+def summary_part(layers: list[Layer], worst: int = WORST) -> Summary | None:
     # Averages over the quantized tensors when there are any: copied tensors' zero errors would dilute them.
     rows = [r for r in layers if r.get("error")]
     if any(r.get("quantized") for r in rows):
@@ -23,11 +27,11 @@ def summarize(layers: list[dict], worst: int = 5) -> dict | None:
     }
 
 
-def gate(layers: list[dict], max_rel_error: float | None) -> dict | None:
+def gate_part(layers: list[Layer], max_rel_error: float | None) -> Gate | None:
+    """Every tensor with an error block counts, dense ones included (a merge or any other change is gated too)."""
     if max_rel_error is None:
         return None
-    failed = [r["name"] for r in layers
-              if r.get("quantized") and r.get("error") and not (r["error"]["rel_error"] <= max_rel_error)]
+    failed = [r["name"] for r in layers if r.get("error") and not (r["error"]["rel_error"] <= max_rel_error)]
     return {"max_rel_error": max_rel_error, "passed": not failed, "failed": failed}
 
 

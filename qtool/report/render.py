@@ -43,9 +43,25 @@ def write_json(report: dict, path) -> None:
 
 
 def render(report: dict, top: int = 10, console: Console | None = None) -> None:
-    """Print the summary tables of any report (inspect, quantize, merge-lora)."""
+    """Print the summary tables of a report, as its `kind` calls for (inspect, quantize, dequantize, merge)."""
     # Logs are not terminals: give tables room so tensor names are never cut.
     console = console or Console(file=sys.stdout, width=None if sys.stdout.isatty() else 200)
+    console.print(_head(report))
+    console.print(_dtypes(report))
+    console.print(_estimates(report))
+    _BODIES[report["kind"]](report, top, console)
+    _render_gate(report, console)
+
+
+def _scaling(s) -> str:
+    if isinstance(s, dict):
+        return f"{_num(min(s.values()))}–{_num(max(s.values()))} by module"
+    if isinstance(s, list):
+        return ", ".join(_scaling(x) for x in s)
+    return _num(s)
+
+
+def _head(report: dict) -> Table:
     head = Table(title=f"qtool {report['qtool_version']}: {report['source']}", show_header=False, title_justify="left")
     head.add_column(style="bold")
     head.add_column()
@@ -56,77 +72,98 @@ def render(report: dict, top: int = 10, console: Console | None = None) -> None:
     head.add_row("bits per parameter", _num(report["bits_per_parameter"], "{:.3f}"))
     q = report.get("quantization")
     if q:
-        head.add_row("quantization", f"int{q['bits']} {'symmetric' if q['symmetric'] else 'asymmetric'}, "
-                     f"group size {q['group_size']}, {q.get('format')}" + (f", method {q['method']}" if q.get("method") else ""))
+        scheme = (f"int{q['bits']} {'symmetric' if q['symmetric'] else 'asymmetric'}, group size {q['group_size']}"
+                  if q["bits"] is not None else "schemes differ by module")
+        head.add_row("quantization", f"{scheme}, {q.get('format')}" + (f", method {q['method']}" if q.get("method") else ""))
         if q.get("bits_per_weight") is not None:
             head.add_row("bits per quantized weight", f"{q['bits_per_weight']:.3f} ({q.get('quantized_tensors')} tensors)")
         if q.get("vllm_servable") is False:
-            head.add_row("note", "per-tensor scales: valid compressed-tensors, but vLLM will not serve it")
+            head.add_row("note", f"group size {q['group_size']}: valid compressed-tensors, but vLLM will not serve it "
+                                 "(its weight-only kernels take groups of 32, 64 or 128 columns, or per channel)")
     lora = report.get("lora")
     if lora:
-        head.add_row("LoRA", f"rank {lora['rank']}, alpha {lora['alpha']}, scaling {_num(lora.get('scaling'))}")
+        head.add_row("LoRA", f"rank {lora['rank']}, alpha {lora['alpha']}, scaling {_scaling(lora.get('scaling'))}")
         head.add_row("LoRA targets", ", ".join(lora["targets"]))
         frac = lora.get("fraction_of_base")
         head.add_row("adapter parameters", f"{lora['parameters']:,}" + (f" ({100 * frac:.3f}% of the base)" if frac is not None else ""))
     lt = report.get("lora_training")
     if lt:
+        acts = (f" + activations {human_bytes(lt['activation_bytes'])} for {lt['tokens']:,} tokens"
+                if lt.get("tokens") and lt.get("activation_bytes_per_token") else "")
         head.add_row(f"LoRA fine-tune, rank {lt['rank']}",
                      f"{human_bytes(lt['total_bytes'])}: base {human_bytes(lt['base_bytes'])} + adapter {lt['adapter_parameters']:,} "
-                     f"parameters on {lt['targets']} layers ×(weights, gradients, 2 Adam states) in float32")
+                     f"parameters on {lt['targets']} layers ×(weights, gradients, 2 Adam states) in float32{acts}")
     t = report.get("timing")
     if t:
         head.add_row("time", f"{t['seconds']:.2f} s ({_num(t.get('input_gb_per_s'), '{:.2f}')} GB/s of input)")
-    console.print(head)
+    return head
 
+
+def _dtypes(report: dict) -> Table:
     dt = Table(title="by dtype", title_justify="left")
     for c in ("dtype", "tensors", "parameters", "bytes"):
         dt.add_column(c, justify="left" if c == "dtype" else "right")
     for name, d in report["dtypes"].items():
         dt.add_row(name, f"{d['tensors']:,}", f"{d['parameters']:,}", human_bytes(d["bytes"]))
-    console.print(dt)
+    return dt
 
+
+def _estimates(report: dict) -> Table:
     est = Table(title="the same model at other widths", title_justify="left")
     for c in report["estimates"]:
         est.add_column(c, justify="right")
     est.add_row(*(human_bytes(v) for v in report["estimates"].values()))
-    console.print(est)
+    return est
 
+
+def _merged(report: dict, top: int, console: Console) -> None:
+    """merge-lora: the merged tensors that changed most."""
+    merged = [r for r in report["layers"] if r.get("delta_rel_norm") is not None]
+    if not merged:
+        return _largest(report, top, console)
+    big = sorted(merged, key=lambda r: -r["delta_rel_norm"])[:top]
+    mt = Table(title=f"largest changes: {len(big)} of {len(merged)} merged tensors", title_justify="left")
+    for c in ("tensor", "how", "‖ΔW‖/‖W‖", "requant rel_error"):
+        mt.add_column(c, justify="left" if c in ("tensor", "how") else "right")
+    for r in big:
+        mt.add_row(r["name"], str(r.get("reason") or ""), _num(r["delta_rel_norm"]),
+                   _num(r["error"]["rel_error"]) if r.get("error") else "-")
+    console.print(mt)
+
+
+def _errors(report: dict, top: int, console: Console) -> None:
+    """quantize, inspect --against: the tensors that lost most; inspect alone: the largest tensors."""
+    with_error = [r for r in report["layers"] if r.get("error")]
+    if not with_error:
+        return _largest(report, top, console)
+    worst = sorted(with_error, key=lambda r: -r["error"]["rel_error"])[:top]
+    et = Table(title=f"worst {len(worst)} of {len(with_error)} tensors by relative error", title_justify="left")
+    for c in ("tensor", "shape", "rel_error", "SQNR dB", "max |err|", "cosine"):
+        et.add_column(c, justify="left" if c == "tensor" else "right")
+    for r in worst:
+        e = r["error"]
+        et.add_row(r["name"], "×".join(map(str, r["shape"])), _num(e["rel_error"]), _num(e["sqnr_db"], "{:.2f}"),
+                   _num(e["max_abs"]), _num(e["cosine"], "{:.6f}"))
+    console.print(et)
+    s = report.get("summary") or {}
+    if s:
+        console.print(f"rel_error mean {_num(s.get('rel_error_mean'))}, max {_num(s.get('rel_error_max'))}; "
+                      f"SQNR min {_num(s.get('sqnr_db_min'), '{:.2f}')} dB")
+
+
+def _largest(report: dict, top: int, console: Console) -> None:
+    """dequantize, inspect: the largest tensors."""
     layers = report["layers"]
-    merged = [r for r in layers if r.get("delta_rel_norm") is not None]
-    if merged:
-        big = sorted(merged, key=lambda r: -r["delta_rel_norm"])[:top]
-        mt = Table(title=f"largest changes: {len(big)} of {len(merged)} merged tensors", title_justify="left")
-        for c in ("tensor", "how", "‖ΔW‖/‖W‖", "requant rel_error"):
-            mt.add_column(c, justify="left" if c in ("tensor", "how") else "right")
-        for r in big:
-            mt.add_row(r["name"], str(r.get("reason") or ""), _num(r["delta_rel_norm"]),
-                       _num(r["error"]["rel_error"]) if r.get("error") else "-")
-        console.print(mt)
-        return _render_gate(report, console)
-    with_error = [r for r in layers if r.get("error")]
-    if with_error:
-        worst = sorted(with_error, key=lambda r: -r["error"]["rel_error"])[:top]
-        et = Table(title=f"worst {len(worst)} of {len(with_error)} tensors by relative error", title_justify="left")
-        for c in ("tensor", "shape", "rel_error", "SQNR dB", "max |err|", "cosine"):
-            et.add_column(c, justify="left" if c == "tensor" else "right")
-        for r in worst:
-            e = r["error"]
-            et.add_row(r["name"], "×".join(map(str, r["shape"])), _num(e["rel_error"]), _num(e["sqnr_db"], "{:.2f}"),
-                       _num(e["max_abs"]), _num(e["cosine"], "{:.6f}"))
-        console.print(et)
-        s = report.get("summary") or {}
-        if s:
-            console.print(f"rel_error mean {_num(s.get('rel_error_mean'))}, max {_num(s.get('rel_error_max'))}; "
-                          f"SQNR min {_num(s.get('sqnr_db_min'), '{:.2f}')} dB")
-    else:
-        big = sorted(layers, key=lambda r: -r["bytes"])[:top]
-        lt = Table(title=f"largest {len(big)} of {len(layers)} tensors", title_justify="left")
-        for c in ("tensor", "shape", "dtype", "bytes"):
-            lt.add_column(c, justify="right" if c == "bytes" else "left")
-        for r in big:
-            lt.add_row(r["name"], "×".join(map(str, r["shape"])), r["dtype"], human_bytes(r["bytes"]))
-        console.print(lt)
-    _render_gate(report, console)
+    big = sorted(layers, key=lambda r: -r["bytes"])[:top]
+    lt = Table(title=f"largest {len(big)} of {len(layers)} tensors", title_justify="left")
+    for c in ("tensor", "shape", "dtype", "bytes"):
+        lt.add_column(c, justify="right" if c == "bytes" else "left")
+    for r in big:
+        lt.add_row(r["name"], "×".join(map(str, r["shape"])), r["dtype"], human_bytes(r["bytes"]))
+    console.print(lt)
+
+
+_BODIES = {"inspect": _errors, "quantize": _errors, "dequantize": _largest, "merge": _merged}
 
 
 def _render_gate(report: dict, console: Console) -> None:

@@ -1,0 +1,182 @@
+"""The report every job returns (design §7, README "Reports"), typed: one TypedDict per part, and `kind` naming the
+job that made it (render dispatches on it). The JSON field names and values are the documented schema; `assemble`
+puts the parts in its order. Each part has one builder: size (report.size), errors, summary and gate
+(report.errors), LoRA and training memory (report.lora), timing (here).
+"""
+from __future__ import annotations
+
+import time
+from typing import Literal, TypedDict
+
+from .. import __version__
+
+Kind = Literal["inspect", "quantize", "dequantize", "merge"]
+
+
+class ErrorStats(TypedDict):
+    rel_error: float
+    sqnr_db: float
+    max_abs: float
+    mse: float
+    cosine: float
+
+
+class ExpertSource(TypedDict):
+    """Where a mixture-of-experts expert weight's calibration statistics came from."""
+    expert: int                       # its index in the MoE layer
+    tokens: int                       # calibration tokens the router sent it
+    stats: Literal["routed", "all"]   # its routed tokens, or every token (--moe-calib all, or under --moe-min-tokens)
+
+
+class ExpertRow(ExpertSource):
+    """`qtool calibrate`'s summary: one per expert weight (module = the weight's module)."""
+    module: str
+
+
+class _LayerBase(TypedDict):
+    name: str
+    shape: list[int]
+    dtype: str
+    bytes: int
+    quantized: bool
+    reason: str | None
+    error: ErrorStats | None
+
+
+class Layer(_LayerBase, total=False):
+    # merge-lora
+    merged: bool
+    delta_rel_norm: float | None
+    # calibrated quantize: qtool.quant.QuantizedWeight.info and the output error on the calibration data
+    method: str
+    weighted: bool
+    damp: float
+    act_order: bool
+    calibrated: bool
+    output_error_before: float | None
+    output_error_after: float | None
+    note: str
+    expert: ExpertSource  # an MoE expert weight (from the walk, or from the statistics file it was quantized with)
+
+
+class DtypeRow(TypedDict):
+    tensors: int
+    parameters: int
+    bytes: int
+
+
+Estimates = TypedDict("Estimates", {"float32": int, "float16": int, "int8": int, "int4": int})
+
+
+class Quantization(TypedDict):
+    bits: int | None            # None when config groups differ
+    symmetric: bool | None
+    group_size: int | None
+    method: str | None
+    format: str
+    ignored: list[str]
+    provider: str | None
+    quantized_tensors: int
+    bits_per_weight: float | None
+    vllm_servable: bool
+
+
+class Lora(TypedDict, total=False):
+    rank: int | list[int]
+    alpha: float | list[float]
+    scaling: float | dict[str, float] | list | None   # one value, or per module where patterns make them differ
+    targets: list[str]
+    parameters: int
+    base_parameters: int | None
+    fraction_of_base: float | None
+    use_rslora: bool
+    use_dora: bool
+    rank_pattern: dict
+    alpha_pattern: dict
+    target_modules: object
+    ranks_used: list[int]
+    weights: list[float]
+    merged_tensors: list[str]
+    adapters: list[dict]
+
+
+class Summary(TypedDict):
+    rel_error_mean: float
+    rel_error_max: float
+    sqnr_db_min: float | None
+    worst: list[str]
+
+
+class Gate(TypedDict):
+    max_rel_error: float
+    passed: bool
+    failed: list[str]
+
+
+class Timing(TypedDict):
+    seconds: float
+    input_gb_per_s: float | None
+
+
+class LoraTraining(TypedDict):
+    rank: int
+    targets: int
+    adapter_parameters: int
+    adapter_bytes: int
+    gradient_bytes: int
+    optimizer_bytes: int
+    base_bytes: int
+    tokens: int                            # inspect --lora-tokens: the tokens of one training step
+    activation_bytes_per_token: int | None  # None when config.json lacks the sizes
+    activation_bytes: int
+    total_bytes: int
+
+
+class Size(TypedDict):
+    """What a checkpoint holds and costs (report.size.size_part)."""
+    format: str
+    tensors: int
+    parameters: int
+    bytes: int
+    bits_per_parameter: float | None
+    dtypes: dict[str, DtypeRow]
+    estimates: Estimates
+    quantization: Quantization | None
+    layers: list[Layer]
+
+
+class _ReportBase(Size):
+    qtool_version: str
+    kind: Kind
+    source: str
+    lora: Lora | None
+    summary: Summary | None
+    gate: Gate | None
+    timing: Timing | None
+
+
+class Report(_ReportBase, total=False):
+    output: str                  # quantize, dequantize
+    largest: list[str]           # inspect: the --top largest tensors
+    lora_training: LoraTraining  # inspect --lora-rank
+    copied_files: list[str]      # merge-lora
+
+
+def timing_part(start: float, input_bytes: int) -> Timing:
+    """Seconds since `start` (time.perf_counter) and the input read per second, to the millisecond."""
+    seconds = time.perf_counter() - start
+    return {"seconds": round(seconds, 3),
+            "input_gb_per_s": round(input_bytes / 1e9 / seconds, 3) if seconds > 0 else None}
+
+
+def assemble(kind: Kind, source, size: Size, *, layers: list[Layer] | None = None, lora: Lora | None = None,
+             summary: Summary | None = None, gate: Gate | None = None, timing: Timing | None = None,
+             **extra) -> Report:
+    """A report of `kind` in the schema's field order; `layers` replaces the size part's rows (with errors, merge
+    facts, calibration facts), `extra` holds the job's own fields (output, largest, lora_training, copied_files)."""
+    head = {"qtool_version": __version__, "kind": kind, "source": str(source)}
+    body = {k: size[k] for k in ("format", "tensors", "parameters", "bytes", "bits_per_parameter", "dtypes",
+                                 "estimates", "quantization")}
+    parts = {"lora": lora, "layers": size["layers"] if layers is None else layers, "summary": summary,
+             "gate": gate, "timing": timing}
+    return {**head, **body, **parts, **extra}
