@@ -96,7 +96,7 @@ def threading_main() -> bool:
 TARGETS = [
     (["qtool.calib.layerwise:_samples"], "load calibration ids"),
     (["qtool.calib.walk:LayerWalk.__init__"], "skeleton + embeddings"),
-    (["qtool.calib.model:load_module"], "block load / free"),
+    (["qtool.calib.model:load_module", "qtool.calib.layout:Layout.load"], "block load / free"),
     (["qtool.calib.model:free_module"], "block load / free"),
     (["qtool.runtime:release_host_memory", "qtool.calib.device:release_host_memory"], "block load / free"),
     (["qtool.calib.walk:LayerWalk.run"],

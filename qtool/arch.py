@@ -1,13 +1,11 @@
 """What qtool knows about model architectures, from tensor names, shapes and config.json alone (no model is built
-here): which tensors are linear weights, GPT-2's Conv1D, embeddings and output heads, tied embeddings, and where the
-repeated decoder (or encoder) layers sit. Planning, LoRA, calibration, reports and qtool.nn all ask here.
+here): which tensors are linear weights, GPT-2's Conv1D, embeddings and output heads, MoE routers, tied embeddings.
+Planning, LoRA, calibration, reports and qtool.nn all ask here. (Where a model's blocks sit, calibration learns from
+the model transformers builds: qtool.calib.model.)
 """
 from __future__ import annotations
 
-import re
-from collections import Counter
 from dataclasses import dataclass
-from typing import Iterable
 
 import torch
 
@@ -19,14 +17,14 @@ HEAD_PARTS = {"lm_head", "embed_out", "output"}
 # The models whose c_attn/q_attn/c_proj/c_fc are Conv1D (`= Conv1D(` in transformers 5.24 models/).
 CONV1D_MODEL_TYPES = {"gpt2", "openai-gpt", "imagegpt", "decision_transformer", "clvp", "clvp_decoder"}
 CONV1D_PARTS = {"c_attn", "c_proj", "c_fc", "q_attn"}
-# model_type → where the repeated blocks sit in transformers' base model (AutoModel).
-DECODER_LAYERS = {
-    "llama": "layers",
-    "mistral": "layers",
-    "qwen2": "layers",
-    "gpt2": "h",
-    "bert": "encoder.layer",
-}
+# Mixture-of-experts routers: `mlp.gate` (Qwen-MoE, OLMoE, DeepSeek), `block_sparse_moe.gate` (Mixtral),
+# `mlp.shared_expert_gate` (Qwen2-MoE), `router` / `router.layer` (gpt-oss, Llama 4, Granite-MoE). vLLM loads them
+# unquantized (every projection of an MoE layer shares one scheme; the router is not one of them), so they stay
+# dense and are listed in `ignore`. Recognised by name in a model whose config declares experts.
+ROUTER_PARTS = {"gate", "router", "shared_expert_gate"}
+MOE_CONFIG_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts", "num_experts_per_tok")
+# Modules transformers 5 renames on load (its weight-conversion mapping): checkpoint name → transformers' name.
+TRANSFORMERS_NAMES = {"embed_out": "lm_head"}  # GPT-NeoX's output head
 
 
 def module_of(name: str) -> str:
@@ -64,6 +62,20 @@ def is_head(module: str) -> bool:
     return leaf(module) in HEAD_PARTS
 
 
+def is_moe(config: dict | None) -> bool:
+    """The config declares experts (top level or its text config)."""
+    for cfg in (config or {}, (config or {}).get("text_config") or {}):
+        if any(isinstance(cfg.get(k), int) and cfg[k] > 0 for k in MOE_CONFIG_KEYS):
+            return True
+    return False
+
+
+def is_router(module: str, config: dict | None) -> bool:
+    parts = module.split(".")
+    last = "router" if parts[-2:] == ["router", "layer"] else parts[-1]
+    return last in ROUTER_PARTS and is_moe(config)
+
+
 def is_conv1d(module: str, config: dict | None) -> bool | None:
     """Whether `module` is a transformers Conv1D (weight [in, out]) by the architecture config.json names; None when
     there is no model_type to tell by."""
@@ -80,7 +92,7 @@ def conv1d_name(module: str) -> bool:
 
 @dataclass(frozen=True)
 class Role:
-    """What one checkpoint tensor is. kind: linear (a weight of an nn.Linear) | head | conv1d | embedding | norm |
+    """What one checkpoint tensor is. kind: linear (a weight of an nn.Linear) | head | router | conv1d | embedding | norm |
     other; reason: said in reports."""
 
     kind: str
@@ -94,7 +106,7 @@ class Role:
     @property
     def linear(self) -> bool:
         """A weight of an nn.Linear (quantized, or listed in compressed-tensors' `ignore` when not)."""
-        return self.kind in ("linear", "head")
+        return self.kind in ("linear", "head", "router")
 
     @property
     def lora_target(self) -> bool:
@@ -108,6 +120,8 @@ def role(name: str, shape: tuple[int, ...], dtype: torch.dtype, config: dict | N
         return Role("other", f"not floating point ({str(dtype).removeprefix('torch.')})")
     if not name.endswith(".weight"):
         return Role("other", "not a weight (bias or buffer)" if len(shape) <= 1 else "not a .weight tensor")
+    if len(shape) == 3 and ("expert" in name or is_moe(config)):
+        return Role("other", "fused 3-D experts tensor (kept dense: compressed-tensors stores per-expert 2-D weights)")
     if len(shape) != 2:
         return Role("other", f"{len(shape)}-D tensor (norm or bias)" if len(shape) < 2 else f"{len(shape)}-D tensor")
     module = module_of(name)
@@ -116,35 +130,13 @@ def role(name: str, shape: tuple[int, ...], dtype: torch.dtype, config: dict | N
         return Role("norm", "norm")
     if "embed" in last and last not in HEAD_PARTS or last in EMBEDDING_PARTS:
         return Role("embedding", "embedding")
-    if last in HEAD_PARTS:
-        return Role("head", "output head (lm_head)")
+    if last in HEAD_PARTS or last == "decoder" and shape[0] == (config or {}).get("vocab_size"):
+        return Role("head", "output head (lm_head)")  # `decoder`: the vocabulary projection of a masked-LM head
+    if is_router(module, config):
+        return Role("router", "MoE router (kept dense: vLLM loads routers unquantized)")
     if is_conv1d(module, config):
         return Role("conv1d", "GPT-2 Conv1D weight (compressed-tensors and vLLM quantize nn.Linear only)")
     return Role("linear", "linear weight")
-
-
-def decoder_layers(names: Iterable[str], path: str) -> tuple[str, dict[int, list[str]]] | None:
-    """(outer prefix, {layer index: its tensor names}) of the blocks under `path` (DECODER_LAYERS' value), from the
-    names alone: e.g. ('model.', {0: ['model.layers.0.mlp.up_proj.weight', ...], ...}) for a *ForCausalLM; None when
-    no name has that shape."""
-    names = list(names)
-    pat = re.compile(rf"^((?:[\w]+\.)*?){re.escape(path)}\.(\d+)\.")
-    prefixes: Counter = Counter()
-    for name in names:
-        m = pat.match(name)
-        if m:
-            prefixes[m.group(1)] += 1
-    if not prefixes:
-        return None
-    outer = prefixes.most_common(1)[0][0]
-    layers: dict[int, list[str]] = {}
-    start = f"{outer}{path}."
-    for name in names:
-        if name.startswith(start):
-            idx, _, _ = name[len(start):].partition(".")
-            if idx.isdigit():
-                layers.setdefault(int(idx), []).append(name)
-    return outer, dict(sorted(layers.items()))
 
 
 # -- live torch modules -------------------------------------------------------------------------------------

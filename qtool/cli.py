@@ -113,6 +113,15 @@ overwrite_option = click.option("--overwrite", is_flag=True,
                                      "(a checkpoint folder, a qtool report or statistics file).")
 device_option = click.option("--device", default="auto", show_default=True, type=_Device(),
                              help="auto (cuda when available, else cpu), cpu, cuda or cuda:N.")
+def moe_options(fn):
+    fn = click.option("--moe-min-tokens", type=click.IntRange(min=1), default=None, metavar="N",
+                      help="With routed: an expert the router sends fewer than N tokens takes the statistics of all "
+                           "tokens instead [default: 32].")(fn)
+    return click.option("--moe-calib", type=click.Choice(["routed", "all"]), default="routed", show_default=True,
+                        help="Mixture-of-experts statistics: per expert from the tokens the router sends it, or "
+                             "from all calibration tokens.")(fn)
+
+
 report_option = click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None,
                              help="Write the JSON report to this file.")
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of tables.")
@@ -226,6 +235,7 @@ def inspect(source, as_json, against, base, top, max_rel_error, lora_rank, lora_
 @click.option("--calib-samples", type=click.IntRange(min=1), default=128, show_default=True)
 @click.option("--seq-len", type=click.IntRange(min=1), default=512, show_default=True)
 @click.option("--damp", type=click.FloatRange(min=0, min_open=True), default=0.01, show_default=True, help="GPTQ damping, a fraction of the mean Hessian diagonal.")
+@moe_options
 @device_option
 @click.option("--include", multiple=True, metavar="GLOB", help="Also quantize tensors/modules matching GLOB (repeatable).")
 @click.option("--exclude", multiple=True, metavar="GLOB", help="Keep tensors/modules matching GLOB unquantized; wins over --include.")
@@ -241,9 +251,9 @@ def inspect(source, as_json, against, base, top, max_rel_error, lora_rank, lora_
 @json_option
 @revision_option
 @handle_errors
-def quantize(source, out, bits, symmetric, group_size, method, calib, calib_samples, seq_len, damp, device, include,
-             exclude, report_path, max_rel_error, allow_nonfinite, max_shard_size, eval_data, max_kld, max_ppl_ratio,
-             min_top1, overwrite, quiet, as_json, revision):
+def quantize(source, out, bits, symmetric, group_size, method, calib, calib_samples, seq_len, damp, moe_calib,
+             moe_min_tokens, device, include, exclude, report_path, max_rel_error, allow_nonfinite, max_shard_size,
+             eval_data, max_kld, max_ppl_ratio, min_top1, overwrite, quiet, as_json, revision):
     """Quantize SOURCE's linear weights to int4/int8 in the compressed-tensors pack-quantized format.
 
     \b
@@ -261,8 +271,9 @@ def quantize(source, out, bits, symmetric, group_size, method, calib, calib_samp
     evaluation = _eval_request(eval_data, max_kld, max_ppl_ratio, min_top1, seq_len=seq_len, device=device)
     with make_progress(quiet or as_json) as progress:
         report = run(source, out, spec, include=include, exclude=exclude, calib=calib, calib_samples=calib_samples,
-                     seq_len=seq_len, damp=damp, device=device, report_path=report_path, max_rel_error=max_rel_error,
-                     allow_nonfinite=allow_nonfinite, max_shard_bytes=max_shard_size, overwrite=overwrite,
+                     seq_len=seq_len, damp=damp, moe_calib=moe_calib, moe_min_tokens=moe_min_tokens, device=device,
+                     report_path=report_path, max_rel_error=max_rel_error, allow_nonfinite=allow_nonfinite,
+                     max_shard_bytes=max_shard_size, overwrite=overwrite,
                      revision=revision, progress=progress, eval_options=evaluation)
     _finish(report, as_json, quiet)
 
@@ -273,12 +284,13 @@ def quantize(source, out, bits, symmetric, group_size, method, calib, calib_samp
 @click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="Statistics file (.safetensors).")
 @click.option("--calib-samples", type=click.IntRange(min=1), default=128, show_default=True)
 @click.option("--seq-len", type=click.IntRange(min=1), default=512, show_default=True)
+@moe_options
 @device_option
 @overwrite_option
 @quiet_option
 @revision_option
 @handle_errors
-def calibrate(source, calib, out, calib_samples, seq_len, device, overwrite, quiet, revision):
+def calibrate(source, calib, out, calib_samples, seq_len, moe_calib, moe_min_tokens, device, overwrite, quiet, revision):
     """Run calibration data through SOURCE and save per-channel input statistics of every linear layer.
 
     The file feeds `qtool quantize --method mse --calib STATS.safetensors` (compute once on a GPU, reuse).
@@ -287,9 +299,15 @@ def calibrate(source, calib, out, calib_samples, seq_len, device, overwrite, qui
     from .progress import make_progress
     with make_progress(quiet) as progress:
         summary = run(source, calib, out, calib_samples=calib_samples, seq_len=seq_len, device=device,
+                      moe_calib=moe_calib, moe_min_tokens=moe_min_tokens,
                       overwrite=overwrite, revision=revision, progress=progress)
     if not quiet:
         click.echo(f"wrote statistics of {summary['layers']} linear layers from {summary['tokens']} tokens to {out}")
+        experts = {r["module"].rsplit(".", 1)[0]: r["stats"] for r in summary["experts"]}  # gate/up/down agree
+        if experts:
+            wide = sum(s == "all" for s in experts.values())
+            click.echo(f"{len(experts)} MoE experts: {len(experts) - wide} from their routed tokens, "
+                       f"{wide} from all tokens")
 
 
 @main.command()

@@ -65,6 +65,9 @@ def plan_tensor(t, spec: QuantSpec, config: dict | None, include: Sequence[str] 
     elif inc is not None and not quantize:
         if t.dtype not in arch.FLOAT_DTYPES or len(t.shape) != 2:
             raise QtoolError(t.name, f"matched by --include {inc!r} but only 2-D floating weights can be quantized")
+        if role.kind == "router":
+            raise QtoolError(t.name, f"matched by --include {inc!r} but is an MoE router: routers stay dense "
+                                     "(vLLM loads them unquantized)")
         if role.kind in _UNLOADABLE:
             raise QtoolError(t.name, f"matched by --include {inc!r}, but it is {_UNLOADABLE[role.kind]}: compressed-tensors "
                                      f"consumers (transformers, vLLM) load only nn.Linear weights packed, so it stays dense")
@@ -125,3 +128,13 @@ def keep_nonfinite(plans: list[TensorPlan], read: Callable[[str], torch.Tensor])
     if not any(p.quantize for p in out):
         raise QtoolError(out[0].name if out else "checkpoint", "nothing to quantize: every linear weight holds NaN/Inf")
     return out
+
+
+def ignore_list(plans: Iterable[TensorPlan], names: Iterable[str] = (), config: dict | None = None) -> list[str]:
+    """compressed-tensors' `ignore` (sorted): the linear modules left dense, under the checkpoint's names (vLLM's)
+    and, where transformers 5 renames one on load, under its name too (transformers' compressed path matches
+    `ignore` against its own modules); and the output heads tied to the embeddings (arch.tied_heads) of the
+    checkpoint whose tensor `names` and `config` are given."""
+    kept = {p.module for p in plans if p.linear and not p.quantize}
+    renamed = {arch.TRANSFORMERS_NAMES[m] for m in kept if m in arch.TRANSFORMERS_NAMES}
+    return sorted(kept | renamed | set(arch.tied_heads(names, config)))

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from qtool.calib.layerwise import collect_stats, layer_order, quantize_layerwise
 from qtool.checkpoint import open_checkpoint
@@ -13,7 +15,9 @@ from qtool.errors import QtoolError
 from qtool.plan import TensorPlan, plan_quantization
 from qtool.quant.core import dequantize
 from qtool.quant.spec import QuantSpec
+from qtool.quant.weight import quantize_weight
 
+from .conftest import run_cli
 from .test_calib_helpers import reference_stats, samples, save_tiny
 
 # The walk runs the same modules on the same inputs with the same arguments as the full model, one block at a
@@ -93,6 +97,23 @@ def test_mse_with_importance_beats_rtn_on_output_error(tmp_path):
     assert len(emitted) == 12 and after < before and all(e[4]["weighted"] for e in emitted.values())
 
 
+def test_a_block_with_nothing_to_calibrate_still_passes_its_outputs_on(tmp_path):
+    """--exclude a whole block: the walk still runs it, so block 1 is calibrated on what block 0 gives it (the
+    original model's block-1 inputs: the same importance as `calibrate` measures)."""
+    save_tiny("llama", tmp_path)
+    ckpt = open_checkpoint(tmp_path)
+    ids = samples(4)
+    spec = QuantSpec(bits=4, symmetric=True, group_size=32, method="mse")
+    plans = plan_quantization(ckpt.tensors.values(), spec, ckpt.config, exclude=["model.layers.0.*"])
+    items, summary = walk_all(quantize_layerwise(ckpt, plans, ids, samples=len(ids), seq_len=64, device="cpu"))
+    stats, _ = collect_stats(ckpt, ids, samples=len(ids), seq_len=64, device="cpu")
+    assert len(items) == 7 and all(".layers.1." in n for n in items) and summary["calibrated"] == 7
+    for name, item in items.items():
+        st = stats[name[: -len(".weight")]]
+        ref = quantize_weight(ckpt.get(name), spec, importance=st["sum_sq"] / st["count"])
+        assert torch.equal(item.weight.codes(), ref.codes()) and torch.equal(item.weight.scale, ref.scale), name
+
+
 def test_gpt2_conv1d_not_quantized_by_default(tmp_path):
     save_tiny("gpt2", tmp_path)
     ckpt = open_checkpoint(tmp_path)
@@ -100,13 +121,30 @@ def test_gpt2_conv1d_not_quantized_by_default(tmp_path):
         _quantize(ckpt, samples(), "gptq")
 
 
-def test_unsupported_architecture(tmp_path):
-    save_tiny("llama", tmp_path)
-    cfg = json.loads((tmp_path / "config.json").read_text())
-    cfg["model_type"] = "t5"
-    (tmp_path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(QtoolError, match="cannot walk architecture 't5'.*supported: bert, gpt2, llama, mistral, qwen2"):
-        collect_stats(open_checkpoint(tmp_path), samples(), device="cpu")
+def _retype(folder, **changes):
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.update(changes)
+    (folder / "config.json").write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"model_type": "t5"}, r"cannot walk a 't5' model block by block: it has 2 stacks of blocks "
+                           r"\(encoder.block, decoder.block\)"),
+    ({"model_type": "my_llama", "auto_map": {"AutoModelForCausalLM": "modeling.MyLlama"}},
+     r"cannot walk a 'my_llama' model block by block: transformers .* has no such architecture \(remote code"),
+    ({"model_type": None}, r"has no model_type"),
+])
+def test_unsupported_architecture_is_one_clear_error_and_data_free_still_works(tmp_path, changes, message):
+    save_tiny("llama", tmp_path / "m")
+    _retype(tmp_path / "m", **changes)
+    with pytest.raises(QtoolError, match=message):
+        collect_stats(open_checkpoint(tmp_path / "m"), samples(), device="cpu")
+    save_file({"input_ids": torch.stack([s[:5] for s in samples()])}, tmp_path / "ids.safetensors")
+    q = ["quantize", tmp_path / "m", "-o", tmp_path / "q", "--group-size", "32"]
+    r = run_cli(*q, "--method", "gptq", "--calib", tmp_path / "ids.safetensors")
+    assert r.exit_code == 1 and r.stderr.count("\n") == 1 and re.search(message, r.stderr), r.stderr
+    assert not (tmp_path / "q").exists()
+    assert run_cli(*q, "--method", "rtn", "--quiet").exit_code == 0 and (tmp_path / "q" / "config.json").exists()
 
 
 def test_missing_transformers_names_the_extra(tmp_path, monkeypatch):
@@ -138,3 +176,45 @@ def test_gpt2_included_conv1d_quantized_uncalibrated_in_walk_order(tmp_path):
     assert [n for n, _ in got] == ["transformer.h.0.mlp.c_fc.weight", "transformer.h.1.mlp.c_fc.weight"]
     assert summary["uncalibrated"] == [n for n, _ in got] and summary["calibrated"] == 0
     assert all(not e["calibrated"] and "Conv1D" in e["note"] and e["method"] == "mse" for _, e in got)
+
+
+@pytest.mark.parametrize("kind, expected", [
+    ("llama", [("input_layernorm", ["q_proj", "k_proj", "v_proj"]), (None, ["o_proj"]),
+               ("post_attention_layernorm", ["gate_proj", "up_proj"]), (None, ["down_proj"])]),
+    ("phi3", [("input_layernorm", ["qkv_proj"]), (None, ["o_proj"]), ("post_attention_layernorm", ["gate_up_proj"]),
+              (None, ["down_proj"])]),
+])
+def test_linears_reading_one_tensor_share_statistics_and_name_what_fed_them(tmp_path, kind, expected):
+    """What activation-aware scaling folds into: per block, the linears that read the same tensor (their
+    statistics computed once) and the module that produced it (a norm), or None (attention output, gate·up)."""
+    from qtool.calib.walk import LayerWalk
+    from .arch_models import save as save_model, tiny_model as tiny
+    save_model(tiny(kind), tmp_path)
+    walk = LayerWalk(open_checkpoint(tmp_path), samples(3), torch.device("cpu"))
+    blocks = walk.blocks()
+    block = next(blocks)
+    got = walk.collect(block, sorted(walk.targets(block)), hessian=True)
+    short = [(g.feeder, [m.rsplit(".", 2)[-2] for m in g.members]) for g in got.groups]
+    assert short == expected
+    for g in got.groups:
+        assert all(got.stats[m] is got.stats[g.members[0]] for m in g.members)
+    assert got.stats[got.groups[0].members[0]].hessian.shape == (64, 64)
+
+
+def test_walk_takes_new_batches_on_the_same_skeleton(tmp_path):
+    """eval walks batch after batch of windows: capture() swaps in new samples ([B, L] batches too)."""
+    from qtool.calib.walk import LayerWalk
+    model = save_tiny("llama", tmp_path)
+    walk = LayerWalk(open_checkpoint(tmp_path), samples(2), torch.device("cpu"))
+    skeleton = walk.model
+    batch = torch.randint(3, 96, (3, 10), generator=torch.Generator().manual_seed(5))
+    walk.capture([batch])
+    assert walk.model is skeleton and walk.tokens == 30
+    for block in walk.blocks():
+        walk.run(block, keep=True)
+    with walk.tail() as tail:
+        got = tail.logits(0, walk.inputs[0].hidden)
+        head_input = tail.head_input(0, walk.inputs[0].hidden)
+    with torch.no_grad():
+        out = model(input_ids=batch, output_hidden_states=True)
+    assert torch.equal(got, out.logits) and torch.equal(head_input, out.hidden_states[-1])

@@ -1,5 +1,12 @@
-"""Forward hooks that accumulate per-input-channel statistics of linear layers, on the device, in float32."""
+"""Per-input-channel statistics of what a block's linear layers receive, on the device, in float32.
+
+Linears that read the very same tensor (q/k/v after the attention norm, gate/up after the MLP norm) share one
+record: it is found on the first sample by tensor identity, so their Σx² and XᵀX are computed once. The module that
+produced that tensor (the norm feeding q/k/v) is noted with the group: activation-aware scaling folds into it.
+"""
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -24,6 +31,10 @@ class InputStats:
         if self.hessian is not None:
             self.hessian.addmm_(x.T, x)
 
+    def tensors(self) -> list[torch.Tensor]:
+        """What a data-parallel run sums (sum_sq, hessian) or maxes (absmax) across ranks before using it."""
+        return [t for t in (self.sum_sq, self.absmax, self.hessian) if t is not None]
+
     def as_dict(self) -> dict:
         return {"sum_sq": self.sum_sq, "absmax": self.absmax, "count": self.count}
 
@@ -31,21 +42,70 @@ class InputStats:
         return self.sum_sq / max(self.count, 1)
 
 
-class Hooks:
-    """Attach InputStats to modules for the duration of a `with` block."""
+@dataclass
+class InputGroup:
+    """Linears (checkpoint weight names) that read one tensor, and the block module whose output it is, if any."""
+    feeder: str | None
+    members: list[str] = field(default_factory=list)
 
-    def __init__(self, modules: dict[str, nn.Module], device: torch.device, hessian_for=()):
-        self.stats = {name: InputStats(linear_features(m)[1], device, name in hessian_for) for name, m in modules.items()}
+
+class LinearTaps:
+    """Forward hooks on some of a block's linear modules for the duration of a `with` block.
+
+    modules: {checkpoint weight name: module}. `stats[name]` is the InputStats of that weight's input (one object
+    for names whose modules read the same tensor); `groups` says which share it and which module produced it.
+    """
+
+    def __init__(self, block: nn.Module, modules: dict[str, nn.Module], device: torch.device, hessian: bool = False):
+        self.block, self.device, self.hessian = block, device, hessian
         self._modules = modules
-        self._handles = []
+        self.stats: dict[str, InputStats] = {}
+        self.groups: list[InputGroup] = []
+        self.owner: dict[str, str] = {}        # name → the name whose record it shares
+        self._seen: dict[int, tuple] = {}      # first sample: id(input) → (input, its group)
+        self._produced: dict[int, tuple] = {}  # first sample: id(output) → (output, module name)
+        self._handles, self._first_only = [], []
+
+    def _record(self, name: str, module: nn.Module, x: torch.Tensor) -> None:
+        if name not in self.owner:  # first call: find who else reads this tensor (known on the first sample)
+            hit = self._seen.get(id(x))
+            if hit is not None and hit[0] is x:  # the very tensor another linear read: share its record
+                hit[1].members.append(name)
+                self.owner[name] = hit[1].members[0]
+                self.stats[name] = self.stats[self.owner[name]]
+                return
+            made = self._produced.get(id(x))
+            group = InputGroup(made[1] if made is not None and made[0] is x else None, [name])
+            self.groups.append(group)
+            self._seen[id(x)] = (x, group)
+            self.owner[name] = name
+            self.stats[name] = InputStats(linear_features(module)[1], self.device, self.hessian)
+        if self.owner[name] == name:
+            self.stats[name].add(x.detach())
+
+    def _produce(self, name):
+        def hook(mod, args, out):
+            if torch.is_tensor(out):
+                self._produced[id(out)] = (out, name)
+        return hook
+
+    def _end_of_first_sample(self, *_):
+        for h in self._first_only:
+            h.remove()
+        self._first_only.clear()
+        self._seen.clear()
+        self._produced.clear()
 
     def __enter__(self):
+        self._first_only = [m.register_forward_hook(self._produce(name)) for name, m in self.block.named_modules() if name]
+        self._first_only.append(self.block.register_forward_hook(self._end_of_first_sample))
         for name, m in self._modules.items():
-            st = self.stats[name]
-            self._handles.append(m.register_forward_hook(lambda mod, args, out, st=st: st.add(args[0].detach())))
-        return self.stats
+            self._handles.append(m.register_forward_hook(
+                lambda mod, args, out, name=name: self._record(name, mod, args[0])))
+        return self
 
     def __exit__(self, *exc):
-        for h in self._handles:
+        for h in self._handles + self._first_only:
             h.remove()
         self._handles.clear()
+        self._first_only.clear()

@@ -15,24 +15,26 @@ from typing import Generator, Iterator
 
 import torch
 
-from ..arch import is_conv1d_module, module_of
+from ..arch import module_of
 from ..errors import QtoolError
 from ..progress import NullProgress
 from ..quant.gptq import output_error
 from ..quant.weight import QuantizedWeight, quantize_weight
+from ..report.schema import ExpertRow, ExpertSource
 from ..runtime import exact_matmul, resolve_device
-from .collect import Hooks
 from .data import load_calibration
-from .model import layer_prefix, model_type
+from .model import build_architecture
+from .moe import MoeCalib
 
 
 def layer_order(ckpt) -> list[str]:
     """Tensor names in the order the walk visits them (block 0, block 1, ...), every other tensor after."""
     try:
-        _, layers = layer_prefix(ckpt)
+        arch = build_architecture(ckpt)
     except QtoolError:
         return list(ckpt.tensors)
-    walked = [n for names in layers.values() for n in sorted(names)]
+    walked = [n for i in range(len(arch.blocks))
+              for n in sorted(n for e in arch.layout.entries_under(f"{arch.blocks_path}.{i}") for n in e.names)]
     seen = set(walked)
     return walked + [n for n in ckpt.tensors if n not in seen]
 
@@ -43,26 +45,36 @@ def _samples(ckpt, calib, samples: int, seq_len: int) -> list[torch.Tensor]:
     return load_calibration(calib, ckpt.root if ckpt.is_folder else None, samples=samples, seq_len=seq_len)
 
 
-def collect_stats(ckpt, calib, *, samples: int = 128, seq_len: int = 512, device="auto", progress=None) -> tuple[dict, dict]:
-    """Per linear module {"sum_sq", "absmax", "count"} (CPU) of the original model on the calibration data."""
+def _experts_summary(experts: dict[str, ExpertSource]) -> list[ExpertRow]:
+    """One row per expert weight: its module, expert index, routed tokens and where its statistics came from."""
+    return [ExpertRow(module=module_of(n), **info) for n, info in sorted(experts.items())]
+
+
+def collect_stats(ckpt, calib, *, samples: int = 128, seq_len: int = 512, device="auto", progress=None,
+                  moe: MoeCalib | None = None) -> tuple[dict, dict]:
+    """Per linear module {"sum_sq", "absmax", "count"} (CPU) of the original model on the calibration data; info
+    has "experts": one row per MoE expert weight ({"module", "expert", "tokens", "stats"})."""
     from .walk import LayerWalk
     progress = progress or NullProgress()
     device = resolve_device(device)
     t0 = time.perf_counter()
+    arch = build_architecture(ckpt)  # a clear error for a model the walk cannot handle, before any data is read
     ids = _samples(ckpt, calib, samples, seq_len)
     out: dict[str, dict] = {}
+    experts: dict[str, dict] = {}
     with exact_matmul(device):
-        walk = LayerWalk(ckpt, ids, device)
+        walk = LayerWalk(ckpt, ids, device, moe, arch)
         progress.start("calibrating", len(walk.layers))
-        for i, prefix, layer in walk.blocks():
-            linears = walk.linears(prefix, layer)
-            with Hooks(linears, device) as stats:
-                walk.run(layer, keep=True)
-            for name, st in stats.items():
-                out[name] = {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in st.as_dict().items()}
-            progress.advance(1, description=prefix.rstrip("."))
+        for block in walk.blocks():
+            got = walk.collect(block, walk.targets(block), keep=True)
+            for name, st in got.stats.items():
+                out[module_of(name)] = {k: (v.detach().cpu().clone() if torch.is_tensor(v) else v)
+                                        for k, v in st.as_dict().items()}
+            experts.update(got.experts)
+            progress.advance(1, description=block.path)
     info = {"layers": len(walk.layers), "modules": len(out), "samples": len(ids), "tokens": walk.tokens,
-            "seq_len": seq_len, "device": str(device), "seconds": time.perf_counter() - t0}
+            "seq_len": seq_len, "device": str(device), "seconds": time.perf_counter() - t0,
+            "experts": _experts_summary(experts)}
     return out, info
 
 
@@ -77,38 +89,40 @@ class Calibrated:
 
 
 def quantize_layerwise(ckpt, plans, calib, *, samples: int = 128, seq_len: int = 512, damp: float = 0.01,
-                       device="auto", progress=None) -> Generator[Calibrated, None, dict]:
+                       device="auto", progress=None, moe: MoeCalib | None = None) -> Generator[Calibrated, None, dict]:
     """Quantize every planned weight (each with its plan's spec) on calibration data, block by block, yielding each
-    as it is done: a block's weights in name order, then the weights outside the walked blocks.
+    as it is done: a block's weights in name order, then the weights outside the walked blocks. An MoE expert
+    weight's `extra["expert"]` says how many tokens the router sent it and where its statistics came from.
 
-    calib: calibration data (text / JSONL / safetensors token ids) or a list of id tensors. The generator's value
-    (StopIteration.value) is {"samples", "tokens", "device", "seconds", "layers", "method", "damp", "calibrated",
-    "uncalibrated"}.
+    calib: calibration data (text / JSONL / safetensors token ids) or a list of id tensors. moe: how experts get
+    their statistics (`--moe-calib`). The generator's value (StopIteration.value) is {"samples", "tokens",
+    "device", "seconds", "layers", "method", "damp", "calibrated", "uncalibrated", "experts"}.
     """
     progress = progress or NullProgress()
     device = resolve_device(device)
     t0 = time.perf_counter()
     todo = _todo(ckpt, plans)
     methods = ", ".join(sorted({p.spec.method for p in todo.values()}))
-    model_type(ckpt)  # a clear error for an architecture the walk cannot handle, before any data is read
+    arch = build_architecture(ckpt)  # a clear error for a model the walk cannot handle, before any data is read
     from .walk import LayerWalk
     ids = _samples(ckpt, calib, samples, seq_len)
     done: list[Calibrated] = []
     with exact_matmul(device):
-        walk = LayerWalk(ckpt, ids, device)
+        walk = LayerWalk(ckpt, ids, device, moe, arch)
         progress.start(f"quantizing ({methods})", len(walk.layers))
-        for i, prefix, layer in walk.blocks():
-            for item in _block(ckpt, walk, prefix, layer, todo, damp, device):
+        for block in walk.blocks():
+            for item in _block(ckpt, walk, block, todo, damp, device):
                 done.append(item)
                 yield item
-            progress.advance(1, description=prefix.rstrip("."))
+            progress.advance(1, description=block.path)
     for name in [n for n in layer_order(ckpt) if n in todo]:
         done.append(_plain(ckpt, todo.pop(name), device, "outside the walked blocks: no calibration statistics"))
         yield done[-1]
     return {"samples": len(ids), "tokens": walk.tokens, "device": str(device), "seconds": time.perf_counter() - t0,
             "layers": len(walk.layers), "method": methods, "damp": damp,
             "calibrated": sum(1 for c in done if c.extra["calibrated"]),
-            "uncalibrated": [c.name for c in done if not c.extra["calibrated"]]}
+            "uncalibrated": [c.name for c in done if not c.extra["calibrated"]],
+            "experts": _experts_summary({c.name: c.extra["expert"] for c in done if "expert" in c.extra})}
 
 
 def _todo(ckpt, plans) -> dict:
@@ -121,33 +135,43 @@ def _todo(ckpt, plans) -> dict:
     return todo
 
 
-def _block(ckpt, walk, prefix: str, layer, todo: dict, damp: float, device) -> Iterator[Calibrated]:
-    """The planned weights of one block: statistics of every sample's inputs to its nn.Linear modules, each weight
-    quantized with them (and loaded back dequantized), then the samples run again for the next block's inputs."""
-    linears = walk.linears(prefix, layer)
-    # every planned tensor of this block, in layer_order's (sorted) order; nn.Linear ones get calibrated
-    block_todo = sorted(n for n in todo if n.startswith(prefix))
-    targets = {module_of(n): linears[module_of(n)] for n in block_todo
-               if module_of(n) in linears and n.endswith(".weight") and not is_conv1d_module(linears[module_of(n)])}
-    with Hooks(targets, device, hessian_for=set(targets)) as stats:
-        walk.run(layer, keep=not targets)
-    # Seams: a data-parallel run (issue 16) reduces `stats` across ranks here, before any weight of the block is
-    # quantized; a per-block transform (AWQ, issue 15) would rescale the block here and yield what it changed.
+def _block(ckpt, walk, block, todo: dict, damp: float, device) -> Iterator[Calibrated]:
+    """The planned weights of one block: statistics of every sample's inputs to its nn.Linear modules and MoE
+    experts, each weight quantized with them, the dequantized weights loaded back, then the samples run again for
+    the next block's inputs (a block with nothing to calibrate runs once)."""
+    from .walk import calibratable
+    targets = walk.targets(block)
+    block_todo = sorted(n for n in block.tensors if n in todo)
+    usable = calibratable(targets)
+    names = [n for n in block_todo if n in usable]
+    # walk.collect is where a data-parallel run (issue 16) reduces the statistics across ranks (LayerWalk.reduce),
+    # before any weight of the block is quantized; a per-block transform (AWQ, issue 15) would rescale here.
+    got = walk.collect(block, names, hessian=True) if names else None
+    w_hats = {}
     for name in block_todo:
-        module = module_of(name)
-        if module in targets:
-            yield _calibrated(ckpt, todo.pop(name), targets[module], stats.pop(module), damp, device)
-        else:
-            note = ("GPT-2 Conv1D weight: quantized in its stored [in, out] layout without calibration"
-                    if module in linears else "not an nn.Linear weight: quantized without calibration")
-            yield _plain(ckpt, todo.pop(name), device, note)
-    if targets:
-        walk.run(layer, keep=True)
+        if name not in usable:
+            yield _plain(ckpt, todo.pop(name), device, _uncalibrated_note(name, targets))
+            continue
+        item, w_hats[name] = _calibrated(ckpt, todo.pop(name), got.stats.pop(name), damp, device)
+        if name in got.experts:
+            item.extra["expert"] = got.experts[name]
+        yield item
+    del got
+    if w_hats:
+        walk.update(block, w_hats)  # through the checkpoint's conversion: an expert lands in its fused slice
+    del w_hats
+    walk.run(block, keep=True)
 
 
-def _calibrated(ckpt, plan, mod, st, damp: float, device) -> Calibrated:
-    """One nn.Linear weight quantized with its inputs' statistics (gptq: Hessian; mse: mean square), its output
-    error on the calibration data measured for rtn and for the method, and the module loaded with the result."""
+def _uncalibrated_note(name: str, targets: dict) -> str:
+    if name in targets:
+        return "GPT-2 Conv1D weight: quantized in its stored [in, out] layout without calibration"
+    return "not an nn.Linear or expert weight: quantized without calibration"
+
+
+def _calibrated(ckpt, plan, st, damp: float, device) -> tuple[Calibrated, torch.Tensor]:
+    """One weight quantized with its inputs' statistics (gptq: Hessian; mse: mean square), its output error on the
+    calibration data measured for rtn and for the method, and its dequantized value (float32, on the device)."""
     w = ckpt.get(plan.name).to(device)
     h = st.hessian
     qw = quantize_weight(w, plan.spec, hessian=h, importance=st.importance(), damp=damp, name=plan.name)
@@ -157,9 +181,8 @@ def _calibrated(ckpt, plan, mod, st, damp: float, device) -> Calibrated:
         before = after
     else:
         before = output_error(w, quantize_weight(w, plan.spec.with_method("rtn")).dequantize(torch.float32), h)
-    mod.weight.data = w_hat.to(mod.weight.dtype)
     extra = {**qw.info, "calibrated": True, "output_error_before": before, "output_error_after": after}
-    return Calibrated(plan.name, qw.cpu(), extra)
+    return Calibrated(plan.name, qw.cpu(), extra), w_hat
 
 
 def _plain(ckpt, plan, device, note: str) -> Calibrated:

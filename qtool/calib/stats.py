@@ -4,7 +4,9 @@ Per linear module `<module>` (the weight's name without `.weight`):
   `<module>.input_sum_sq`  float32 [in]  Σ x_j² over every calibration token reaching the module
   `<module>.input_absmax`  float32 [in]  max |x_j|
   `<module>.input_count`   int64   [1]   number of tokens
-Metadata (all strings): format "qtool-calib-stats", version "1", samples, tokens, seq_len, source.
+Metadata (all strings): format "qtool-calib-stats", version "1", samples, tokens, seq_len, source, and for a
+mixture-of-experts model `experts`: JSON {expert module: {"expert", "tokens" (routed to it), "stats" ("routed" or
+"all": whether its statistics come from its routed tokens or from every token)}}.
 Importance for --method mse is the mean square `input_sum_sq / input_count` (llama.cpp's imatrix `in_sum2 / count`).
 """
 from __future__ import annotations
@@ -108,3 +110,10 @@ def check_fit(path, stats: dict[str, dict], tensors: dict, quantized) -> None:
         if width != have:
             raise QtoolError(path, f"module {module!r} has {have} input channels in the statistics file but "
                                    f"{width} in the model (made from another model?)")
+
+
+def expert_sources(path: str | Path) -> dict[str, dict]:
+    """{expert module: {"expert", "tokens", "stats"}} recorded in a statistics file (empty for a dense model)."""
+    import json
+    _, meta = read_stats(path)
+    return json.loads(meta.get("experts") or "{}")

@@ -31,18 +31,15 @@ WEIGHT_CHUNK_BYTES = 16 << 20    # float32 head rows converted at once, per mode
 
 
 class Head:
-    """An LM head held in memory: weight [vocab, hidden] and bias, served as float32 row chunks on a device."""
+    """An LM head (weight [vocab, hidden], bias), served as float32 row chunks on a device."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         self.weight, self.bias = weight, bias
         self.vocab, self.hidden = weight.shape
         self.dtype = weight.dtype
 
-    def _tensors(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return self.weight, self.bias
-
     def rows(self, v0: int, v1: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
-        w, b = self._tensors()
+        w, b = self.weight, self.bias
         return w[v0:v1].to(device, torch.float32), None if b is None else b[v0:v1].to(device, torch.float32)
 
 

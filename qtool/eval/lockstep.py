@@ -1,16 +1,18 @@
 """Walk MODEL (and REF) block by block in lockstep on batches of windows, then score the next-token distributions.
 
-Per batch of windows: each model embeds the batch; for each block, the reference block is loaded, run and freed,
-then the evaluated one; both hidden states stay, and ‖h_model − h_ref‖ / ‖h_ref‖ over the batch's tokens
-accumulates per block. After the last block each model's final norm runs and the heads score every predicted
-position (`head.score`, vocabulary chunks). Windows of different lengths are right-padded to the longest in the
-batch and no attention mask is passed: in a causal decoder a position never sees a later one, so padding cannot
-change any real position, and padded positions are never scored.
+Per batch of windows: each model captures the batch (its own forward up to the first block: embedding, mask,
+rotary tables); then block i of each model is loaded, run and freed before block i + 1 of either, both hidden states
+are kept, and ‖h_model − h_ref‖ / ‖h_ref‖ over the batch's real tokens accumulates per block. After the last block
+each model's tail gives the input of its output embeddings and its head, and the heads score every predicted
+position together (`head.score`, vocabulary chunks). Windows of different lengths are right-padded to the longest
+in the batch and no attention mask is passed: in a causal decoder a position never sees a later one, so padding
+cannot change any real position, and padded positions are never scored.
 
-Memory: one block of one model at a time, plus both models' hidden states of one batch of windows.
+Memory: one block of each model, or the heads of both, plus both models' hidden states of one batch of windows.
 """
 from __future__ import annotations
 
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 
 import torch
@@ -82,38 +84,45 @@ def walk(model: ModelStages, ref: ModelStages | None, windows: list[torch.Tensor
     progress = progress or NullProgress()
     out = Walked()
     walkers = [model] if ref is None else [model, ref]
-    blocks = model.num_blocks
     if ref is not None:
-        out.diff_sq = torch.zeros(blocks, dtype=torch.float64)
-        out.ref_sq = torch.zeros(blocks, dtype=torch.float64)
+        out.diff_sq = torch.zeros(model.num_blocks, dtype=torch.float64)
+        out.ref_sq = torch.zeros(model.num_blocks, dtype=torch.float64)
     batches = [windows[i:i + batch_size] for i in range(0, len(windows), batch_size)]
-    progress.start("evaluating", len(batches) * blocks)
+    progress.start("evaluating", len(batches) * model.num_blocks)
     for batch in batches:
         ids, lengths = _pad(batch)
-        xs = [w.embed(ids) for w in walkers]
-        for i in range(blocks):
-            for w, x in zip(reversed(walkers), reversed(xs)):   # the reference block first, then the model's
-                with w.block(i) as layer:
-                    w.run(layer, x)
-            if ref is not None:
-                d, r = _sq_diff(xs[0].hidden, xs[1].hidden, lengths)
-                out.diff_sq[i] += d
-                out.ref_sq[i] += r
-            progress.advance(1, description=f"block {i}")
-        out.scores.append(_score(walkers, xs, ids, lengths))
+        for w in walkers:
+            w.capture(ids)
+        _blocks(walkers, out, lengths, progress)
+        out.scores.append(_score(walkers, ids, lengths))
     return out
 
 
-def _score(walkers: list[ModelStages], xs: list, ids: torch.Tensor, lengths: torch.Tensor) -> Scores:
+def _blocks(walkers: list[ModelStages], out: Walked, lengths: torch.Tensor, progress) -> None:
+    """Every block of each model on the batch, block i of both before block i + 1 of either (one block of each
+    model loaded at a time); with a reference, the hidden-state error after each block."""
+    stages = [w.blocks() for w in walkers]
+    try:
+        for i in range(walkers[0].num_blocks):
+            for w, blocks in zip(walkers, stages):
+                w.run(next(blocks))
+            if len(walkers) > 1:
+                d, r = _sq_diff(walkers[0].hidden, walkers[1].hidden, lengths)
+                out.diff_sq[i] += d
+                out.ref_sq[i] += r
+            progress.advance(1, description=f"block {i}")
+    finally:
+        for blocks in stages:
+            blocks.close()   # frees the last block
+
+
+def _score(walkers: list[ModelStages], ids: torch.Tensor, lengths: torch.Tensor) -> Scores:
     """Every predicted position of the batch (each window's positions but its last) against the next token."""
     pos = torch.arange(ids.shape[1])
     predicts = pos[None, :] < (lengths - 1)[:, None]            # [B, L]: position t predicts token t + 1
     targets = torch.roll(ids, -1, dims=1)[predicts]
-    finals = []
-    for w, x in zip(walkers, xs):
-        h = w.final_norm(x.hidden)
-        x.hidden = None                                       # the last block's output is not needed any more
-        finals.append(h[predicts.to(h.device)])
-    heads = [w.head() for w in walkers]
-    ref = (finals[1], heads[1]) if len(walkers) > 1 else None
-    return score(finals[0], heads[0], targets, ref=ref)
+    with ExitStack() as tails:   # both heads at once: the vocabulary chunks of both are scored together
+        heads = [tails.enter_context(w.head()) for w in walkers]
+        finals = [h[predicts.to(h.device)] for h, _ in heads]
+        ref = (finals[1], heads[1][1]) if len(walkers) > 1 else None
+        return score(finals[0], heads[0][1], targets, ref=ref)

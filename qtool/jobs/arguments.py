@@ -27,11 +27,11 @@ VALUED = {"--include": "include", "--exclude": "exclude", "--group-size": "group
           "--damp": "damp", "--device": "device", "--max-rel-error": "max_rel_error", "--dtype": "dtype",
           "--max-shard-size": "max_shard_bytes", "--weight": "weights", "--report": "report_path",
           "--against": "against", "--base": "base", "--revision": "revision", "--top": "top",
-          "--lora-rank": "lora_rank", "--out": "out", "--ref": "ref", "--data": "data", "--samples": "samples",
-          "--batch-size": "batch_size", "--max-kld": "max_kld", "--max-ppl-ratio": "max_ppl_ratio",
-          "--min-top1": "min_top1"}
+          "--lora-rank": "lora_rank", "--out": "out", "--moe-calib": "moe_calib", "--moe-min-tokens": "moe_min_tokens",
+          "--ref": "ref", "--data": "data", "--samples": "samples", "--batch-size": "batch_size",
+          "--max-kld": "max_kld", "--max-ppl-ratio": "max_ppl_ratio", "--min-top1": "min_top1"}
 LISTS = {"--include", "--exclude", "--weight"}  # repeatable options: lists in Python
-CHOICES = {"--method": {"rtn", "mse", "gptq"}, "--dtype": {"float16", "bfloat16", "float32"},
+CHOICES = {"--method": {"rtn", "mse", "gptq"}, "--dtype": {"float16", "bfloat16", "float32"}, "--moe-calib": {"routed", "all"},
            "--device": {"auto", "cpu", "cuda"}}
 _OPTION = re.compile(r"(?<![\w-])(--[a-z][a-z0-9-]*)(?:([ =])('[^']*'|[A-Za-z0-9_.:+-]+))?")
 _DEVICE = re.compile(r"auto|cpu|cuda(?::\d+)?")
@@ -99,6 +99,12 @@ def integer(value, argument: str, minimum: int) -> int:
     return value
 
 
+def choice(value, argument: str, options: tuple[str, ...]) -> str:
+    if value not in options:
+        raise ArgumentError(name(argument), f"{value!r} is not one of {', '.join(map(repr, options))}")
+    return value
+
+
 def device(value, argument: str = "device") -> str:
     """A device name qtool knows (auto, cpu, cuda, cuda:N), present on this machine or not."""
     if not isinstance(value, str) and type(value).__name__ != "device" or not _DEVICE.fullmatch(str(value).strip().lower()):
@@ -153,6 +159,7 @@ CHECKS: dict[str, Callable] = {
     "damp": lambda v, a: number(v, a, minimum=0, finite=True, above=True),
     "calib_samples": lambda v, a: integer(v, a, 1), "seq_len": lambda v, a: integer(v, a, 1),
     "max_shard_bytes": lambda v, a: integer(v, a, 1), "lora_rank": lambda v, a: integer(v, a, 1),
+    "moe_calib": lambda v, a: choice(v, a, ("routed", "all")), "moe_min_tokens": lambda v, a: integer(v, a, 1),
     "device": device, "spec": _spec, "include": _globs, "exclude": _globs,
     "model": path, "ref": path, "data": path, "samples": lambda v, a: integer(v, a, 1),
     "batch_size": lambda v, a: integer(v, a, 1), "max_kld": lambda v, a: number(v, a, minimum=0),

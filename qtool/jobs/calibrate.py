@@ -4,10 +4,12 @@ open → walk the model block by block collecting statistics → write the file 
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from .. import runtime
 from ..calib.layerwise import collect_stats
+from ..calib.moe import MoeCalib
 from ..calib.stats import save_stats
 from ..checkpoint import open_checkpoint
 from ..checkpoint.outputs import STATS, guarded
@@ -17,15 +19,21 @@ from .arguments import checked
 @checked
 @guarded(inputs=("source", "calib"), outputs={"out": STATS})
 def calibrate(source, calib, out, calib_samples: int = 128, seq_len: int = 512, device: str = "auto",
-              overwrite: bool = False, revision: str | None = None, progress=None) -> dict:
+              moe_calib: str = "routed", moe_min_tokens: int | None = None, overwrite: bool = False,
+              revision: str | None = None, progress=None) -> dict:
     """Write `out` (a qtool-calib-stats safetensors file); returns {"layers" (linear modules), "blocks", "samples",
-    "tokens", "seq_len", "device", "seconds", "out"}."""
+    "tokens", "seq_len", "device", "seconds", "out", "experts"} where "experts" has one row per MoE expert weight:
+    {"module", "expert", "tokens" (routed to it), "stats" ("routed" or "all": where its statistics came from)}."""
     out = Path(out)
     ckpt = open_checkpoint(source, revision)
     with runtime.session(device, parallel=False) as rt:
         stats, info = collect_stats(ckpt, calib, samples=calib_samples, seq_len=seq_len, device=rt.device,
-                                    progress=progress)
-    save_stats(out, stats, {"samples": info["samples"], "tokens": info["tokens"], "seq_len": seq_len,
-                            "source": str(source)})
+                                    progress=progress, moe=MoeCalib.of(moe_calib, moe_min_tokens))
+    meta = {"samples": info["samples"], "tokens": info["tokens"], "seq_len": seq_len, "source": str(source)}
+    if info["experts"]:
+        meta["experts"] = json.dumps({r["module"]: {"expert": r["expert"], "tokens": r["tokens"], "stats": r["stats"]}
+                                      for r in info["experts"]}, sort_keys=True)
+    save_stats(out, stats, meta)
     return {"layers": info["modules"], "blocks": info["layers"], "samples": info["samples"], "tokens": info["tokens"],
-            "seq_len": seq_len, "device": info["device"], "seconds": info["seconds"], "out": str(out)}
+            "seq_len": seq_len, "device": info["device"], "seconds": info["seconds"], "out": str(out),
+            "experts": info["experts"]}

@@ -17,12 +17,12 @@ from typing import Iterator
 
 import torch
 
-from .. import arch, runtime
+from .. import runtime
 from ..checkpoint import CheckpointWriter, TensorInfo, open_checkpoint
 from ..checkpoint.outputs import FOLDER, REPORT, guarded
 from ..errors import QtoolError
 from ..formats import compressed_tensors as ct
-from ..plan import TensorPlan, keep_nonfinite, plan_quantization
+from ..plan import TensorPlan, ignore_list, keep_nonfinite, plan_quantization
 from ..progress import NullProgress
 from ..quant.core import scale_dtype_for
 from ..quant.spec import QuantSpec
@@ -50,9 +50,11 @@ class Part:
 
 @dataclass
 class Calibration:
-    """What --calib brought: per-module importance from a statistics file (feeds mse), or data for the layer walk."""
+    """What --calib brought: per-module importance from a statistics file (feeds mse) with what the file says of
+    each MoE expert module (its report row's `expert`), or data for the layer walk."""
 
     importance: dict[str, torch.Tensor] = field(default_factory=dict)
+    experts: dict[str, dict] = field(default_factory=dict)
     data: object = None
     path: object = None
 
@@ -62,13 +64,15 @@ class Options:
     calib_samples: int = 128
     seq_len: int = 512
     damp: float = 0.01
+    moe: object = None  # calib.moe.MoeCalib: how MoE experts get their statistics
 
 
 @checked
 @guarded(inputs=("source", "calib"), outputs={"out": FOLDER, "report_path": REPORT})
 def quantize(source, out, spec: QuantSpec | None = None, *, include=(), exclude=(), calib=None, calib_samples=128,
-             seq_len=512, damp=0.01, device="auto", report_path=None, max_rel_error=None, allow_nonfinite=False,
-             max_shard_bytes=None, overwrite=False, revision=None, progress=None, eval_options=None) -> Report:
+             seq_len=512, damp=0.01, device="auto", moe_calib="routed", moe_min_tokens=None, report_path=None,
+             max_rel_error=None, allow_nonfinite=False, max_shard_bytes=None, overwrite=False, revision=None,
+             progress=None, eval_options=None) -> Report:
     """Quantize SOURCE into OUT (compressed-tensors pack-quantized); returns the report (design §7).
     eval_options (jobs.evaluate.EvalOptions): evaluate OUT against SOURCE afterwards, under report["eval"]."""
     start = time.perf_counter()
@@ -83,7 +87,8 @@ def quantize(source, out, spec: QuantSpec | None = None, *, include=(), exclude=
     order = _order(ckpt, plans, calibration)
     scheme = _scheme(plans, spec, ckpt)
     config = {**(ckpt.config or {}), "quantization_config": scheme.to_config()}
-    options = Options(calib_samples, seq_len, damp)
+    options = Options(calib_samples, seq_len, damp, _moe(moe_calib, moe_min_tokens)
+                      if calibration.data is not None else None)
     with runtime.session(dev, parallel=calibration.data is None) as rt, \
             CheckpointWriter(out, overwrite=overwrite) as writer:
         outputs = _outputs(plans, order)
@@ -122,12 +127,18 @@ def _calibration(calib, spec: QuantSpec, source, ckpt, plans: dict[str, TensorPl
     if is_stats_file(calib):
         if spec.method != "mse":
             raise QtoolError(calib, f"a statistics file feeds --method mse only; --method {spec.method} needs calibration data")
-        from ..calib.stats import load_stats  # refuses a file made from another model
+        from ..calib.stats import expert_sources, load_stats  # load_stats refuses a file made from another model
         quantized = [p.module for p in plans.values() if p.quantize]
-        return Calibration(importance=load_stats(calib, ckpt.tensors, quantized), path=calib)
+        return Calibration(importance=load_stats(calib, ckpt.tensors, quantized), experts=expert_sources(calib),
+                           path=calib)
     if spec.method == "rtn":
         raise QtoolError(calib, "--method rtn uses no calibration data; use --method mse or gptq")
     return Calibration(data=calib)
+
+
+def _moe(mode: str, min_tokens: int | None):
+    from ..calib.moe import MoeCalib  # qtool.calib is imported only when the walk runs
+    return MoeCalib.of(mode, min_tokens)
 
 
 def _order(ckpt, plans: dict[str, TensorPlan], calibration: Calibration) -> list[str]:
@@ -143,9 +154,7 @@ def _scheme(plans: dict[str, TensorPlan], spec: QuantSpec, ckpt) -> ct.Scheme:
     """The quantization_config to write: each quantized module's spec; `ignore` lists the linear modules left dense
     and the output heads tied to the embeddings (nn.Linear modules with no weight of their own)."""
     specs = {p.module: p.spec for p in plans.values() if p.quantize}
-    ignore = sorted([p.module for p in plans.values() if p.linear and not p.quantize]
-                    + arch.tied_heads(ckpt.tensors, ckpt.config))
-    return ct.Scheme.of(specs or spec, ignore)
+    return ct.Scheme.of(specs or spec, ignore_list(plans.values(), ckpt.tensors, ckpt.config))
 
 
 def _outputs(plans: dict[str, TensorPlan], order: list[str]) -> list[tuple]:
@@ -169,7 +178,7 @@ def _parts(ckpt, plans: dict[str, TensorPlan], order: list[str], calibration: Ca
     sizes = {n: i.nbytes for n, i in ckpt.tensors.items()}
     if calibration.data is None:
         progress.start("quantizing", total=sum(sizes[n] for n in order))
-        transform = functools.partial(_streamed_part, plans, calibration.importance, rt.device)
+        transform = functools.partial(_streamed_part, plans, calibration, rt.device)
         yield from ordered_map(transform, prefetch(ckpt.get, order, sizes), rt.workers)
         return
     dense = [n for n in order if not plans[n].quantize]
@@ -177,18 +186,22 @@ def _parts(ckpt, plans: dict[str, TensorPlan], order: list[str], calibration: Ca
         yield Part(name, {name: t})
     from ..calib.layerwise import quantize_layerwise
     walk = quantize_layerwise(ckpt, list(plans.values()), calibration.data, samples=options.calib_samples,
-                              seq_len=options.seq_len, damp=options.damp, device=rt.device, progress=progress)
+                              seq_len=options.seq_len, damp=options.damp, device=rt.device, progress=progress,
+                              moe=options.moe)
     for item in walk:
         yield _packed_part(plans[item.name], item.weight, item.extra)
 
 
-def _streamed_part(plans: dict[str, TensorPlan], importance: dict, device, name: str, t: torch.Tensor) -> Part:
-    """One source tensor → its part (runs on a worker thread): quantized by its plan's spec, or as it is."""
+def _streamed_part(plans: dict[str, TensorPlan], calibration: Calibration, device, name: str,
+                   t: torch.Tensor) -> Part:
+    """One source tensor → its part (runs on a worker thread): quantized by its plan's spec (weighted by a
+    statistics file's importance when there is one), or as it is."""
     p = plans[name]
     if not p.quantize:
         return Part(name, {name: t}, nbytes=t.numel() * t.element_size())
-    qw = quantize_weight(t.to(device), p.spec, importance=importance.get(p.module)).cpu()
-    return _packed_part(p, qw, {}, t.numel() * t.element_size())
+    qw = quantize_weight(t.to(device), p.spec, importance=calibration.importance.get(p.module)).cpu()
+    extra = {"expert": calibration.experts[p.module]} if p.module in calibration.experts else {}
+    return _packed_part(p, qw, extra, t.numel() * t.element_size())
 
 
 def _packed_part(p: TensorPlan, qw: QuantizedWeight, extra: dict, nbytes: int = 0) -> Part:

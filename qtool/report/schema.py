@@ -21,6 +21,18 @@ class ErrorStats(TypedDict):
     cosine: float
 
 
+class ExpertSource(TypedDict):
+    """Where a mixture-of-experts expert weight's calibration statistics came from."""
+    expert: int                       # its index in the MoE layer
+    tokens: int                       # calibration tokens the router sent it
+    stats: Literal["routed", "all"]   # its routed tokens, or every token (--moe-calib all, or under --moe-min-tokens)
+
+
+class ExpertRow(ExpertSource):
+    """`qtool calibrate`'s summary: one per expert weight (module = the weight's module)."""
+    module: str
+
+
 class _LayerBase(TypedDict):
     name: str
     shape: list[int]
@@ -44,6 +56,7 @@ class Layer(_LayerBase, total=False):
     output_error_before: float | None
     output_error_after: float | None
     note: str
+    expert: ExpertSource  # an MoE expert weight (from the walk, or from the statistics file it was quantized with)
 
 
 class DtypeRow(TypedDict):
