@@ -76,7 +76,7 @@ def main(argv=None) -> None:
     print("| method | bits/weight | ppl | ppl_ratio | mean KLD | p99 KLD | top-1 |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        bpw = "16" if r["bits_per_weight"] is None else f"{r['bits_per_weight']:.3f}"
+        bpw = "dense" if r["bits_per_weight"] is None else f"{r['bits_per_weight']:.3f}"
         print(f"| {r['method']} | {bpw} | {r['ppl']:.4f} | {r['ppl_ratio']:.5f} | {r['kld_mean']:.5f} | "
               f"{r['kld_p99']:.4f} | {r['top1']:.4f} |")
 
