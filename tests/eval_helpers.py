@@ -49,9 +49,11 @@ def load_full(folder: Path, quantized: bool = False):
 
 
 @torch.no_grad()
-def _logits(model, ids: torch.Tensor) -> torch.Tensor:
+def _logits(model, ids: torch.Tensor, own: bool = False) -> torch.Tensor:
     """float32 logits [n, L, vocab] of windows of one length from the whole model: its final hidden states times its
-    head, one matmul."""
+    head, one matmul; with `own`, the float32 model's own forward's logits (its logit post-processing included)."""
+    if own:
+        return model(input_ids=ids).logits.float()
     h = model.base_model(input_ids=ids).last_hidden_state
     head = model.get_output_embeddings()
     z = h.float() @ head.weight.float().T
@@ -70,19 +72,20 @@ def _by_length(windows: list[torch.Tensor]):
     return [torch.stack(g) for g in groups.values()]
 
 
-def direct(model_dir: Path, windows: list[torch.Tensor], ref_dir: Path | None = None, quantized: bool = False) -> dict:
+def direct(model_dir: Path, windows: list[torch.Tensor], ref_dir: Path | None = None, quantized: bool = False,
+           own: bool = False) -> dict:
     """ppl (and with a reference ref_ppl, ppl_ratio, kld stats, top1_agreement) computed directly."""
     model = load_full(model_dir, quantized)
     ref = load_full(ref_dir) if ref_dir is not None else None
     nll, nll_ref, kld, agree = [], [], [], []
     for ids in _by_length(windows):
-        z = _logits(model, ids)[:, :-1].reshape(-1, model.config.vocab_size)
+        z = _logits(model, ids, own)[:, :-1].reshape(-1, model.config.vocab_size)
         y = ids[:, 1:].reshape(-1)
         lp = torch.log_softmax(z.double(), dim=-1)
         nll.append(-lp[torch.arange(len(y)), y])
         if ref is None:
             continue
-        zr = _logits(ref, ids)[:, :-1].reshape(-1, model.config.vocab_size)
+        zr = _logits(ref, ids, own)[:, :-1].reshape(-1, model.config.vocab_size)
         lpr = torch.log_softmax(zr.double(), dim=-1)
         nll_ref.append(-lpr[torch.arange(len(y)), y])
         kld.append((lpr.exp() * (lpr - lp)).sum(-1))

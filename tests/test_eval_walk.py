@@ -1,5 +1,5 @@
 """`qtool eval` on the layer walk's architectures: mixture-of-experts models equal the full transformers forward of
-both models, dense and quantized; what the walk builds but eval cannot score is refused in one line."""
+both models, dense and quantized; logit post-processing equals the models' own forward; encoders are refused."""
 from __future__ import annotations
 
 import pytest
@@ -46,13 +46,20 @@ def test_quantized_moe_equals_transformers_dequantize_load(moe, tmp_path):
     assert_matches(report, direct(out, windows, ref, quantized=True))
 
 
-@pytest.mark.parametrize("kind, problem", [
-    ("bert", "a bert model is not a causal LM"),
-    ("gemma2", "gemma2 post-processes its logits (final_logit_softcapping 30.0)"),
-    ("granite", "granite post-processes its logits (logits_scaling 4.0)"),
-])
-def test_models_eval_cannot_score_are_refused_in_one_line(tmp_path, kind, problem):
-    model = save(tiny_model(kind), tmp_path / kind)
+@pytest.mark.parametrize("kind, extra", [("gemma2", {"final_logit_softcapping": 0.5}), ("granite", {})])
+def test_logit_post_processing_equals_the_model_forward(tmp_path, kind, extra):
+    """Gemma-2's soft-capping (a small cap, so it changes every distribution) and Granite's logits_scaling (4.0) are
+    applied to the float32 tiles as the models' own forward applies them."""
+    ref = save(tiny_model(kind, **extra), tmp_path / "ref")
+    noisy = perturbed(ref, tmp_path / "noisy")
+    ids = torch.randint(3, VOCAB, (3, 16), generator=torch.Generator().manual_seed(5))
+    save_file({"input_ids": ids}, str(tmp_path / "ids.safetensors"))
+    report = evaluate(noisy, tmp_path / "ids.safetensors", ref=ref, seq_len=16, device="cpu")
+    assert_matches(report, direct(noisy, list(ids), ref, own=True))
+
+
+def test_an_encoder_is_refused_in_one_line(tmp_path):
+    model = save(tiny_model("bert"), tmp_path / "bert")
     save_file({"input_ids": torch.tensor([[5, 6, 7, 8]])}, str(tmp_path / "ids.safetensors"))
     r = run_cli("eval", str(model), "--data", str(tmp_path / "ids.safetensors"))
-    assert r.exit_code == 1 and problem in r.stderr and r.stderr.count("\n") == 1
+    assert r.exit_code == 1 and "a bert model is not a causal LM" in r.stderr and r.stderr.count("\n") == 1

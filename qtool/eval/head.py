@@ -31,10 +31,11 @@ WEIGHT_CHUNK_BYTES = 16 << 20    # float32 head rows converted at once, per mode
 
 
 class Head:
-    """An LM head (weight [vocab, hidden], bias), served as float32 row chunks on a device."""
+    """An LM head (weight [vocab, hidden], bias), served as float32 row chunks on a device, and the model's logit
+    post-processing if any (`logit_transform`), applied to each float32 tile."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
-        self.weight, self.bias = weight, bias
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, transform=None):
+        self.weight, self.bias, self.transform = weight, bias, transform
         self.vocab, self.hidden = weight.shape
         self.dtype = weight.dtype
 
@@ -101,10 +102,34 @@ def _bf16_products(on: bool):
         matmul.fp32_precision = old
 
 
-def _logits(hidden: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, bf16: bool) -> torch.Tensor:
+def logit_transform(config):
+    """What a causal LM's forward does to its head's output, as transformers' models do it (on float32 tiles here):
+    Gemma-2/3 soft-capping `tanh(z / c)·c`, Granite's `z / logits_scaling`, Cohere's `z · logit_scale`. None: none."""
+    cap = getattr(config, "final_logit_softcapping", None)
+    divide = getattr(config, "logits_scaling", None)
+    scale = getattr(config, "logit_scale", None)
+    steps = []
+    if divide not in (None, 1, 1.0):
+        steps.append(lambda z: z.div_(divide))
+    if scale not in (None, 1, 1.0):
+        steps.append(lambda z: z.mul_(scale))
+    if cap is not None:
+        steps.append(lambda z: z.div_(cap).tanh_().mul_(cap))
+    if not steps:
+        return None
+
+    def transform(z: torch.Tensor) -> torch.Tensor:
+        for step in steps:
+            z = step(z)
+        return z
+    return transform
+
+
+def _logits(hidden: torch.Tensor, head: Head, w: torch.Tensor, b: torch.Tensor | None, bf16: bool) -> torch.Tensor:
     with _bf16_products(bf16):
         z = torch.nn.functional.linear(hidden.float(), w)
-    return z if b is None else z + b
+    z = z if b is None else z + b
+    return z if head.transform is None else head.transform(z)
 
 
 def chunk_sizes(vocab: int, hidden: int) -> tuple[int, int]:
@@ -136,11 +161,11 @@ def score(hidden: torch.Tensor, head: Head, targets: torch.Tensor, ref: tuple | 
         wr, br = ref[1].rows(v0, v1, device) if ref is not None else (None, None)
         for p0 in range(0, n, per_tile):
             r = slice(p0, min(n, p0 + per_tile))
-            z = _logits(hidden[r], w, b, bf16)
+            z = _logits(hidden[r], head, w, b, bf16)
             model.update(z, r, v0, targets[r])
             if ref is None:
                 continue
-            zr = _logits(ref[0][r], wr, br, bf16_ref)
+            zr = _logits(ref[0][r], ref[1], wr, br, bf16_ref)
             e, rescale = other.update(zr, r, v0, targets[r])
             a[r] = a[r] * rescale + e.mul_(zr.sub_(z)).sum(dim=1, dtype=torch.float64)   # Σ p_ref·(z_ref − z)
     if ref is None:

@@ -16,11 +16,7 @@ from ..calib.model import build_architecture, free_module
 from ..calib.walk import LayerWalk
 from ..errors import QtoolError
 from ..formats.dense import DenseView
-from .head import Head
-
-# Config keys of logit post-processing (soft-capping, scaling) the chunked head does not apply: refused, not ignored.
-LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
-
+from .head import Head, logit_transform
 
 class ModelStages:
     """The stages of one checkpoint's causal LM on `device`; each stage's weights live only while it runs."""
@@ -32,11 +28,8 @@ class ModelStages:
         if not self.arch.causal:
             raise QtoolError(ckpt.path, f"a {self.arch.model_type} model is not a causal LM: it has no next-token "
                                         "distribution to evaluate")
-        config = self.arch.model.config.get_text_config()   # the values the model runs with, defaults included
-        for key in LOGIT_TRANSFORMS:
-            if getattr(config, key, None) not in (None, 1, 1.0):
-                raise QtoolError(ckpt.root / "config.json", f"{self.arch.model_type} post-processes its logits "
-                                 f"({key} {getattr(config, key)}): eval's chunked float32 head does not apply that")
+        # the values the model runs with, transformers' defaults included
+        self.transform = logit_transform(self.arch.model.config.get_text_config())
         self.vocab_size, self.hidden_size = self.arch.model.get_output_embeddings().weight.shape
         self.num_blocks = len(self.arch.blocks)
         self._walk: LayerWalk | None = None
@@ -69,4 +62,4 @@ class ModelStages:
             embedding = self.arch.model.get_input_embeddings()
             if embedding.weight is not tail.head.weight:   # untied: the input embedding's part is done
                 free_module(embedding)
-            yield final, Head(tail.head.weight, tail.head.bias)
+            yield final, Head(tail.head.weight, tail.head.bias, self.transform)
