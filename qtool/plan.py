@@ -16,7 +16,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 
 from . import arch
-from .errors import QtoolError
+from .errors import ArgumentError, QtoolError
 from .quant.spec import DEFAULT_GROUP_SIZE, QuantSpec, parse_spec, spec_text
 
 
@@ -82,11 +82,11 @@ def parse_rules(texts: Iterable[str], spec: QuantSpec) -> list[SchemeRule]:
     for text in texts:
         glob, sep, spec_part = str(text).rpartition("=")
         if not sep or not glob:
-            raise QtoolError(f"--scheme {text!r}", "is not GLOB=SPEC (e.g. '*.down_proj=int8')")
+            raise ArgumentError(f"--scheme {text!r}", "is not GLOB=SPEC (e.g. '*.down_proj=int8')")
         try:
             rules.append(SchemeRule(glob, parse_spec(spec_part, **spec_defaults(spec)), str(text)))
         except ValueError as e:
-            raise QtoolError(f"--scheme {text!r}", str(e)) from None
+            raise ArgumentError(f"--scheme {text!r}", str(e)) from None
     return rules
 
 

@@ -21,7 +21,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 import torch
 
 from .. import arch
-from ..errors import QtoolError
+from ..errors import ArgumentError, QtoolError
 from ..quant.spec import QuantSpec, parse_spec, spec_text
 from . import costs
 from .solver import Infeasible, Solution, solve
@@ -41,15 +41,15 @@ class Target:
     @classmethod
     def of(cls, target_bits=None, max_size: int | None = None) -> "Target | None":
         if target_bits is not None and max_size is not None:
-            raise QtoolError("--target-bits", "give --target-bits or --max-size, not both")
+            raise ArgumentError("--target-bits", "give --target-bits or --max-size, not both")
         if target_bits is not None:
             bits = Fraction(str(target_bits))
             if bits <= 0:
-                raise QtoolError("--target-bits", f"must be above 0, not {target_bits}")
+                raise ArgumentError("--target-bits", f"must be above 0, not {target_bits}")
             return cls(bits=bits)
         if max_size is not None:
             if max_size <= 0:
-                raise QtoolError("--max-size", f"must be above 0, not {max_size}")
+                raise ArgumentError("--max-size", f"must be above 0, not {max_size}")
             return cls(size=int(max_size))
         return None
 
@@ -78,12 +78,12 @@ def parse_candidates(texts: Iterable[str], defaults: dict) -> list[QuantSpec | N
         try:
             spec = parse_spec(text, **defaults)
         except ValueError as e:
-            raise QtoolError("--candidates", str(e)) from None
+            raise ArgumentError("--candidates", str(e)) from None
         if spec in seen:
-            raise QtoolError("--candidates", f"{seen[spec]!r} and {text!r} are the same scheme ({spec_text(spec)})")
+            raise ArgumentError("--candidates", f"{seen[spec]!r} and {text!r} are the same scheme ({spec_text(spec)})")
         seen[spec] = text
     if not seen:
-        raise QtoolError("--candidates", "lists no SPEC")
+        raise ArgumentError("--candidates", "lists no SPEC")
     return sorted(seen, key=spec_text)
 
 

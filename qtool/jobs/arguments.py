@@ -27,8 +27,9 @@ VALUED = {"--include": "include", "--exclude": "exclude", "--group-size": "group
           "--damp": "damp", "--device": "device", "--max-rel-error": "max_rel_error", "--dtype": "dtype",
           "--max-shard-size": "max_shard_bytes", "--weight": "weights", "--report": "report_path",
           "--against": "against", "--base": "base", "--revision": "revision", "--top": "top",
-          "--lora-rank": "lora_rank", "--out": "out", "--moe-calib": "moe_calib", "--moe-min-tokens": "moe_min_tokens"}
-LISTS = {"--include", "--exclude", "--weight"}  # repeatable options: lists in Python
+          "--lora-rank": "lora_rank", "--out": "out", "--moe-calib": "moe_calib", "--moe-min-tokens": "moe_min_tokens",
+          "--scheme": "schemes", "--target-bits": "target_bits", "--max-size": "max_size", "--candidates": "candidates"}
+LISTS = {"--include", "--exclude", "--weight", "--scheme", "--candidates"}  # repeatable options: lists in Python
 CHOICES = {"--method": {"rtn", "mse", "gptq"}, "--dtype": {"float16", "bfloat16", "float32"}, "--moe-calib": {"routed", "all"},
            "--device": {"auto", "cpu", "cuda"}}
 _OPTION = re.compile(r"(?<![\w-])(--[a-z][a-z0-9-]*)(?:([ =])('[^']*'|[A-Za-z0-9_.:+-]+))?")
@@ -156,6 +157,8 @@ CHECKS: dict[str, Callable] = {
     "max_shard_bytes": lambda v, a: integer(v, a, 1), "lora_rank": lambda v, a: integer(v, a, 1),
     "moe_calib": lambda v, a: choice(v, a, ("routed", "all")), "moe_min_tokens": lambda v, a: integer(v, a, 1),
     "device": device, "spec": _spec, "include": _globs, "exclude": _globs,
+    "schemes": _globs, "target_bits": lambda v, a: number(v, a, minimum=0, finite=True, above=True),
+    "max_size": lambda v, a: integer(v, a, 1), "candidates": lambda v, a: v if isinstance(v, str) else _globs(v, a),
 }
 
 
