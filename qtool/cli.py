@@ -202,7 +202,7 @@ def inspect(source, as_json, against, base, top, max_rel_error, lora_rank, lora_
 @click.option("--damp", type=click.FloatRange(min=0, min_open=True), default=0.01, show_default=True, help="GPTQ damping, a fraction of the mean Hessian diagonal.")
 @moe_options
 @device_option
-@click.option("--scheme", "schemes", multiple=True, metavar="GLOB=SPEC",,
+@click.option("--scheme", "schemes", multiple=True, metavar="GLOB=SPEC",
               help="Give tensors/modules matching GLOB this SPEC (repeatable, first match wins): int4|int8 with "
                    "optional :g32|:g64|:g128|:channel|:tensor and :sym|:asym, or dense. Unset parts take --bits, "
                    "--group-size, --symmetric. Modules vLLM fuses (q/k/v, gate/up, an MoE layer's experts) must agree.")

@@ -190,7 +190,7 @@ def test_max_size_is_never_exceeded_and_reruns_give_the_same_bytes(llama, tmp_pa
     (["--target-bits", "4.1"], 1, "error: --target-bits 4.1: cannot be met: the smallest reachable average is 4.125"),
     (["--target-bits", "5", "--max-size", "1GB"], 2, "give --target-bits or --max-size, not both"),
     (["--scheme", "*.q_proj=int3"], 2, "'int3' is not a SPEC"),
-    (["--scheme", "q_proj"], 2, "'q_proj' is not GLOB=SPEC"),
+    (["--scheme", "q_proj"], 2, "error: --scheme 'q_proj': is not GLOB=SPEC"),
     (["--candidates", "int4,int8"], 2, "give --target-bits or --max-size too"),
     (["--max-size", "1.5XB"], 2, "'1.5XB' is not a size"),
     (["--target-bits", "6", "--candidates", "int4:g128,int4:g96"], 2, "'g96' is not one of"),
@@ -226,3 +226,40 @@ def test_statistics_weigh_the_predicted_errors(llama, tmp_path):
         want = float(((w.float() - w_hat.float()).square().sum(0) * imp[m]).sum(dtype=torch.float64))
         assert row["predicted_error"] == pytest.approx(want, rel=1e-4), m
     assert report["allocation"]["achieved_bits"] <= 4.6
+    # calibration data instead of the file: the same statistics from one pass of the model, the same bytes
+    again = qtool.quantize(llama, tmp_path / "again", calib=tmp_path / "ids.safetensors", calib_samples=8, seq_len=12,
+                           target_bits=4.6, candidates=["int4:g128", "int4:g32", "int8:channel"])
+    assert again["allocation"] == {**report["allocation"], "achieved_bytes": again["allocation"]["achieved_bytes"]}
+    assert (tmp_path / "again" / "model.safetensors").read_bytes() == (tmp_path / "out" / "model.safetensors").read_bytes()
+    # gptq quantizes the allocated schemes in its layer walk
+    g = qtool.quantize(llama, tmp_path / "gptq", qtool.QuantSpec(method="gptq"), calib=tmp_path / "ids.safetensors",
+                       calib_samples=8, seq_len=12, target_bits=4.6, candidates=["int4:g128", "int4:g32", "int8:channel"])
+    assert g["allocation"]["by_spec"] == report["allocation"]["by_spec"]
+    assert _groups(tmp_path / "gptq") == {k: v for k, v in report["allocation"]["by_spec"].items() if k != "dense"}
+    assert {row.get("method") for row in g["layers"] if row["quantized"]} == {"gptq"}
+
+
+def test_the_python_api_names_its_own_arguments(llama, tmp_path):
+    with pytest.raises(qtool.ArgumentError, match="give target_bits or max_size, not both"):
+        qtool.quantize(llama, tmp_path / "out", target_bits=5, max_size=10**6)
+    with pytest.raises(qtool.ArgumentError, match="'int3' is not a SPEC"):
+        qtool.quantize(llama, tmp_path / "out", schemes=["*=int3"])
+    with pytest.raises(qtool.QtoolError, match="cannot be met") as e:
+        qtool.quantize(llama, tmp_path / "out", target_bits=4, candidates="int4:g128,int8:channel")
+    assert e.value.path == "target_bits=4" and not (tmp_path / "out").exists()
+
+
+def test_merge_lora_onto_a_mixed_base_keeps_each_modules_scheme(llama, tmp_path):
+    from .lora_helpers import make_adapter
+    base = tmp_path / "base"
+    qtool.quantize(llama, base, qtool.QuantSpec(method="rtn"), schemes=["*.down_proj=int8", "*.o_proj=int4:g32"])
+    adapter = make_adapter("llama", llama, tmp_path / "adapter", r=4, lora_alpha=8,
+                           target_modules=["q_proj", "k_proj", "v_proj", "down_proj", "o_proj"])
+    r = run_cli("merge-lora", base, adapter, "-o", tmp_path / "merged", "-q")
+    assert r.exit_code == 0, r.stderr
+    assert _groups(tmp_path / "merged") == _groups(base)
+    merged, before = _tensors(tmp_path / "merged"), _tensors(base)
+    for m in _modules(llama):
+        assert merged[f"{m}.weight_scale"].shape == before[f"{m}.weight_scale"].shape, m
+        changed = not torch.equal(merged[f"{m}.weight_packed"], before[f"{m}.weight_packed"])
+        assert changed == m.endswith(("q_proj", "k_proj", "v_proj", "down_proj", "o_proj")), m

@@ -39,8 +39,6 @@ class Mixed:
     @classmethod
     def of(cls, spec: QuantSpec, schemes=(), target_bits=None, max_size=None, candidates=None) -> "Mixed":
         """Checked before any work: SPECs, GLOB=SPEC rules, one budget at most, candidates only with a budget."""
-        if isinstance(schemes, str):
-            schemes = [schemes]
         rules = tuple(parse_rules(schemes or (), spec))
         target = Target.of(target_bits, max_size)
         if candidates is not None and target is None:
