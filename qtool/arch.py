@@ -5,6 +5,7 @@ the model transformers builds: qtool.calib.model.)
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -137,6 +138,56 @@ def role(name: str, shape: tuple[int, ...], dtype: torch.dtype, config: dict | N
     if is_conv1d(module, config):
         return Role("conv1d", "GPT-2 Conv1D weight (compressed-tensors and vLLM quantize nn.Linear only)")
     return Role("linear", "linear weight")
+
+
+# Linear layers a serving engine runs as one fused matmul (vLLM's packed_modules_mapping: qkv_proj, gate_up_proj,
+# BERT's qkv from query/key/value, DeepSeek's fused_qkv_a_proj), found as siblings under one parent module; vLLM
+# refuses a fused layer whose parts have different schemes (or are partly ignored).
+FUSED_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("query", "key", "value"), ("gate_proj", "up_proj"),
+                  ("q_a_proj", "kv_a_proj_with_mqa"))
+# Every projection of every expert of one MoE layer (`...experts.<e>.<proj>`): vLLM's FusedMoE holds them as one
+# set of stacked weights with one scheme.
+_EXPERT = re.compile(r"^(.*\.experts)\.\d+\.[^.]+$")
+
+
+@dataclass(frozen=True)
+class FusedGroup:
+    """Modules that must share one scheme. name: the module itself for a group of one,
+    `<parent>.{q_proj,k_proj,v_proj}` for fused siblings, `<prefix>.experts.*` for an MoE layer's experts."""
+
+    name: str
+    members: tuple[str, ...]
+
+
+def fused_groups(modules: Iterable[str]) -> list[FusedGroup]:
+    """Partition `modules` (linear module names) into the groups a serving engine fuses, sorted by name; every
+    module is in exactly one group (siblings listed in FUSED_SIBLINGS' order, experts by name)."""
+    keyed: dict[tuple, list[str]] = {}
+    for m in sorted(set(modules)):
+        keyed.setdefault(_fusion_key(m), []).append(m)
+    groups = []
+    for (prefix, parts), members in keyed.items():
+        if parts is None:  # one MoE layer's experts
+            groups.append(FusedGroup(f"{prefix}.*", tuple(members)))
+        elif len(members) == 1:
+            groups.append(FusedGroup(members[0], tuple(members)))
+        else:
+            members.sort(key=lambda m: parts.index(leaf(m)))
+            groups.append(FusedGroup(f"{prefix}.{{{','.join(leaf(m) for m in members)}}}", tuple(members)))
+    return sorted(groups, key=lambda g: g.name)
+
+
+def _fusion_key(module: str) -> tuple[str, tuple | None]:
+    """(prefix, sibling names) shared by the modules fused with `module`: (experts prefix, None) for an expert,
+    (parent, FUSED_SIBLINGS entry) for a fused sibling, (module, ()) for anything else."""
+    expert = _EXPERT.match(module)
+    if expert:
+        return expert.group(1), None
+    parent, _, last = module.rpartition(".")
+    for parts in FUSED_SIBLINGS:
+        if last in parts:
+            return parent, parts
+    return module, ()
 
 
 # -- live torch modules -------------------------------------------------------------------------------------

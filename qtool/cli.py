@@ -21,6 +21,10 @@ def _group_size(ctx, param, value: int | None) -> int | None:
     return value
 
 
+def _size_option(ctx, param, value):
+    return None if value is None else parse_size(value, "--max-size")
+
+
 def _fail(message: str, code: int = 1):
     click.echo(f"error: {message}", err=True)
     sys.exit(code)
@@ -237,6 +241,17 @@ def inspect(source, as_json, against, base, top, max_rel_error, lora_rank, lora_
 @click.option("--damp", type=click.FloatRange(min=0, min_open=True), default=0.01, show_default=True, help="GPTQ damping, a fraction of the mean Hessian diagonal.")
 @moe_options
 @device_option
+@click.option("--scheme", "schemes", multiple=True, metavar="GLOB=SPEC",
+              help="Give tensors/modules matching GLOB this SPEC (repeatable, first match wins): int4|int8 with "
+                   "optional :g32|:g64|:g128|:channel|:tensor and :sym|:asym, or dense. Unset parts take --bits, "
+                   "--group-size, --symmetric. Modules vLLM fuses (q/k/v, gate/up, an MoE layer's experts) must agree.")
+@click.option("--target-bits", type=click.FloatRange(min=0, min_open=True), default=None, metavar="B",
+              help="Choose each module's SPEC from --candidates for the least predicted error at an average of at "
+                   "most B stored bits per candidate weight (codes, scales, zero points).")
+@click.option("--max-size", default=None, metavar="SIZE", callback=_size_option,
+              help="Like --target-bits, for a whole output checkpoint of at most SIZE (e.g. 1.5GB, 800MiB, bytes).")
+@click.option("--candidates", default=None, metavar="SPEC,SPEC,...",
+              help="SPECs a budget chooses from (default int4:g128,int4:g64,int4:g32,int8:channel).")
 @click.option("--include", multiple=True, metavar="GLOB", help="Also quantize tensors/modules matching GLOB (repeatable).")
 @click.option("--exclude", multiple=True, metavar="GLOB", help="Keep tensors/modules matching GLOB unquantized; wins over --include.")
 @report_option
@@ -252,8 +267,9 @@ def inspect(source, as_json, against, base, top, max_rel_error, lora_rank, lora_
 @revision_option
 @handle_errors
 def quantize(source, out, bits, symmetric, group_size, method, calib, calib_samples, seq_len, damp, moe_calib,
-             moe_min_tokens, device, include, exclude, report_path, max_rel_error, allow_nonfinite, max_shard_size,
-             eval_data, max_kld, max_ppl_ratio, min_top1, overwrite, quiet, as_json, revision):
+             moe_min_tokens, device, schemes, target_bits, max_size, candidates, include, exclude, report_path,
+             max_rel_error, allow_nonfinite, max_shard_size, eval_data, max_kld, max_ppl_ratio, min_top1, overwrite,
+             quiet, as_json, revision):
     """Quantize SOURCE's linear weights to int4/int8 in the compressed-tensors pack-quantized format.
 
     \b
@@ -262,6 +278,9 @@ def quantize(source, out, bits, symmetric, group_size, method, calib, calib_samp
     qtool quantize samples/tiny-llama -o out/rtn --method rtn --asymmetric
     qtool quantize samples/tiny-llama -o out/gptq --method gptq --calib samples/calib.txt
     qtool quantize MODEL -o OUT --exclude 'model.layers.0.*' --report report.json --max-rel-error 0.15
+    qtool quantize MODEL -o OUT --scheme '*.down_proj=int8' --scheme 'model.layers.0.*=int4:g32'
+    qtool quantize MODEL -o OUT --target-bits 4.5                         # exact allocation to a budget
+    qtool quantize MODEL -o OUT --max-size 1.5GB --candidates int4:g128,int4:g32,int8:channel
     qtool quantize MODEL -o OUT --eval data.txt --max-kld 0.05 --min-top1 0.9   # gate on the output's quality
     """
     from .jobs.quantize import quantize as run
@@ -270,7 +289,8 @@ def quantize(source, out, bits, symmetric, group_size, method, calib, calib_samp
     spec = QuantSpec(bits=int(bits), symmetric=symmetric, group_size=group_size, method=method)
     evaluation = _eval_request(eval_data, max_kld, max_ppl_ratio, min_top1, seq_len=seq_len, device=device)
     with make_progress(quiet or as_json) as progress:
-        report = run(source, out, spec, include=include, exclude=exclude, calib=calib, calib_samples=calib_samples,
+        report = run(source, out, spec, include=include, exclude=exclude, schemes=schemes, target_bits=target_bits,
+                     max_size=max_size, candidates=candidates, calib=calib, calib_samples=calib_samples,
                      seq_len=seq_len, damp=damp, moe_calib=moe_calib, moe_min_tokens=moe_min_tokens, device=device,
                      report_path=report_path, max_rel_error=max_rel_error, allow_nonfinite=allow_nonfinite,
                      max_shard_bytes=max_shard_size, overwrite=overwrite,
@@ -408,14 +428,17 @@ def eval_(model, ref, data, seq_len, samples, batch_size, device, max_kld, max_p
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
-def parse_size(text: str) -> int:
+def parse_size(text: str, option: str = "--max-shard-size") -> int:
+    """'1.5GB', '800MiB', '123' (bytes) → bytes; decimal units are powers of 10, binary ones of 2."""
     import re
+    from fractions import Fraction
     m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", text)
     if not m or m.group(2).upper() not in _UNITS:
-        raise click.BadParameter(f"{text!r} is not a size like 500MB or 2GB", param_hint="--max-shard-size")
-    size = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+        raise click.BadParameter(f"{text!r} is not a size like 500MB, 1.5GB, 800MiB or a number of bytes",
+                                 param_hint=option)
+    size = int(Fraction(m.group(1)) * _UNITS[m.group(2).upper()])
     if size < 1:
-        raise click.BadParameter(f"{text!r} is not a size of at least 1 byte", param_hint="--max-shard-size")
+        raise click.BadParameter(f"{text!r} is not a size of at least 1 byte", param_hint=option)
     return size
 
 

@@ -120,19 +120,22 @@ def test_other_quant_methods_are_not_compressed_tensors():
 
 def test_several_config_groups_each_module_its_scheme():
     """A checkpoint may carry one config group per scheme (mixed precision): every module gets the scheme of the group
-    that targets it, by compressed-tensors' precedence (exact name, then re: pattern, then the Linear class)."""
+    that targets it, by compressed-tensors' precedence (exact name, then re: pattern, then the Linear class). qtool
+    writes one group per scheme, each naming exactly its modules."""
     int4, int8 = QuantSpec(4, True, 128, "rtn"), QuantSpec(8, True, -1, "rtn")
     specs = {"m.0.q_proj": int4, "m.0.k_proj": int4, "m.0.down_proj": int8, "m.1.q_proj": int4}
     scheme = ctf.Scheme.of(specs, ["lm_head"])
     cfg = scheme.to_config()
-    assert [g["targets"] for g in cfg["config_groups"].values()] == [["m.0.down_proj"], ["Linear"]]
+    assert [g["targets"] for g in cfg["config_groups"].values()] == [["m.0.k_proj", "m.0.q_proj", "m.1.q_proj"],
+                                                                     ["m.0.down_proj"]]
     ctq.QuantizationConfig.model_validate(json.loads(json.dumps(cfg)))  # compressed-tensors accepts it
     back = ctf.detect({"quantization_config": cfg})
     assert back.uniform is None and {m: back.spec_for(m) for m in specs} == specs
-    assert ctf.Scheme.of({"a": int8, "b": int8}, []).to_config() == ctf.Scheme.of(int8, []).to_config()
+    assert ctf.Scheme.of({"a": int8, "b": int8}, []).groups == (ctf.ConfigGroup("group_0", int8, ("a", "b")),)
+    assert back.spec_for("m.2.q_proj") is None  # no catch-all: a module no group names has no scheme
     by_regex = ctf.detect({"quantization_config": {**cfg, "config_groups": {
-        "group_0": {**cfg["config_groups"]["group_1"], "targets": ["Linear"]},
-        "group_1": {**cfg["config_groups"]["group_0"], "targets": ["re:.*down_proj$", "m.0.q_proj"]}}}})
+        "group_0": {**cfg["config_groups"]["group_0"], "targets": ["Linear"]},
+        "group_1": {**cfg["config_groups"]["group_1"], "targets": ["re:.*down_proj$", "m.0.q_proj"]}}}})
     assert by_regex.spec_for("m.1.down_proj") == int8 and by_regex.spec_for("m.0.q_proj") == int8
     assert by_regex.spec_for("m.1.q_proj") == int4
 

@@ -9,7 +9,7 @@ LAYERS = [
     {"", "errors", "interrupts", "native", "_native", "runtime", "arch", "progress"},  # "" is the package root (__version__)
     {"quant"},
     {"checkpoint", "formats", "plan"},
-    {"lora", "calib", "eval", "report"},
+    {"lora", "calib", "eval", "report", "alloc"},
     {"jobs", "nn"},
     {"cli", "__main__"},
 ]

@@ -86,6 +86,40 @@ def _pwrite(fd: int, data, offset: int) -> None:
         view, offset = view[n:], offset + n
 
 
+def _cut(planned: list[_Planned], max_shard_bytes: int | None, basename: str) -> dict[str, list[_Planned]]:
+    """The planned sequence cut into shards of at most `max_shard_bytes` of data (a larger tensor alone)."""
+    limit = max_shard_bytes or DEFAULT_MAX_SHARD_BYTES
+    groups: list[list[_Planned]] = [[]]
+    size = 0
+    for p in planned:
+        if groups[-1] and size + p.nbytes > limit:
+            groups.append([])
+            size = 0
+        groups[-1].append(p)
+        size += p.nbytes
+    return dict(zip(shard_names(len(groups), basename), groups))
+
+
+def _index(by_shard: dict[str, list[_Planned]]) -> dict:
+    return {"metadata": {"total_size": sum(p.nbytes for group in by_shard.values() for p in group)},
+            "weight_map": dict(sorted((p.name, shard) for shard, group in by_shard.items() for p in group))}
+
+
+def json_bytes(obj) -> bytes:
+    """A JSON file as the writer stores it (indented, keys sorted, a final newline)."""
+    return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode("utf-8")
+
+
+def planned_bytes(specs: Iterable, max_shard_bytes: int | None = None, basename: str = "model",
+                  metadata: dict[str, str] | None = None) -> int:
+    """The bytes of the weight files (and index) that `plan(specs, max_shard_bytes=...)` writes, exactly, without
+    writing anything: what a size budget is checked against."""
+    planned = [_Planned(s[0], tuple(int(d) for d in s[1]), s[2]) for s in specs]
+    by_shard = _cut(planned, max_shard_bytes, basename)
+    total = sum(len(safetensors_header(g, metadata)) + sum(p.nbytes for p in g) for g in by_shard.values())
+    return total + (len(json_bytes(_index(by_shard))) if len(by_shard) > 1 else 0)
+
+
 class CheckpointWriter:
     """`with CheckpointWriter(out) as w: w.plan(specs); w.write(name, t); ...` → OUT appears only on success."""
 
@@ -135,16 +169,7 @@ class CheckpointWriter:
                 by_shard.setdefault(shards[p.name], []).append(p)
             by_shard = dict(sorted(by_shard.items()))
         else:
-            limit = max_shard_bytes or DEFAULT_MAX_SHARD_BYTES
-            groups: list[list[_Planned]] = [[]]
-            size = 0
-            for p in planned:
-                if groups[-1] and size + p.nbytes > limit:
-                    groups.append([])
-                    size = 0
-                groups[-1].append(p)
-                size += p.nbytes
-            by_shard = dict(zip(shard_names(len(groups), self.basename), groups))
+            by_shard = _cut(planned, max_shard_bytes, self.basename)
         try:
             for shard, group in by_shard.items():
                 path = self.tmp / shard
@@ -162,10 +187,7 @@ class CheckpointWriter:
             self._raise()
         self._unwritten = {p.name for p in planned if p.nbytes}
         if index if index is not None else len(by_shard) > 1:
-            self._index = {
-                "metadata": {"total_size": sum(p.nbytes for p in planned)},
-                "weight_map": dict(sorted((p.name, shard) for shard, group in by_shard.items() for p in group)),
-            }
+            self._index = _index(by_shard)
         self._thread = threading.Thread(target=self._drain, name="qtool-writer", daemon=True)
         self._thread.start()
         return list(by_shard)
@@ -254,7 +276,7 @@ class CheckpointWriter:
 
     def write_json(self, name: str, obj) -> None:
         try:
-            (self.tmp / name).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+            (self.tmp / name).write_bytes(json_bytes(obj))
         except OSError as e:
             self._error = e
             self._raise()

@@ -15,7 +15,6 @@ says which one a module has, by compressed-tensors' own precedence (exact name, 
 from __future__ import annotations
 
 import re
-from collections import Counter
 from dataclasses import dataclass
 from typing import Iterable, Mapping
 
@@ -24,7 +23,7 @@ import torch
 from ..errors import QtoolError
 from ..quant.core import SCALE_DTYPES, dequantize
 from ..quant.pack import pack_int32, packed_len, packed_shape, unpack_int32
-from ..quant.spec import QuantSpec
+from ..quant.spec import QuantSpec, spec_text
 from ..quant.weight import QuantizedWeight
 
 FORMAT = "pack-quantized"
@@ -198,20 +197,20 @@ class Scheme:
 
     @classmethod
     def of(cls, specs: QuantSpec | Mapping[str, QuantSpec], ignore: Iterable[str]) -> "Scheme":
-        """The scheme qtool writes: one group targeting Linear for one spec. For a mapping module → spec with several
-        specs, every spec but the most common gets a group naming its modules, and the most common one's group,
-        last, targets Linear: compressed-tensors' model path prefers an exact name to a class target, and its
-        model-free dequantizer takes the groups in order, with Linear matching whatever is left. The specs' method is
-        recorded when they share one."""
+        """The scheme qtool writes: for one spec, one group targeting Linear (every linear not in `ignore`); for a
+        mapping module → spec (a mixed-precision run), one group per distinct spec, in SPEC order, each targeting
+        exactly its modules by name. Exact names, not a Linear catch-all: compressed-tensors, transformers and vLLM
+        all match them first, none depends on the groups' order, and a Linear module the checkpoint does not store
+        (or a plan did not see) is never given a scheme."""
         if isinstance(specs, QuantSpec):
             return cls((ConfigGroup("group_0", specs, tuple(TARGETS)),), tuple(sorted(ignore)), method=specs.method)
         methods = {s.method for s in specs.values()}
-        counts = Counter(specs.values())
-        order = sorted(counts, key=lambda s: (-counts[s], min(m for m, x in specs.items() if x == s)))
-        groups = [ConfigGroup(f"group_{i}", spec, tuple(sorted(m for m, x in specs.items() if x == spec)))
-                  for i, spec in enumerate(order[1:])]
-        groups.append(ConfigGroup(f"group_{len(groups)}", order[0], tuple(TARGETS)))
-        return cls(tuple(groups), tuple(sorted(ignore)), method=methods.pop() if len(methods) == 1 else None)
+        by_spec: dict[QuantSpec, list[str]] = {}
+        for module in sorted(specs):
+            by_spec.setdefault(specs[module], []).append(module)
+        order = sorted(by_spec, key=spec_text)
+        groups = tuple(ConfigGroup(f"group_{i}", spec, tuple(by_spec[spec])) for i, spec in enumerate(order))
+        return cls(groups, tuple(sorted(ignore)), method=methods.pop() if len(methods) == 1 else None)
 
     @property
     def uniform(self) -> QuantSpec | None:

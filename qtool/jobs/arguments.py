@@ -28,9 +28,10 @@ VALUED = {"--include": "include", "--exclude": "exclude", "--group-size": "group
           "--max-shard-size": "max_shard_bytes", "--weight": "weights", "--report": "report_path",
           "--against": "against", "--base": "base", "--revision": "revision", "--top": "top",
           "--lora-rank": "lora_rank", "--out": "out", "--moe-calib": "moe_calib", "--moe-min-tokens": "moe_min_tokens",
+          "--scheme": "schemes", "--target-bits": "target_bits", "--max-size": "max_size", "--candidates": "candidates",
           "--ref": "ref", "--data": "data", "--samples": "samples", "--batch-size": "batch_size",
           "--max-kld": "max_kld", "--max-ppl-ratio": "max_ppl_ratio", "--min-top1": "min_top1"}
-LISTS = {"--include", "--exclude", "--weight"}  # repeatable options: lists in Python
+LISTS = {"--include", "--exclude", "--weight", "--scheme", "--candidates"}  # repeatable options: lists in Python
 CHOICES = {"--method": {"rtn", "mse", "gptq"}, "--dtype": {"float16", "bfloat16", "float32"}, "--moe-calib": {"routed", "all"},
            "--device": {"auto", "cpu", "cuda"}}
 _OPTION = re.compile(r"(?<![\w-])(--[a-z][a-z0-9-]*)(?:([ =])('[^']*'|[A-Za-z0-9_.:+-]+))?")
@@ -161,6 +162,8 @@ CHECKS: dict[str, Callable] = {
     "max_shard_bytes": lambda v, a: integer(v, a, 1), "lora_rank": lambda v, a: integer(v, a, 1),
     "moe_calib": lambda v, a: choice(v, a, ("routed", "all")), "moe_min_tokens": lambda v, a: integer(v, a, 1),
     "device": device, "spec": _spec, "include": _globs, "exclude": _globs,
+    "schemes": _globs, "target_bits": lambda v, a: number(v, a, minimum=0, finite=True, above=True),
+    "max_size": lambda v, a: integer(v, a, 1), "candidates": lambda v, a: v if isinstance(v, str) else _globs(v, a),
     "model": path, "ref": path, "data": path, "samples": lambda v, a: integer(v, a, 1),
     "batch_size": lambda v, a: integer(v, a, 1), "max_kld": lambda v, a: number(v, a, minimum=0),
     "max_ppl_ratio": lambda v, a: number(v, a, minimum=0), "min_top1": lambda v, a: number(v, a, minimum=0, maximum=1),

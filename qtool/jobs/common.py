@@ -55,6 +55,12 @@ def ordered_map(fn: Callable, items: Iterable[tuple], workers: int) -> Iterator:
             yield pending.popleft().result()
 
 
+def folder_bytes(folder) -> int:
+    """Bytes of every file under `folder` (what a checkpoint weighs on disk, index and side files included)."""
+    from pathlib import Path
+    return sum(f.stat().st_size for f in sorted(Path(folder).rglob("*")) if f.is_file())
+
+
 def copy_side_files(ckpt: Checkpoint, writer: CheckpointWriter, replace: dict | None = None) -> list[str]:
     """Copy the source's side files (checkpoint.layout: config, tokenizer, generation config, ...) beside the output,
     byte for byte; a file named in `replace` is written as that JSON instead, or, where its value is None, left to

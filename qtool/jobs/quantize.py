@@ -19,6 +19,7 @@ import torch
 
 from .. import runtime
 from ..checkpoint import CheckpointWriter, TensorInfo, open_checkpoint
+from ..checkpoint.writer import json_bytes, planned_bytes
 from ..checkpoint.outputs import FOLDER, REPORT, guarded
 from ..errors import QtoolError
 from ..formats import compressed_tensors as ct
@@ -31,8 +32,9 @@ from ..report.errors import gate_part, summary_part
 from ..report.render import write_json
 from ..report.schema import Report, assemble, timing_part
 from ..report.size import Listing, describe_scheme, listing, size_part
-from .common import copy_side_files, ordered_map, prefetch
+from .allocation import Mixed, choose, layer_facts
 from .arguments import checked
+from .common import copy_side_files, folder_bytes, ordered_map, prefetch
 from .evaluate import attach as attach_eval
 
 
@@ -69,26 +71,34 @@ class Options:
 
 @checked
 @guarded(inputs=("source", "calib"), outputs={"out": FOLDER, "report_path": REPORT})
-def quantize(source, out, spec: QuantSpec | None = None, *, include=(), exclude=(), calib=None, calib_samples=128,
-             seq_len=512, damp=0.01, device="auto", moe_calib="routed", moe_min_tokens=None, report_path=None,
-             max_rel_error=None, allow_nonfinite=False, max_shard_bytes=None, overwrite=False, revision=None,
-             progress=None, eval_options=None) -> Report:
+def quantize(source, out, spec: QuantSpec | None = None, *, include=(), exclude=(), schemes=(), target_bits=None,
+             max_size=None, candidates=None, calib=None, calib_samples=128, seq_len=512, damp=0.01, device="auto",
+             moe_calib="routed", moe_min_tokens=None, report_path=None, max_rel_error=None, allow_nonfinite=False,
+             max_shard_bytes=None, overwrite=False, revision=None, progress=None, eval_options=None) -> Report:
     """Quantize SOURCE into OUT (compressed-tensors pack-quantized); returns the report (design §7).
+
+    schemes: `GLOB=SPEC` rules (first match wins); target_bits / max_size: a budget the schemes of the modules no
+    rule decides are allocated to, from `candidates` (SPECs, a list or one comma-separated string).
     eval_options (jobs.evaluate.EvalOptions): evaluate OUT against SOURCE afterwards, under report["eval"]."""
     start = time.perf_counter()
     spec = spec or QuantSpec()
     progress = progress or NullProgress()
+    mixed = Mixed.of(spec, schemes, target_bits, max_size, candidates)
     ckpt = _open(source, revision)
     dev = runtime.resolve_device(device)
-    plans = {p.name: p for p in plan_quantization(ckpt.tensors.values(), spec, ckpt.config, include, exclude, source)}
+    plans = {p.name: p for p in plan_quantization(ckpt.tensors.values(), mixed.global_spec(spec), ckpt.config,
+                                                  include, exclude, source, rules=mixed.rules)}
     calibration = _calibration(calib, spec, source, ckpt, plans)
     if allow_nonfinite:
         plans = {p.name: p for p in keep_nonfinite(list(plans.values()), ckpt.get)}
-    order = _order(ckpt, plans, calibration)
-    scheme = _scheme(plans, spec, ckpt)
-    config = {**(ckpt.config or {}), "quantization_config": scheme.to_config()}
     options = Options(calib_samples, seq_len, damp, _moe(moe_calib, moe_min_tokens)
                       if calibration.data is not None else None)
+    if mixed.target is not None:
+        calibration = _sensitivities(ckpt, calibration, spec, options, dev, progress)
+    order = _order(ckpt, plans, calibration)
+    plans, allocation = _allocate(ckpt, plans, order, mixed, spec, calibration, dev, max_shard_bytes, progress)
+    scheme = _scheme(plans, spec, mixed, ckpt)
+    config = {**(ckpt.config or {}), "quantization_config": scheme.to_config()}
     with runtime.session(dev, parallel=calibration.data is None) as rt, \
             CheckpointWriter(out, overwrite=overwrite) as writer:
         outputs = _outputs(plans, order)
@@ -100,7 +110,7 @@ def quantize(source, out, spec: QuantSpec | None = None, *, include=(), exclude=
     written = Listing({n: TensorInfo(n, tuple(s), d, Path(out), math.prod(s) * d.itemsize) for n, s, d in outputs},
                       config, scheme.describe("safetensors"), replace(scheme, method=spec.method),
                       {p.module: p.shape for p in plans.values() if p.quantize})
-    report = _report(source, out, ckpt, plans, written, results, max_rel_error, start, copied)
+    report = _report(source, out, ckpt, plans, written, results, max_rel_error, start, copied, mixed, allocation)
     attach_eval(report, out, source, eval_options, revision=revision, progress=progress)
     if report_path is not None:
         write_json(report, report_path)
@@ -150,11 +160,47 @@ def _order(ckpt, plans: dict[str, TensorPlan], calibration: Calibration) -> list
     return [n for n in ckpt.tensors if not plans[n].quantize] + [n for n in layer_order(ckpt) if plans[n].quantize]
 
 
-def _scheme(plans: dict[str, TensorPlan], spec: QuantSpec, ckpt) -> ct.Scheme:
-    """The quantization_config to write: each quantized module's spec; `ignore` lists the linear modules left dense
-    and the output heads tied to the embeddings (nn.Linear modules with no weight of their own)."""
+def _scheme(plans: dict[str, TensorPlan], spec: QuantSpec, mixed: Mixed, ckpt) -> ct.Scheme:
+    """The quantization_config to write: one group of the run's spec targeting Linear, or, for a mixed run, one
+    group per distinct spec naming its modules; `ignore`: plan.ignore_list."""
     specs = {p.module: p.spec for p in plans.values() if p.quantize}
-    return ct.Scheme.of(specs or spec, ignore_list(plans.values(), ckpt.tensors, ckpt.config))
+    return ct.Scheme.of(specs if mixed.active and specs else spec,
+                        ignore_list(plans.values(), ckpt.tensors, ckpt.config))
+
+
+def _allocate(ckpt, plans: dict[str, TensorPlan], order: list[str], mixed: Mixed, spec: QuantSpec,
+              calibration: Calibration, dev, max_shard_bytes, progress):
+    """(plans with the allocated specs, the allocation), or the plans as they are when there is no budget."""
+    if mixed.target is None:
+        return plans, None
+    size_of = functools.partial(_output_bytes, ckpt, order=order, mixed=mixed, spec=spec,
+                                max_shard_bytes=max_shard_bytes)
+    with runtime.session(dev) as rt:
+        return choose(ckpt, plans, mixed, calibration.importance, rt, progress, size_of)
+
+
+def _sensitivities(ckpt, calibration: Calibration, spec: QuantSpec, options: Options, dev, progress) -> Calibration:
+    """An allocation weighs errors by input statistics: from a statistics file as given; from calibration data by
+    one pass of the original model (qtool.calib.layerwise.collect_stats). mse then quantizes streaming with those
+    statistics, so the data goes through the model once; gptq still walks the layers with the data afterwards."""
+    if calibration.data is None:
+        return calibration
+    from ..calib.layerwise import collect_stats
+    from ..calib.stats import importance
+    stats, _ = collect_stats(ckpt, calibration.data, samples=options.calib_samples, seq_len=options.seq_len,
+                             device=dev, progress=progress, moe=options.moe)
+    weights = {m: importance(entry) for m, entry in stats.items()}
+    return Calibration(importance=weights, data=calibration.data if spec.method == "gptq" else None,
+                       path=calibration.path)
+
+
+def _output_bytes(ckpt, plans: dict[str, TensorPlan], *, order: list[str], mixed: Mixed, spec: QuantSpec,
+                  max_shard_bytes) -> int:
+    """Every byte OUT would hold with these plans, exactly (weights, index, config.json, copied side files), from
+    the layout alone: what --max-size is checked against."""
+    config = {**(ckpt.config or {}), "quantization_config": _scheme(plans, spec, mixed, ckpt).to_config()}
+    side = sum(p.stat().st_size for p in ckpt.extra_files() if p.relative_to(ckpt.root).as_posix() != "config.json")
+    return planned_bytes(_outputs(plans, order), max_shard_bytes) + len(json_bytes(config)) + side
 
 
 def _outputs(plans: dict[str, TensorPlan], order: list[str]) -> list[tuple]:
@@ -242,13 +288,17 @@ def _check_finite(name: str, err: dict, ckpt) -> None:
 # -- report -------------------------------------------------------------------------------------------------
 
 def _report(source, out, ckpt, plans: dict[str, TensorPlan], written: Listing, results: dict[str, Result],
-            max_rel_error, start: float, copied: list[str]) -> Report:
+            max_rel_error, start: float, copied: list[str], mixed: Mixed, allocation) -> Report:
     size = size_part(written, estimates_of=listing(ckpt))  # the estimates are about the source model
-    layers = [_layer(row, plans.get(row["name"]), results.get(row["name"])) for row in size["layers"]]
+    layers = [_layer(row, plans.get(row["name"]), results.get(row["name"]))
+              | layer_facts(plans.get(row["name"]), allocation, mixed) for row in size["layers"]]
+    extra = {}
+    if allocation is not None:
+        extra["allocation"] = {**allocation.block, "achieved_bytes": folder_bytes(out)}
     return assemble("quantize", source, size, layers=layers, summary=summary_part(layers),
                     gate=gate_part(layers, max_rel_error),
                     timing=timing_part(start, sum(i.nbytes for i in ckpt.tensors.values())), output=str(out),
-                    copied_files=copied)
+                    copied_files=copied, **extra)
 
 
 def _layer(row: dict, p: TensorPlan | None, result: Result | None) -> dict:

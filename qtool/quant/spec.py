@@ -76,3 +76,43 @@ class QuantSpec:
         if self.strategy == "tensor":
             return (1,)
         return (out_features, self.n_groups(in_features))
+
+
+# --- the SPEC grammar of --scheme and --candidates -----------------------------------------------------------------
+# `int4` / `int8`, then optional parts `:g32|:g64|:g128|:channel|:tensor` and `:sym|:asym`, or `dense` (left
+# unquantized). Parts a SPEC leaves out take the run's global options.
+DENSE = "dense"
+SPEC_BITS = {"int4": 4, "int8": 8}
+SPEC_GROUPINGS = {"g32": 32, "g64": 64, "g128": 128, "channel": -1, "tensor": 0}
+SPEC_SYMMETRY = {"sym": True, "asym": False}
+
+
+def parse_spec(text: str, *, symmetric: bool = True, group_size: int | None = None,
+               method: str = "mse") -> QuantSpec | None:
+    """A SPEC as a QuantSpec, None for `dense`. `symmetric`, `group_size` (None: the bits' default) and `method` are
+    the global options that fill the parts the SPEC leaves out. Raises ValueError naming what is wrong."""
+    words = text.strip().lower().split(":")
+    if words == [DENSE]:
+        return None
+    if words[0] not in SPEC_BITS:
+        raise ValueError(f"{text!r} is not a SPEC: it starts with int4, int8 or is 'dense'")
+    grouping = symmetry = None
+    for part in words[1:]:
+        if part in SPEC_GROUPINGS and grouping is None:
+            grouping = SPEC_GROUPINGS[part]
+        elif part in SPEC_SYMMETRY and symmetry is None:
+            symmetry = SPEC_SYMMETRY[part]
+        else:
+            raise ValueError(f"{text!r} is not a SPEC: {part!r} is not one of "
+                             f"{', '.join(p for p in (*SPEC_GROUPINGS, *SPEC_SYMMETRY))} (each at most once)")
+    return QuantSpec(bits=SPEC_BITS[words[0]], symmetric=symmetric if symmetry is None else symmetry,
+                     group_size=group_size if grouping is None else grouping, method=method)
+
+
+def spec_text(spec: QuantSpec | None) -> str:
+    """The canonical SPEC of `spec`: `int4:g128`, `int8:channel:asym`, `dense` (symmetry is written only when
+    asymmetric, read as the command line's defaults read it)."""
+    if spec is None:
+        return DENSE
+    grouping = {"tensor": "tensor", "channel": "channel"}.get(spec.strategy, f"g{spec.group_size}")
+    return f"int{spec.bits}:{grouping}" + ("" if spec.symmetric else ":asym")

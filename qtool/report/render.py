@@ -52,7 +52,26 @@ def render(report: dict, top: int = 10, console: Console | None = None) -> None:
     console.print(_dtypes(report))
     console.print(_estimates(report))
     _BODIES[report["kind"]](report, top, console)
+    _render_allocation(report, console)
     _render_gate(report, console)
+
+
+def _render_allocation(report: dict, console: Console) -> None:
+    """quantize --target-bits/--max-size: the budget, what was reached, and which SPEC went where."""
+    a = report.get("allocation")
+    if not a:
+        return
+    bits = a["target_kind"] == "bits_per_weight"
+    target = f"{a['target']:g} bits per weight" if bits else f"{human_bytes(a['target'])} ({a['target']:,} bytes)"
+    at = Table(title=f"allocation: {target}, from {', '.join(a['candidates'])}", title_justify="left")
+    for c in ("scheme", "modules", "first modules"):
+        at.add_column(c, justify="right" if c == "modules" else "left")
+    for spec, modules in a["by_spec"].items():
+        at.add_row(spec, str(len(modules)), ", ".join(modules[:3]) + (", …" if len(modules) > 3 else ""))
+    console.print(at)
+    console.print(f"achieved {a['achieved_bits']:.4f} bits per weight, {human_bytes(a['achieved_bytes'])} "
+                  f"({a['achieved_bytes']:,} bytes); predicted error {_num(a['predicted_error'])} "
+                  f"(lower bound {_num(a['solver']['lower_bound'])}, {a['solver']['groups']} fused groups)")
 
 
 def _scaling(s) -> str:
@@ -79,6 +98,9 @@ def _head(report: dict) -> Table:
         head.add_row("quantization", f"{scheme}, {q.get('format')}" + (f", method {q['method']}" if q.get("method") else ""))
         if q.get("bits_per_weight") is not None:
             head.add_row("bits per quantized weight", f"{q['bits_per_weight']:.3f} ({q.get('quantized_tensors')} tensors)")
+        if q.get("schemes"):
+            head.add_row("schemes", ", ".join(f"{name} {100 * d['share']:.1f}% ({d['modules']} modules)"
+                                              for name, d in q["schemes"].items()))
         if q.get("vllm_servable") is False:
             head.add_row("note", f"group size {q['group_size']}: valid compressed-tensors, but vLLM will not serve it "
                                  "(its weight-only kernels take groups of 32, 64 or 128 columns, or per channel)")
@@ -139,13 +161,14 @@ def _errors(report: dict, top: int, console: Console) -> None:
     if not with_error:
         return _largest(report, top, console)
     worst = sorted(with_error, key=lambda r: -r["error"]["rel_error"])[:top]
+    mixed = any("scheme" in r for r in worst)  # a mixed-precision run says which SPEC each got
     et = Table(title=f"worst {len(worst)} of {len(with_error)} tensors by relative error", title_justify="left")
-    for c in ("tensor", "shape", "rel_error", "SQNR dB", "max |err|", "cosine"):
-        et.add_column(c, justify="left" if c == "tensor" else "right")
+    for c in ("tensor", "shape") + (("scheme",) if mixed else ()) + ("rel_error", "SQNR dB", "max |err|", "cosine"):
+        et.add_column(c, justify="left" if c in ("tensor", "scheme") else "right")
     for r in worst:
         e = r["error"]
-        et.add_row(r["name"], "×".join(map(str, r["shape"])), _num(e["rel_error"]), _num(e["sqnr_db"], "{:.2f}"),
-                   _num(e["max_abs"]), _num(e["cosine"], "{:.6f}"))
+        et.add_row(r["name"], "×".join(map(str, r["shape"])), *((r.get("scheme", "-"),) if mixed else ()),
+                   _num(e["rel_error"]), _num(e["sqnr_db"], "{:.2f}"), _num(e["max_abs"]), _num(e["cosine"], "{:.6f}"))
     console.print(et)
     s = report.get("summary") or {}
     if s:

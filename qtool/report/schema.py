@@ -57,6 +57,10 @@ class Layer(_LayerBase, total=False):
     output_error_after: float | None
     note: str
     expert: ExpertSource  # an MoE expert weight (from the walk, or from the statistics file it was quantized with)
+    # mixed precision (--scheme rules, --target-bits/--max-size): the module's SPEC, and when a budget chose it,
+    # its predicted error (the weight error the allocation minimised)
+    scheme: str
+    predicted_error: float
 
 
 class DtypeRow(TypedDict):
@@ -68,7 +72,14 @@ class DtypeRow(TypedDict):
 Estimates = TypedDict("Estimates", {"float32": int, "float16": int, "int8": int, "int4": int})
 
 
-class Quantization(TypedDict):
+class SchemeShare(TypedDict):
+    modules: int
+    parameters: int
+    bytes: int
+    share: float                # of the quantized weights' parameters
+
+
+class Quantization(TypedDict, total=False):
     bits: int | None            # None when config groups differ
     symmetric: bool | None
     group_size: int | None
@@ -79,6 +90,7 @@ class Quantization(TypedDict):
     quantized_tensors: int
     bits_per_weight: float | None
     vllm_servable: bool
+    schemes: dict[str, SchemeShare]   # by SPEC (int4:g128, int8:channel, ...), when config groups differ
 
 
 class Lora(TypedDict, total=False):
@@ -205,11 +217,30 @@ class EvalReport(TypedDict):
     timing: EvalTiming
 
 
+class Solver(TypedDict):
+    groups: int                 # fused groups chosen for (modules vLLM runs as one layer share one)
+    states: int                 # partial solutions the exact search kept
+    lower_bound: float          # the Lagrangian bound on the predicted error (<= predicted_error)
+
+
+class AllocationPart(TypedDict):
+    """quantize --target-bits/--max-size: what the budget was and what the exact allocation reached."""
+    target: float | int         # bits per weight, or bytes
+    target_kind: Literal["bits_per_weight", "bytes"]
+    achieved_bits: float        # 8·(codes + scales + zero points)/parameters over the candidate weights
+    achieved_bytes: int         # every file of OUT
+    predicted_error: float      # Σ over candidate modules of their predicted error
+    by_spec: dict[str, list[str]]
+    candidates: list[str]
+    solver: Solver
+
+
 class Report(_ReportBase, total=False):
     output: str                  # quantize, dequantize
     largest: list[str]           # inspect: the --top largest tensors
     lora_training: LoraTraining  # inspect --lora-rank
     copied_files: list[str]      # merge-lora
+    allocation: AllocationPart   # quantize with --target-bits or --max-size
     eval: EvalReport             # quantize, merge-lora, dequantize --eval: OUT evaluated against the input
 
 

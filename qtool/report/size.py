@@ -18,7 +18,7 @@ from .. import arch
 from ..checkpoint import Checkpoint
 from ..errors import QtoolError
 from ..formats import compressed_tensors as ct
-from ..quant.spec import QuantSpec
+from ..quant.spec import QuantSpec, spec_text
 from .schema import Estimates, Layer, Quantization, Size
 
 
@@ -81,7 +81,7 @@ def _rows(lst: Listing) -> list[dict]:
             shape = lst.packed_shapes.get(module) or (info.shape[0], info.shape[1] * 32 // spec.bits)
             rows.append({"name": f"{module}.weight", "shape": tuple(shape), "dtype": f"int{spec.bits}",
                          "bytes": sum(p.nbytes for p in group.values()), "quantized": True,
-                         "reason": describe_scheme(spec), "stored": group})
+                         "reason": describe_scheme(spec), "stored": group, "spec": spec})
     return rows
 
 
@@ -129,7 +129,21 @@ def _quantization(lst: Listing, rows: list[dict]) -> Quantization | None:
         "ignored": list(lst.scheme.ignore), "provider": lst.scheme.provider, "quantized_tensors": len(qrows),
         "bits_per_weight": round(8 * sum(r["bytes"] for r in qrows) / qparams, 4) if qparams else None,
         "vllm_servable": all(g.spec.group_size in ct.VLLM_GROUP_SIZES for g in lst.scheme.groups),
+        **({} if spec else {"schemes": _shares(qrows, qparams)}),
     }
+
+
+def _shares(qrows: list[dict], qparams: int) -> dict:
+    """{SPEC: modules, parameters, bytes, share of the quantized parameters} of a checkpoint whose schemes differ."""
+    out: dict[str, dict] = {}
+    for r in qrows:
+        d = out.setdefault(spec_text(r["spec"]), {"modules": 0, "parameters": 0, "bytes": 0, "share": 0.0})
+        d["modules"] += 1
+        d["parameters"] += math.prod(r["shape"])
+        d["bytes"] += r["bytes"]
+    for d in out.values():
+        d["share"] = round(d["parameters"] / qparams, 6) if qparams else 0.0
+    return dict(sorted(out.items()))
 
 
 def size_part(lst: Listing, estimates_of: Listing | None = None) -> Size:

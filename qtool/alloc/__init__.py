@@ -1,0 +1,1 @@
+"""Mixed precision: the exact allocation of schemes to a size budget."""
