@@ -28,7 +28,8 @@ VALUED = {"--include": "include", "--exclude": "exclude", "--group-size": "group
           "--max-shard-size": "max_shard_bytes", "--weight": "weights", "--report": "report_path",
           "--against": "against", "--base": "base", "--revision": "revision", "--top": "top",
           "--lora-rank": "lora_rank", "--out": "out", "--moe-calib": "moe_calib", "--moe-min-tokens": "moe_min_tokens",
-          "--scheme": "schemes", "--target-bits": "target_bits", "--max-size": "max_size", "--candidates": "candidates"}
+          "--scheme": "schemes", "--target-bits": "target_bits", "--max-size": "max_size", "--candidates": "candidates",
+          "--awq-grid": "awq_grid"}
 LISTS = {"--include", "--exclude", "--weight", "--scheme", "--candidates"}  # repeatable options: lists in Python
 CHOICES = {"--method": {"rtn", "mse", "gptq"}, "--dtype": {"float16", "bfloat16", "float32"}, "--moe-calib": {"routed", "all"},
            "--device": {"auto", "cpu", "cuda"}}
@@ -156,6 +157,7 @@ CHECKS: dict[str, Callable] = {
     "calib_samples": lambda v, a: integer(v, a, 1), "seq_len": lambda v, a: integer(v, a, 1),
     "max_shard_bytes": lambda v, a: integer(v, a, 1), "lora_rank": lambda v, a: integer(v, a, 1),
     "moe_calib": lambda v, a: choice(v, a, ("routed", "all")), "moe_min_tokens": lambda v, a: integer(v, a, 1),
+    "awq_grid": lambda v, a: integer(v, a, 1),
     "device": device, "spec": _spec, "include": _globs, "exclude": _globs,
     "schemes": _globs, "target_bits": lambda v, a: number(v, a, minimum=0, finite=True, above=True),
     "max_size": lambda v, a: integer(v, a, 1), "candidates": lambda v, a: v if isinstance(v, str) else _globs(v, a),
