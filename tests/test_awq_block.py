@@ -76,7 +76,8 @@ def _setup(kind, kv_heads=2, tokens=24):
 
     linears = {prefix + p + ".weight": m for p, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
     params = {p: prefix + p for p, _ in block.named_parameters()}
-    view = block_awq.BlockView(block, linears, params, call)
+    hidden = args[0] if args else kwargs["hidden_states"]
+    view = block_awq.BlockView(block, linears, params, call, hidden)
     groups = [SimpleNamespace(feeder=f, members=[prefix + m + ".weight" for m in ms]) for f, ms in GROUPS[kind]]
     return view, groups, call, prefix
 

@@ -22,7 +22,9 @@ from .. import arch
 from ..quant import awq
 from ..quant.spec import QuantSpec
 
-EXACT = 1e-4        # relative change of the block output that still counts as float32 rounding
+# A fold is exact when it moves the block's output by no more than float32 rounding: 1e-4 of what the block adds to
+# its input (its branches; a wrong fold changes those by O(1)) plus 1e-6 of the output (rounding of the residual).
+EXACT_BRANCH, EXACT_OUTPUT = 1e-4, 1e-6
 NORM_OFFSETS = (0.0, 1.0)  # g(w) = w (LayerNorm, RMSNorm), g(w) = 1 + w (Gemma's RMSNorm)
 
 
@@ -50,13 +52,16 @@ class Scaled:
 
 class BlockView:
     """A loaded block seen through checkpoint names: module paths inside it, and the checkpoint tensor behind a
-    module parameter. `call(module)` runs one calibration sample through a module shaped like the block."""
+    module parameter. `call(module, convert)` runs one calibration sample (block input `hidden`; convert maps its
+    arguments, e.g. to float32) through a module shaped like the block."""
 
-    def __init__(self, module: nn.Module, linears: dict[str, nn.Module], params: dict[str, str], call: Callable):
+    def __init__(self, module: nn.Module, linears: dict[str, nn.Module], params: dict[str, str], call: Callable,
+                 hidden: torch.Tensor):
         self.module = module
         self.linears = linears   # checkpoint weight name → its nn.Linear
         self.params = params     # "path.in.block.weight" → checkpoint tensor name
         self.call = call
+        self.hidden = hidden     # the block input of the sample `call` runs
         self._paths = {id(m): p for p, m in module.named_modules()}
 
     def path(self, name: str) -> str:
@@ -126,6 +131,8 @@ class _Trial:
         self.block = copy.deepcopy(view.module).float()
         with torch.no_grad():
             self.want = view.call(self.block, _to32)
+            branch = float((self.want - view.hidden.to(self.want.device, torch.float32)).norm())
+            self.tolerance = EXACT_BRANCH * branch + EXACT_OUTPUT * float(self.want.norm())
         self.originals = {n: p.detach().clone() for n, p in self.block.named_parameters()}
 
     @torch.no_grad()
@@ -141,7 +148,7 @@ class _Trial:
             got = self.view.call(self.block, _to32)
             for n, p in self.block.named_parameters():
                 p.copy_(self.originals[n])
-            if float((got - self.want).norm()) <= EXACT * float(self.want.norm()):
+            if float((got - self.want).norm()) <= self.tolerance:
                 return trial, None
         return None, (f"folding into {m.feeder} changes the block's output: its output also feeds something other "
                       f"than {', '.join(self.view.path(n) for n in m.members)} (a residual, a router) or it is not "
@@ -199,9 +206,11 @@ def scale_block(view: BlockView, groups, stats: dict, values: dict[str, torch.Te
         # α = 0 is s = 1: nothing to fold (and (w + 1)/1 − 1 would not even give w back bit for bit)
         for path, value in (fold(params, m, res.scales).items() if res.alpha > 0 else ()):
             name = view.tensor(path)
-            out.folded[name] = {"relative_change": awq.relative_change(values[name], value),
-                                "by": "s" if path.startswith(member_paths) else "1/s", "mapping": label,
-                                "alpha": res.alpha}
+            change = awq.relative_change(values[name], value)
+            if change == 0:  # e.g. a zero bias: unchanged, not reported
+                continue
+            out.folded[name] = {"relative_change": change, "by": "s" if path.startswith(member_paths) else "1/s",
+                                "mapping": label, "alpha": res.alpha}
             values[name] = out.values[name] = value
         for n in m.members if res.alpha > 0 else ():
             out.scales[n] = res.scales
@@ -232,7 +241,7 @@ def view_of(walk, block) -> BlockView:
         return out[0] if isinstance(out, (tuple, list)) else out
 
     linears = {n: m for n, m in walk.targets(block).items() if isinstance(m, nn.Linear)}
-    return BlockView(block.module, linears, params, call)
+    return BlockView(block.module, linears, params, call, sample.hidden)
 
 
 def scale_walked_block(walk, block, stats: dict, groups, specs: dict[str, QuantSpec], n_grid: int) -> tuple[Scaled, dict]:
