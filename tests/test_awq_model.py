@@ -133,6 +133,6 @@ def test_awq_output_is_an_ordinary_checkpoint(method, tmp_path):
 def test_awq_needs_calibration_data(tmp_path):
     _, src, _ = _source("llama", tmp_path)
     for method in ("awq", "awq+gptq"):
-        r = run_cli("quantize", src, "-o", tmp_path / "q", "--method", method)
+        r = run_cli("quantize", src, "-o", tmp_path / "q", "--method", method, "--group-size", "32")
         assert r.exit_code == 1 and f"--method {method} needs calibration data" in r.stderr
     assert not (tmp_path / "q").exists()
