@@ -80,6 +80,8 @@ def candidates(view: BlockView, groups) -> tuple[list[Mapping], list[dict]]:
         if not members:
             continue
         m, why = _candidate(view, g.feeder, members)
+        if m is not None and (missing := _unstored(view, m)):
+            m, why = None, f"{missing} is not one checkpoint tensor (stored split or fused): nothing to fold into"
         if m is not None:
             m, why = trial.exact(m)
         if m is None:
@@ -101,8 +103,8 @@ def _candidate(view: BlockView, feeder: str | None, members: tuple[str, ...]):
             return None, f"no foldable predecessor: the block has no {prev}"
         if not isinstance(mod, nn.Linear) or mod.out_features != width:
             outs = getattr(mod, "out_features", "?")
-            return None, (f"{prev} gives {outs} channels, {view.path(members[0])} reads {width} "
-                          "(grouped-query attention repeats value heads): no per-channel fold")
+            return None, (f"{prev} gives {outs} channels, {view.path(members[0])} reads {width}: no per-channel "
+                          "fold (as where grouped-query attention repeats value heads)")
         return Mapping(prev, "linear", members), None
     mod = view.module.get_submodule(feeder)
     w = getattr(mod, "weight", None)
@@ -111,6 +113,14 @@ def _candidate(view: BlockView, feeder: str | None, members: tuple[str, ...]):
     if isinstance(w, torch.Tensor) and w.ndim == 1 and w.numel() == width:
         return Mapping(feeder, "norm", members), None
     return None, f"no foldable predecessor: {feeder} ({type(mod).__name__}) has no per-channel weight of width {width}"
+
+
+def _unstored(view: BlockView, m: Mapping) -> str | None:
+    """The first parameter a fold of m would change that no single checkpoint tensor holds, if any."""
+    paths = [f"{view.path(n)}.weight" for n in m.members] + [f"{m.feeder}.weight"]
+    if getattr(view.module.get_submodule(m.feeder), "bias", None) is not None:
+        paths.append(f"{m.feeder}.bias")
+    return next((p for p in paths if view.tensor(p) is None), None)
 
 
 def _to32(x):

@@ -16,6 +16,7 @@ import re
 from typing import Callable
 
 from ..errors import ArgumentError, QtoolError
+from ..quant.spec import METHODS
 
 CLI = contextvars.ContextVar("qtool_cli", default=False)  # set by the command line for the length of a command
 
@@ -31,7 +32,7 @@ VALUED = {"--include": "include", "--exclude": "exclude", "--group-size": "group
           "--scheme": "schemes", "--target-bits": "target_bits", "--max-size": "max_size", "--candidates": "candidates",
           "--awq-grid": "awq_grid"}
 LISTS = {"--include", "--exclude", "--weight", "--scheme", "--candidates"}  # repeatable options: lists in Python
-CHOICES = {"--method": {"rtn", "mse", "gptq"}, "--dtype": {"float16", "bfloat16", "float32"}, "--moe-calib": {"routed", "all"},
+CHOICES = {"--method": set(METHODS), "--dtype": {"float16", "bfloat16", "float32"}, "--moe-calib": {"routed", "all"},
            "--device": {"auto", "cpu", "cuda"}}
 _OPTION = re.compile(r"(?<![\w-])(--[a-z][a-z0-9-]*)(?:([ =])('[^']*'|[A-Za-z0-9_.:+-]+))?")
 _DEVICE = re.compile(r"auto|cpu|cuda(?::\d+)?")
