@@ -202,3 +202,25 @@ def linear_features(module) -> tuple[int, int]:
     if is_conv1d_module(module):
         return int(module.weight.shape[1]), int(module.weight.shape[0])
     return module.out_features, module.in_features
+
+
+# Activation-aware scaling (AWQ): a linear whose input no module produces, and the linear inside the same block whose
+# output reaches it linearly, so 1/s can be folded into that linear's rows: attention's output projection after the
+# value projection (attention is linear in the values), the MLP's down projection after its up projection
+# (act(gate)·up is linear in up). Module paths inside a block; whether a fold is exact is still checked on the block.
+FOLD_PREDECESSORS = (
+    ("self_attn.o_proj", "self_attn.v_proj"),
+    ("attn.o_proj", "attn.v_proj"),
+    ("self_attn.out_proj", "self_attn.v_proj"),
+    ("mlp.down_proj", "mlp.up_proj"),
+    ("attention.output.dense", "attention.self.value"),
+    ("attention.dense", "attention.value"),
+)
+
+
+def fold_predecessor(path: str) -> str | None:
+    """The module path of the linear whose output rows feed `path` (a linear's path inside its block), if known."""
+    for consumer, producer in FOLD_PREDECESSORS:
+        if path == consumer or path.endswith("." + consumer):
+            return path[: len(path) - len(consumer)] + producer
+    return None

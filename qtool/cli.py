@@ -232,13 +232,17 @@ def inspect(source, as_json, against, base, top, max_rel_error, lora_rank, lora_
 @click.option("--symmetric/--asymmetric", default=True, show_default=True, help="Zero point 0, or a zero point per group.")
 @click.option("--group-size", type=int, default=None, callback=_group_size,
               help="N>0: groups of N input columns; -1: per output channel; 0: per tensor. Default: 128 for int4, -1 for int8.")
-@click.option("--method", type=click.Choice(["rtn", "mse", "gptq"]), default="mse", show_default=True,
-              help="rtn: min-max, byte-identical to llm-compressor; mse: clipping search; gptq: error compensation (needs --calib).")
+@click.option("--method", type=click.Choice(["rtn", "mse", "gptq", "awq", "awq+gptq"]), default="mse", show_default=True,
+              help="rtn: min-max, byte-identical to llm-compressor; mse: clipping search; gptq: error compensation; "
+                   "awq: activation-aware scales folded into norms / previous linears, then mse; awq+gptq: then gptq "
+                   "(gptq and awq need --calib DATA).")
 @click.option("--calib", default=None, metavar="DATA|STATS",
               help="Calibration text (.txt, one sample per line), .jsonl (text field), token ids (.safetensors), or a stats file from `qtool calibrate`.")
 @click.option("--calib-samples", type=click.IntRange(min=1), default=128, show_default=True)
 @click.option("--seq-len", type=click.IntRange(min=1), default=512, show_default=True)
 @click.option("--damp", type=click.FloatRange(min=0, min_open=True), default=0.01, show_default=True, help="GPTQ damping, a fraction of the mean Hessian diagonal.")
+@click.option("--awq-grid", type=click.IntRange(min=1), default=20, show_default=True, metavar="N",
+              help="awq: values of α in s = mean|x|^α tried per mapping, evenly over [0, 1].")
 @moe_options
 @device_option
 @click.option("--scheme", "schemes", multiple=True, metavar="GLOB=SPEC",
@@ -266,10 +270,10 @@ def inspect(source, as_json, against, base, top, max_rel_error, lora_rank, lora_
 @json_option
 @revision_option
 @handle_errors
-def quantize(source, out, bits, symmetric, group_size, method, calib, calib_samples, seq_len, damp, moe_calib,
-             moe_min_tokens, device, schemes, target_bits, max_size, candidates, include, exclude, report_path,
-             max_rel_error, allow_nonfinite, max_shard_size, eval_data, max_kld, max_ppl_ratio, min_top1, overwrite,
-             quiet, as_json, revision):
+def quantize(source, out, bits, symmetric, group_size, method, calib, calib_samples, seq_len, damp, awq_grid,
+             moe_calib, moe_min_tokens, device, schemes, target_bits, max_size, candidates, include, exclude,
+             report_path, max_rel_error, allow_nonfinite, max_shard_size, eval_data, max_kld, max_ppl_ratio, min_top1,
+             overwrite, quiet, as_json, revision):
     """Quantize SOURCE's linear weights to int4/int8 in the compressed-tensors pack-quantized format.
 
     \b
@@ -277,6 +281,7 @@ def quantize(source, out, bits, symmetric, group_size, method, calib, calib_samp
     qtool quantize samples/tiny-llama -o out/int8 --bits 8                # int8, per channel
     qtool quantize samples/tiny-llama -o out/rtn --method rtn --asymmetric
     qtool quantize samples/tiny-llama -o out/gptq --method gptq --calib samples/calib.txt
+    qtool quantize samples/tiny-llama -o out/awq --method awq+gptq --calib samples/calib.txt
     qtool quantize MODEL -o OUT --exclude 'model.layers.0.*' --report report.json --max-rel-error 0.15
     qtool quantize MODEL -o OUT --scheme '*.down_proj=int8' --scheme 'model.layers.0.*=int4:g32'
     qtool quantize MODEL -o OUT --target-bits 4.5                         # exact allocation to a budget
@@ -291,9 +296,9 @@ def quantize(source, out, bits, symmetric, group_size, method, calib, calib_samp
     with make_progress(quiet or as_json) as progress:
         report = run(source, out, spec, include=include, exclude=exclude, schemes=schemes, target_bits=target_bits,
                      max_size=max_size, candidates=candidates, calib=calib, calib_samples=calib_samples,
-                     seq_len=seq_len, damp=damp, moe_calib=moe_calib, moe_min_tokens=moe_min_tokens, device=device,
-                     report_path=report_path, max_rel_error=max_rel_error, allow_nonfinite=allow_nonfinite,
-                     max_shard_bytes=max_shard_size, overwrite=overwrite,
+                     seq_len=seq_len, damp=damp, awq_grid=awq_grid, moe_calib=moe_calib, moe_min_tokens=moe_min_tokens,
+                     device=device, report_path=report_path, max_rel_error=max_rel_error,
+                     allow_nonfinite=allow_nonfinite, max_shard_bytes=max_shard_size, overwrite=overwrite,
                      revision=revision, progress=progress, eval_options=evaluation)
     _finish(report, as_json, quiet)
 

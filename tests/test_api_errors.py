@@ -22,7 +22,7 @@ def src(tmp_path):
 @pytest.mark.parametrize("kwargs,message", [
     ({"bits": 3}, "bits: must be 4 or 8, not 3"),
     ({"group_size": -2}, "group_size: must be N > 0, -1 (per channel) or 0 (per tensor), not -2"),
-    ({"method": "awq"}, "method: must be one of rtn, mse, gptq, not 'awq'"),
+    ({"method": "hqq"}, "method: must be one of rtn, mse, gptq, awq, awq+gptq, not 'hqq'"),
     ({"symmetric": "yes"}, "symmetric: must be True or False, not 'yes'"),
 ])
 def test_quantspec_refuses_bad_values_as_qtool_errors(kwargs, message):

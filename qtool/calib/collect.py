@@ -15,10 +15,12 @@ from ..arch import linear_features
 
 
 class InputStats:
-    """Σx², max|x|, token count and optionally XᵀX of everything a module receives."""
+    """Σx², Σ|x| (activation-aware scaling's mean|x|), max|x|, token count and optionally XᵀX of everything a module
+    receives."""
 
     def __init__(self, in_features: int, device: torch.device, hessian: bool):
         self.sum_sq = torch.zeros(in_features, dtype=torch.float32, device=device)
+        self.sum_abs = torch.zeros(in_features, dtype=torch.float32, device=device)
         self.absmax = torch.zeros(in_features, dtype=torch.float32, device=device)
         self.count = 0  # tokens, known on the host from shapes: no device sync
         self.hessian = torch.zeros(in_features, in_features, dtype=torch.float32, device=device) if hessian else None
@@ -26,14 +28,16 @@ class InputStats:
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).float()
         self.sum_sq += x.square().sum(0)
-        torch.maximum(self.absmax, x.abs().amax(0), out=self.absmax)
+        a = x.abs()
+        self.sum_abs += a.sum(0)
+        torch.maximum(self.absmax, a.amax(0), out=self.absmax)
         self.count += x.shape[0]
         if self.hessian is not None:
             self.hessian.addmm_(x.T, x)
 
     def tensors(self) -> list[torch.Tensor]:
-        """What a data-parallel run sums (sum_sq, hessian) or maxes (absmax) across ranks before using it."""
-        return [t for t in (self.sum_sq, self.absmax, self.hessian) if t is not None]
+        """What a data-parallel run sums (sum_sq, sum_abs, hessian) or maxes (absmax) across ranks before using it."""
+        return [t for t in (self.sum_sq, self.sum_abs, self.absmax, self.hessian) if t is not None]
 
     def as_dict(self) -> dict:
         return {"sum_sq": self.sum_sq, "absmax": self.absmax, "count": self.count}

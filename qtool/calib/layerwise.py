@@ -18,6 +18,7 @@ import torch
 from ..arch import module_of
 from ..errors import QtoolError
 from ..progress import NullProgress
+from ..quant import awq
 from ..quant.gptq import output_error
 from ..quant.weight import QuantizedWeight, quantize_weight
 from ..report.schema import ExpertRow, ExpertSource
@@ -81,22 +82,36 @@ def collect_stats(ckpt, calib, *, samples: int = 128, seq_len: int = 512, device
 @dataclass(frozen=True)
 class Calibrated:
     """One planned weight as the walk quantized it: the weight, and what the report says of it (`extra`: how it was
-    quantized, whether calibration data reached it, its output error on that data for rtn and for its method)."""
+    quantized, whether calibration data reached it, its output error on that data for rtn and for its method).
+    With activation-aware scaling the walk also yields every dense tensor of its blocks: `weight` None, `tensor` its
+    value to store (changed where scales were folded into it; extra["folded"] then says how much)."""
 
     name: str
-    weight: QuantizedWeight
+    weight: QuantizedWeight | None
     extra: dict
+    tensor: torch.Tensor | None = None
+
+
+def block_tensors(ckpt) -> set[str]:
+    """The tensors that fill the walked blocks (under activation-aware scaling the walk yields every one of them)."""
+    arch = build_architecture(ckpt)
+    return {n for e in arch.layout.entries_under(arch.blocks_path) for n in e.names}
 
 
 def quantize_layerwise(ckpt, plans, calib, *, samples: int = 128, seq_len: int = 512, damp: float = 0.01,
-                       device="auto", progress=None, moe: MoeCalib | None = None) -> Generator[Calibrated, None, dict]:
+                       device="auto", progress=None, moe: MoeCalib | None = None,
+                       awq_grid: int = 20, fold_only: bool = False) -> Generator[Calibrated, None, dict]:
     """Quantize every planned weight (each with its plan's spec) on calibration data, block by block, yielding each
     as it is done: a block's weights in name order, then the weights outside the walked blocks. An MoE expert
     weight's `extra["expert"]` says how many tokens the router sent it and where its statistics came from.
 
     calib: calibration data (text / JSONL / safetensors token ids) or a list of id tensors. moe: how experts get
-    their statistics (`--moe-calib`). The generator's value (StopIteration.value) is {"samples", "tokens",
-    "device", "seconds", "layers", "method", "damp", "calibrated", "uncalibrated", "experts"}.
+    their statistics (`--moe-calib`). Plans with method awq / awq+gptq first scale each block (qtool.calib.awq,
+    `awq_grid` values of α); the walk then also yields the blocks' dense tensors. fold_only (AWQ plans): nothing is
+    quantized; every tensor of the walked blocks is yielded dense, as folding left it (the folded model, whose outputs
+    are the source's up to float rounding). The generator's value
+    (StopIteration.value) is {"samples", "tokens", "device", "seconds", "layers", "method", "damp", "calibrated",
+    "uncalibrated", "experts"} and, with scaling, "awq" ({"grid", "mappings", "skipped", "folded"}).
     """
     progress = progress or NullProgress()
     device = resolve_device(device)
@@ -107,22 +122,25 @@ def quantize_layerwise(ckpt, plans, calib, *, samples: int = 128, seq_len: int =
     from .walk import LayerWalk
     ids = _samples(ckpt, calib, samples, seq_len)
     done: list[Calibrated] = []
+    log = AwqLog(awq_grid) if any(p.spec.awq for p in todo.values()) else None
     with exact_matmul(device):
         walk = LayerWalk(ckpt, ids, device, moe, arch)
         progress.start(f"quantizing ({methods})", len(walk.layers))
         for block in walk.blocks():
-            for item in _block(ckpt, walk, block, todo, damp, device):
+            for item in _block(ckpt, walk, block, todo, damp, device, log, fold_only):
                 done.append(item)
                 yield item
             progress.advance(1, description=block.path)
-    for name in [n for n in layer_order(ckpt) if n in todo]:
+    for name in [n for n in layer_order(ckpt) if n in todo and not fold_only]:
         done.append(_plain(ckpt, todo.pop(name), device, "outside the walked blocks: no calibration statistics"))
         yield done[-1]
-    return {"samples": len(ids), "tokens": walk.tokens, "device": str(device), "seconds": time.perf_counter() - t0,
+    weights = [c for c in done if c.weight is not None]
+    info = {"samples": len(ids), "tokens": walk.tokens, "device": str(device), "seconds": time.perf_counter() - t0,
             "layers": len(walk.layers), "method": methods, "damp": damp,
-            "calibrated": sum(1 for c in done if c.extra["calibrated"]),
-            "uncalibrated": [c.name for c in done if not c.extra["calibrated"]],
-            "experts": _experts_summary({c.name: c.extra["expert"] for c in done if "expert" in c.extra})}
+            "calibrated": sum(1 for c in weights if c.extra["calibrated"]),
+            "uncalibrated": [c.name for c in weights if not c.extra["calibrated"]],
+            "experts": _experts_summary({c.name: c.extra["expert"] for c in weights if "expert" in c.extra})}
+    return {**info, "awq": log.part()} if log is not None else info
 
 
 def _todo(ckpt, plans) -> dict:
@@ -135,32 +153,79 @@ def _todo(ckpt, plans) -> dict:
     return todo
 
 
-def _block(ckpt, walk, block, todo: dict, damp: float, device) -> Iterator[Calibrated]:
+class AwqLog:
+    """What activation-aware scaling did, block by block, for the report."""
+
+    def __init__(self, grid: int):
+        self.grid, self.mappings, self.skipped, self.folded = grid, [], [], []
+
+    def add(self, block, scaled) -> None:
+        self.mappings += [{"block": block.path, **m} for m in scaled.mappings]
+        self.skipped += [{"block": block.path, **s} for s in scaled.skipped]
+        self.folded += [{"tensor": n, **f} for n, f in sorted(scaled.folded.items())]
+
+    def part(self) -> dict:
+        return {"grid": self.grid, "mappings": self.mappings, "skipped": self.skipped, "folded": self.folded}
+
+
+def _block(ckpt, walk, block, todo: dict, damp: float, device, log: AwqLog | None,
+           fold_only: bool = False) -> Iterator[Calibrated]:
     """The planned weights of one block: statistics of every sample's inputs to its nn.Linear modules and MoE
-    experts, each weight quantized with them, the dequantized weights loaded back, then the samples run again for
-    the next block's inputs (a block with nothing to calibrate runs once)."""
+    experts, (with AWQ: the block's scales searched and folded), each weight quantized with them, the dequantized
+    weights loaded back, then the samples run again for the next block's inputs (a block with nothing to calibrate
+    runs once)."""
     from .walk import calibratable
     targets = walk.targets(block)
     block_todo = sorted(n for n in block.tensors if n in todo)
     usable = calibratable(targets)
     names = [n for n in block_todo if n in usable]
+    if log is not None and names:  # whole input groups, quantized or not: a fold must scale every reader
+        names = sorted(set(names) | {n for n, t in usable.items() if isinstance(t, torch.nn.Linear)})
     # walk.collect is where a data-parallel run (issue 16) reduces the statistics across ranks (LayerWalk.reduce),
-    # before any weight of the block is quantized; a per-block transform (AWQ, issue 15) would rescale here.
+    # before any weight of the block is quantized or scaled.
     got = walk.collect(block, names, hessian=True) if names else None
+    scaled, values = None, {}
+    if log is not None and got is not None:
+        from .awq import scale_walked_block
+        specs = {n: todo[n].spec for n in block_todo if n in usable}
+        scaled, values = scale_walked_block(walk, block, got.stats, got.groups, specs, log.grid)
+        log.add(block, scaled)
+    if fold_only:  # the folded model itself, unquantized: every tensor of the block as folding left it
+        yield from _dense(ckpt, block, todo, [], scaled)
+        for name in block_todo:
+            todo.pop(name)
+        walk.update(block, scaled.values if scaled is not None else {})
+        walk.run(block, keep=True)
+        return
     w_hats = {}
     for name in block_todo:
         if name not in usable:
             yield _plain(ckpt, todo.pop(name), device, _uncalibrated_note(name, targets))
             continue
-        item, w_hats[name] = _calibrated(ckpt, todo.pop(name), got.stats.pop(name), damp, device)
+        s = scaled.scales.get(name) if scaled is not None else None
+        item, w_hats[name] = _calibrated(ckpt, todo.pop(name), got.stats[name], damp, device, values.get(name), s)
         if name in got.experts:
             item.extra["expert"] = got.experts[name]
+        if scaled is not None and name in scaled.folded:
+            item.extra["awq"] = scaled.folded[name]
         yield item
     del got
+    if log is not None:
+        yield from _dense(ckpt, block, todo, block_todo, scaled)
+        w_hats.update({n: v for n, v in (scaled.values.items() if scaled else ()) if n not in w_hats})
     if w_hats:
         walk.update(block, w_hats)  # through the checkpoint's conversion: an expert lands in its fused slice
     del w_hats
     walk.run(block, keep=True)
+
+
+def _dense(ckpt, block, todo: dict, quantized: list[str], scaled) -> Iterator[Calibrated]:
+    """Every dense tensor of the block, as folding left it (the source's value where nothing was folded)."""
+    for name in sorted(set(block.tensors) - set(quantized)):
+        value = scaled.values.get(name) if scaled is not None else None
+        tensor = ckpt.get(name) if value is None else value.to("cpu", ckpt.tensors[name].dtype)
+        folded = scaled.folded.get(name) if scaled is not None else None
+        yield Calibrated(name, None, {"folded": folded} if folded else {}, tensor)
 
 
 def _uncalibrated_note(name: str, targets: dict) -> str:
@@ -169,18 +234,24 @@ def _uncalibrated_note(name: str, targets: dict) -> str:
     return "not an nn.Linear or expert weight: quantized without calibration"
 
 
-def _calibrated(ckpt, plan, st, damp: float, device) -> tuple[Calibrated, torch.Tensor]:
+def _calibrated(ckpt, plan, st, damp: float, device, w=None, s=None) -> tuple[Calibrated, torch.Tensor]:
     """One weight quantized with its inputs' statistics (gptq: Hessian; mse: mean square), its output error on the
-    calibration data measured for rtn and for the method, and its dequantized value (float32, on the device)."""
-    w = ckpt.get(plan.name).to(device)
-    h = st.hessian
-    qw = quantize_weight(w, plan.spec, hessian=h, importance=st.importance(), damp=damp, name=plan.name)
+    calibration data measured for rtn and for the method, and its dequantized value (float32, on the device).
+    With activation-aware scaling, `w` is its value after folding and `s` its column scales: it is quantized with
+    the statistics of the scaled inputs X·diag(1/s) (its `after` error is that of the scaled layer's outputs)."""
+    w0 = ckpt.get(plan.name).to(device)
+    w = w0 if w is None else w
+    h, imp = st.hessian, st.importance()
+    if s is not None:
+        h, imp = awq.scaled_hessian(h, s), imp / s.square()
+    spec = plan.spec.with_method(plan.spec.weight_method)
+    qw = quantize_weight(w, spec, hessian=h, importance=imp, damp=damp, name=plan.name)
     w_hat = qw.dequantize(torch.float32)
     after = output_error(w, w_hat, h)
-    if plan.spec.method == "rtn":
+    if spec.method == "rtn":
         before = after
     else:
-        before = output_error(w, quantize_weight(w, plan.spec.with_method("rtn")).dequantize(torch.float32), h)
+        before = output_error(w0, quantize_weight(w0, spec.with_method("rtn")).dequantize(torch.float32), st.hessian)
     extra = {**qw.info, "calibrated": True, "output_error_before": before, "output_error_after": after}
     return Calibrated(plan.name, qw.cpu(), extra), w_hat
 

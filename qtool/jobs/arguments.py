@@ -16,6 +16,7 @@ import re
 from typing import Callable
 
 from ..errors import ArgumentError, QtoolError
+from ..quant.spec import METHODS
 
 CLI = contextvars.ContextVar("qtool_cli", default=False)  # set by the command line for the length of a command
 
@@ -30,9 +31,10 @@ VALUED = {"--include": "include", "--exclude": "exclude", "--group-size": "group
           "--lora-rank": "lora_rank", "--out": "out", "--moe-calib": "moe_calib", "--moe-min-tokens": "moe_min_tokens",
           "--scheme": "schemes", "--target-bits": "target_bits", "--max-size": "max_size", "--candidates": "candidates",
           "--ref": "ref", "--data": "data", "--samples": "samples", "--batch-size": "batch_size",
-          "--max-kld": "max_kld", "--max-ppl-ratio": "max_ppl_ratio", "--min-top1": "min_top1"}
+          "--max-kld": "max_kld", "--max-ppl-ratio": "max_ppl_ratio", "--min-top1": "min_top1",
+          "--awq-grid": "awq_grid"}
 LISTS = {"--include", "--exclude", "--weight", "--scheme", "--candidates"}  # repeatable options: lists in Python
-CHOICES = {"--method": {"rtn", "mse", "gptq"}, "--dtype": {"float16", "bfloat16", "float32"}, "--moe-calib": {"routed", "all"},
+CHOICES = {"--method": set(METHODS), "--dtype": {"float16", "bfloat16", "float32"}, "--moe-calib": {"routed", "all"},
            "--device": {"auto", "cpu", "cuda"}}
 _OPTION = re.compile(r"(?<![\w-])(--[a-z][a-z0-9-]*)(?:([ =])('[^']*'|[A-Za-z0-9_.:+-]+))?")
 _DEVICE = re.compile(r"auto|cpu|cuda(?::\d+)?")
@@ -161,6 +163,7 @@ CHECKS: dict[str, Callable] = {
     "calib_samples": lambda v, a: integer(v, a, 1), "seq_len": lambda v, a: integer(v, a, 1),
     "max_shard_bytes": lambda v, a: integer(v, a, 1), "lora_rank": lambda v, a: integer(v, a, 1),
     "moe_calib": lambda v, a: choice(v, a, ("routed", "all")), "moe_min_tokens": lambda v, a: integer(v, a, 1),
+    "awq_grid": lambda v, a: integer(v, a, 1),
     "device": device, "spec": _spec, "include": _globs, "exclude": _globs,
     "schemes": _globs, "target_bits": lambda v, a: number(v, a, minimum=0, finite=True, above=True),
     "max_size": lambda v, a: integer(v, a, 1), "candidates": lambda v, a: v if isinstance(v, str) else _globs(v, a),

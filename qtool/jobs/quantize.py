@@ -59,6 +59,7 @@ class Calibration:
     experts: dict[str, dict] = field(default_factory=dict)
     data: object = None
     path: object = None
+    walked: dict = field(default_factory=dict)  # the layer walk's summary, once it has run
 
 
 @dataclass(frozen=True)
@@ -67,14 +68,16 @@ class Options:
     seq_len: int = 512
     damp: float = 0.01
     moe: object = None  # calib.moe.MoeCalib: how MoE experts get their statistics
+    awq_grid: int = 20  # α values of the activation-aware scale search (--method awq, awq+gptq)
 
 
 @checked
 @guarded(inputs=("source", "calib"), outputs={"out": FOLDER, "report_path": REPORT})
 def quantize(source, out, spec: QuantSpec | None = None, *, include=(), exclude=(), schemes=(), target_bits=None,
              max_size=None, candidates=None, calib=None, calib_samples=128, seq_len=512, damp=0.01, device="auto",
-             moe_calib="routed", moe_min_tokens=None, report_path=None, max_rel_error=None, allow_nonfinite=False,
-             max_shard_bytes=None, overwrite=False, revision=None, progress=None, eval_options=None) -> Report:
+             moe_calib="routed", moe_min_tokens=None, awq_grid=20, report_path=None, max_rel_error=None,
+             allow_nonfinite=False, max_shard_bytes=None, overwrite=False, revision=None, progress=None,
+             eval_options=None) -> Report:
     """Quantize SOURCE into OUT (compressed-tensors pack-quantized); returns the report (design §7).
 
     schemes: `GLOB=SPEC` rules (first match wins); target_bits / max_size: a budget the schemes of the modules no
@@ -92,7 +95,7 @@ def quantize(source, out, spec: QuantSpec | None = None, *, include=(), exclude=
     if allow_nonfinite:
         plans = {p.name: p for p in keep_nonfinite(list(plans.values()), ckpt.get)}
     options = Options(calib_samples, seq_len, damp, _moe(moe_calib, moe_min_tokens)
-                      if calibration.data is not None else None)
+                      if calibration.data is not None else None, awq_grid)
     if mixed.target is not None:
         calibration = _sensitivities(ckpt, calibration, spec, options, dev, progress)
     order = _order(ckpt, plans, calibration)
@@ -110,7 +113,8 @@ def quantize(source, out, spec: QuantSpec | None = None, *, include=(), exclude=
     written = Listing({n: TensorInfo(n, tuple(s), d, Path(out), math.prod(s) * d.itemsize) for n, s, d in outputs},
                       config, scheme.describe("safetensors"), replace(scheme, method=spec.method),
                       {p.module: p.shape for p in plans.values() if p.quantize})
-    report = _report(source, out, ckpt, plans, written, results, max_rel_error, start, copied, mixed, allocation)
+    report = _report(source, out, ckpt, plans, written, results, max_rel_error, start, copied, mixed, allocation,
+                     calibration.walked)
     attach_eval(report, out, source, eval_options, revision=revision, progress=progress)
     if report_path is not None:
         write_json(report, report_path)
@@ -130,8 +134,8 @@ def _open(source, revision):
 
 def _calibration(calib, spec: QuantSpec, source, ckpt, plans: dict[str, TensorPlan]) -> Calibration:
     if calib is None:
-        if spec.method == "gptq":
-            raise QtoolError(source, "--method gptq needs calibration data: pass --calib DATA")
+        if spec.method == "gptq" or spec.awq:
+            raise QtoolError(source, f"--method {spec.method} needs calibration data: pass --calib DATA")
         return Calibration()
     from ..calib.data import is_stats_file
     if is_stats_file(calib):
@@ -227,15 +231,25 @@ def _parts(ckpt, plans: dict[str, TensorPlan], order: list[str], calibration: Ca
         transform = functools.partial(_streamed_part, plans, calibration, rt.device)
         yield from ordered_map(transform, prefetch(ckpt.get, order, sizes), rt.workers)
         return
-    dense = [n for n in order if not plans[n].quantize]
+    from ..calib.layerwise import block_tensors, quantize_layerwise
+    # activation-aware scaling folds into the blocks' norms and linears: the walk yields every tensor of its blocks
+    walked = block_tensors(ckpt) if any(p.spec.awq for p in plans.values() if p.quantize) else set()
+    dense = [n for n in order if not plans[n].quantize and n not in walked]
     for name, t in prefetch(ckpt.get, dense, sizes):
         yield Part(name, {name: t})
-    from ..calib.layerwise import quantize_layerwise
     walk = quantize_layerwise(ckpt, list(plans.values()), calibration.data, samples=options.calib_samples,
                               seq_len=options.seq_len, damp=options.damp, device=rt.device, progress=progress,
-                              moe=options.moe)
-    for item in walk:
-        yield _packed_part(plans[item.name], item.weight, item.extra)
+                              moe=options.moe, awq_grid=options.awq_grid)
+    for item in _keeping_summary(walk, calibration.walked):
+        if item.weight is None:
+            yield Part(item.name, {item.name: item.tensor}, extra=item.extra)
+        else:
+            yield _packed_part(plans[item.name], item.weight, item.extra)
+
+
+def _keeping_summary(walk, into: dict):
+    """The walk's items, then its summary (the generator's value) into `into`."""
+    into.update((yield from walk))
 
 
 def _streamed_part(plans: dict[str, TensorPlan], calibration: Calibration, device, name: str,
@@ -288,11 +302,12 @@ def _check_finite(name: str, err: dict, ckpt) -> None:
 # -- report -------------------------------------------------------------------------------------------------
 
 def _report(source, out, ckpt, plans: dict[str, TensorPlan], written: Listing, results: dict[str, Result],
-            max_rel_error, start: float, copied: list[str], mixed: Mixed, allocation) -> Report:
+            max_rel_error, start: float, copied: list[str], mixed: Mixed, allocation,
+            walked: dict) -> Report:
     size = size_part(written, estimates_of=listing(ckpt))  # the estimates are about the source model
     layers = [_layer(row, plans.get(row["name"]), results.get(row["name"]))
               | layer_facts(plans.get(row["name"]), allocation, mixed) for row in size["layers"]]
-    extra = {}
+    extra = {"awq": walked["awq"]} if "awq" in walked else {}
     if allocation is not None:
         extra["allocation"] = {**allocation.block, "achieved_bytes": folder_bytes(out)}
     return assemble("quantize", source, size, layers=layers, summary=summary_part(layers),

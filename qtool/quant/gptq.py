@@ -169,17 +169,25 @@ class _Columns:
         return (q * s32).to(self.sdt).float()
 
 
-def output_error(w: torch.Tensor, w_hat: torch.Tensor, hessian: torch.Tensor, rows: int = 256) -> float:
-    """‖XWᵀ − XŴᵀ‖_F / ‖XWᵀ‖_F from H = XᵀX: sqrt(tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)).
+def quadratic_error(w: torch.Tensor, w_hat: torch.Tensor, hessian: torch.Tensor, rows: int = 256,
+                    reference: bool = True) -> tuple[float, float | None]:
+    """(‖XWᵀ − XŴᵀ‖², ‖XWᵀ‖² or None without `reference`) from H = XᵀX: tr(ΔW H ΔWᵀ) and tr(W H Wᵀ).
 
     float32 products over row chunks, float64 sums: no float64 copy of H or W (they can be hundreds of MB)."""
     H = hessian.to(torch.float32)
-    num = den = 0.0
+    num, den = 0.0, (0.0 if reference else None)
     for r0 in range(0, w.shape[0], rows):
         W = w[r0:r0 + rows].to(torch.float32)
         D = W - w_hat[r0:r0 + rows].to(torch.float32)
         num += float(((D @ H) * D).sum(dtype=torch.float64))
-        den += float(((W @ H) * W).sum(dtype=torch.float64))
+        if reference:
+            den += float(((W @ H) * W).sum(dtype=torch.float64))
+    return num, den
+
+
+def output_error(w: torch.Tensor, w_hat: torch.Tensor, hessian: torch.Tensor, rows: int = 256) -> float:
+    """‖XWᵀ − XŴᵀ‖_F / ‖XWᵀ‖_F from H = XᵀX: sqrt(tr(ΔW H ΔWᵀ) / tr(W H Wᵀ))."""
+    num, den = quadratic_error(w, w_hat, hessian, rows)
     if den <= 0:
         return 0.0 if num <= 0 else float("inf")
     return (max(num, 0.0) / den) ** 0.5

@@ -5,7 +5,9 @@ from dataclasses import dataclass, replace
 
 from ..errors import ArgumentError
 
-METHODS = ("rtn", "mse", "gptq")
+METHODS = ("rtn", "mse", "gptq", "awq", "awq+gptq")
+# Activation-aware scaling runs in the calibrated layer walk, then quantizes the scaled weights with this method.
+AWQ_THEN = {"awq": "mse", "awq+gptq": "gptq"}
 # The contract's grouping when none is asked for: int4 → groups of 128 input columns, int8 → one scale per channel.
 DEFAULT_GROUP_SIZE = {4: 128, 8: -1}
 
@@ -43,6 +45,16 @@ class QuantSpec:
 
     def with_method(self, method: str) -> "QuantSpec":
         return replace(self, method=method)
+
+    @property
+    def awq(self) -> bool:
+        """Activation-aware scaling first (methods awq, awq+gptq)."""
+        return self.method in AWQ_THEN
+
+    @property
+    def weight_method(self) -> str:
+        """How each weight is quantized once any scaling is done: mse after awq, gptq after awq+gptq."""
+        return AWQ_THEN.get(self.method, self.method)
 
     @property
     def qmin(self) -> int:

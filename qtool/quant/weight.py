@@ -60,6 +60,9 @@ def quantize_weight(w: torch.Tensor, spec: QuantSpec, *, importance: torch.Tenso
     """
     check_shape(w, spec)
     shape = (int(w.shape[0]), int(w.shape[1]))
+    if spec.awq:
+        raise ArgumentError("method", f"{spec.method} scales whole blocks in the calibrated layer walk; quantize "
+                                      f"one weight with {spec.weight_method!r} on its scaled values")
     if spec.method == "gptq":
         return _gptq(w, spec, hessian, damp, name, shape)
     mse = spec.method == "mse"

@@ -56,6 +56,8 @@ class Layer(_LayerBase, total=False):
     output_error_before: float | None
     output_error_after: float | None
     note: str
+    awq: AwqFolded               # a quantized weight whose columns activation-aware scaling scaled
+    folded: AwqFolded            # a dense tensor 1/s was folded into
     expert: ExpertSource  # an MoE expert weight (from the walk, or from the statistics file it was quantized with)
     # mixed precision (--scheme rules, --target-bits/--max-size): the module's SPEC, and when a budget chose it,
     # its predicted error (the weight error the allocation minimised)
@@ -235,6 +237,40 @@ class AllocationPart(TypedDict):
     solver: Solver
 
 
+class AwqMapping(TypedDict):
+    block: str                  # the block's model path
+    feeder: str                 # the norm or previous linear 1/s is folded into (a path inside the block)
+    kind: str                   # "norm" | "linear"
+    offset: float               # a norm's g(w) = w + offset (1 for Gemma's 1 + w)
+    members: list[str]          # the linear modules reading its output, whose columns are scaled by s
+    alpha: float                # the chosen exponent of s = mean|x|^α
+    error_ratio: float          # mapped outputs' squared error, chosen s ÷ no scaling (≤ 1)
+    error_unscaled: float
+    error: float
+
+
+class AwqSkipped(TypedDict):
+    block: str
+    members: list[str]
+    reason: str
+
+
+class AwqFolded(TypedDict):
+    tensor: str
+    relative_change: float      # ‖new − old‖ / ‖old‖ of the tensor before quantization
+    by: str                     # "1/s" (folded into) or "s" (columns scaled)
+    mapping: str
+    alpha: float
+
+
+class Awq(TypedDict):
+    """What activation-aware scaling did (quantize --method awq | awq+gptq)."""
+    grid: int
+    mappings: list[AwqMapping]
+    skipped: list[AwqSkipped]
+    folded: list[AwqFolded]
+
+
 class Report(_ReportBase, total=False):
     output: str                  # quantize, dequantize
     largest: list[str]           # inspect: the --top largest tensors
@@ -242,6 +278,7 @@ class Report(_ReportBase, total=False):
     copied_files: list[str]      # merge-lora
     allocation: AllocationPart   # quantize with --target-bits or --max-size
     eval: EvalReport             # quantize, merge-lora, dequantize --eval: OUT evaluated against the input
+    awq: Awq                     # quantize --method awq | awq+gptq
 
 
 def timing_part(start: float, input_bytes: int) -> Timing:

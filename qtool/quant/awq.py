@@ -1,0 +1,130 @@
+"""Activation-aware scaling (AWQ), the pure tensor part: per-input-channel scales for the linears reading one tensor,
+chosen on their calibration statistics, and the folding of 1/s into what produced that tensor.
+
+A mapping is a set of linears W_k reading the same input X. Scaling the input channels by 1/s and the weights' columns
+by s leaves X·Wᵀ unchanged (X diag(1/s) · (W diag(s))ᵀ); only the quantization of W diag(s) differs, and channels with
+large activations lose less precision when their columns are scaled up. The candidates are s = mean|x|^α normalised by
+sqrt(max·min) (α on a grid over [0, 1], α = 0 is s = 1), each judged by the error of the mapped outputs,
+Σ_k ‖X W_kᵀ − X diag(1/s) Q(W_k diag(s))ᵀ‖² = Σ_k tr(D_k H D_kᵀ) with D_k = W_k − Q(W_k diag(s)) diag(1/s) and
+H = XᵀX — the Hessian the walk already collects, so no activation is kept. The smallest error wins, so the chosen
+scales are never worse on the mapped outputs than no scaling.
+
+Folding 1/s: a norm's per-channel weight g(w) (g(w) = w, or 1 + w as in Gemma) and bias become g⁻¹(g(w)/s) and b/s;
+a previous linear (v_proj before o_proj, up_proj before down_proj) has its output rows (and bias) divided by s.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from .gptq import quadratic_error
+from .spec import QuantSpec
+from .weight import quantize_weight
+
+SCALE_FLOOR = 1e-4  # as llm-compressor and AutoAWQ: no channel scaled below this before normalisation
+
+
+def alphas(n_grid: int) -> list[float]:
+    """The grid of exponents: n_grid points evenly over [0, 1] (α = 0 first; one point: α = 0 only)."""
+    if n_grid < 1:
+        raise ValueError(f"the AWQ grid needs at least one point, not {n_grid}")
+    return [0.0] if n_grid == 1 else [i / (n_grid - 1) for i in range(n_grid)]
+
+
+def channel_scales(x_mean: torch.Tensor, alpha: float) -> torch.Tensor:
+    """s = mean|x|^α, floored, normalised so that max·min = 1 (float32); α = 0 gives exactly 1."""
+    s = x_mean.float().pow(alpha).clamp(min=SCALE_FLOOR)
+    s = s / (s.max() * s.min()).sqrt()
+    return torch.where(torch.isfinite(s), s, torch.ones_like(s))
+
+
+def mse_quantizer(spec: QuantSpec) -> Callable:
+    """Q(W·diag(s)) by the importance-weighted mse search (importance of the scaled inputs: E[x²]/s²), dequantized
+    to float32. `spec`'s bits and grouping are used; its method is not (the search always judges with mse)."""
+    mse = spec.with_method("mse")
+
+    def quantize(w_scaled: torch.Tensor, importance: torch.Tensor) -> torch.Tensor:
+        return quantize_weight(w_scaled, mse, importance=importance).dequantize(torch.float32)
+    return quantize
+
+
+def kept_dense(w_scaled: torch.Tensor, importance: torch.Tensor) -> torch.Tensor:
+    """The quantizer of a mapped linear that stays dense (excluded from quantization): no error."""
+    return w_scaled.float()
+
+
+@dataclass(frozen=True)
+class Searched:
+    """The outcome of one mapping's search: the winning α and scales, and the mapped outputs' squared error for every
+    α of the grid (errors[0] is α = 0, no scaling)."""
+
+    alpha: float
+    scales: torch.Tensor
+    errors: list[float]
+
+    @property
+    def gain(self) -> float:
+        """Error with the chosen scales relative to no scaling (≤ 1)."""
+        base = self.errors[0]
+        return min(self.errors) / base if base > 0 else 1.0
+
+
+def mapped_error(members: Sequence[tuple[torch.Tensor, Callable]], hessian: torch.Tensor, importance: torch.Tensor,
+                 s: torch.Tensor) -> float:
+    """Σ_k ‖X W_kᵀ − X diag(1/s) Q_k(W_k diag(s))ᵀ‖² from H = XᵀX, members = [(W_k, Q_k)]."""
+    total = 0.0
+    imp = importance.float() / s.square()
+    for w, quantize in members:
+        w_eff = quantize(scale_columns(w, s), imp) / s
+        total += quadratic_error(w, w_eff, hessian, reference=False)[0]
+    return total
+
+
+def search(members: Sequence[tuple[torch.Tensor, Callable]], hessian: torch.Tensor, x_mean: torch.Tensor,
+           importance: torch.Tensor, n_grid: int = 20) -> Searched:
+    """The scales of the grid whose quantized mapped outputs are closest to the originals (ties: the smaller α).
+
+    members: each mapped linear's [out, in] weight and its quantizer Q(W·diag(s), importance/s²) → the dequantized
+    float32 weight (mse_quantizer, or kept_dense); hessian: XᵀX [in, in] of their shared input; x_mean: mean|x| per
+    channel; importance: mean x² per channel.
+    """
+    errors, best = [], None
+    for alpha in alphas(n_grid):
+        s = channel_scales(x_mean, alpha).to(hessian.device)
+        err = mapped_error(members, hessian, importance, s)
+        errors.append(err)
+        if best is None or err < best[0]:
+            best = (err, alpha, s)
+    return Searched(best[1], best[2], errors)
+
+
+def scale_columns(w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """W·diag(s), in W's dtype (computed in float32)."""
+    return (w.float() * s.to(w.device)).to(w.dtype)
+
+
+def fold_into_norm(weight: torch.Tensor, s: torch.Tensor, offset: float = 0.0) -> torch.Tensor:
+    """The norm weight w' with g(w') = g(w)/s where g(w) = w + offset (Gemma's RMSNorm: offset 1)."""
+    return ((weight.float() + offset) / s.to(weight.device) - offset).to(weight.dtype)
+
+
+def fold_into_rows(t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """A previous linear's weight [out, in] (or bias [out], or a norm's bias) with its output channels divided by s."""
+    s = s.to(t.device)
+    return ((t.float().T / s).T if t.ndim == 2 else t.float() / s).to(t.dtype)
+
+
+def scaled_hessian(hessian: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """XᵀX of the scaled inputs X·diag(1/s): H / (s sᵀ)."""
+    inv = s.to(hessian.device).reciprocal()
+    return hessian * inv.unsqueeze(1) * inv.unsqueeze(0)
+
+
+def relative_change(before: torch.Tensor, after: torch.Tensor) -> float:
+    """‖after − before‖ / ‖before‖ in float64 (0 for an unchanged tensor; inf for a change from zero)."""
+    b = before.double()
+    num = float((after.double() - b).norm())
+    den = float(b.norm())
+    return num / den if den > 0 else (0.0 if num == 0 else float("inf"))
