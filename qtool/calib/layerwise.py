@@ -15,13 +15,15 @@ from typing import Generator, Iterator
 
 import torch
 
+from .. import distributed
 from ..arch import module_of
 from ..errors import QtoolError
 from ..progress import NullProgress
-from ..quant.gptq import output_error
+from ..quant.gptq import error_ratio, output_errors, residual
 from ..quant.weight import QuantizedWeight, quantize_weight
 from ..report.schema import ExpertRow, ExpertSource
 from ..runtime import exact_matmul, resolve_device
+from . import parallel
 from .data import load_calibration
 from .model import build_architecture
 from .moe import MoeCalib
@@ -51,9 +53,11 @@ def _experts_summary(experts: dict[str, ExpertSource]) -> list[ExpertRow]:
 
 
 def collect_stats(ckpt, calib, *, samples: int = 128, seq_len: int = 512, device="auto", progress=None,
-                  moe: MoeCalib | None = None) -> tuple[dict, dict]:
+                  moe: MoeCalib | None = None, group=distributed.SINGLE) -> tuple[dict, dict]:
     """Per linear module {"sum_sq", "absmax", "count"} (CPU) of the original model on the calibration data; info
-    has "experts": one row per MoE expert weight ({"module", "expert", "tokens", "stats"})."""
+    has "experts": one row per MoE expert weight ({"module", "expert", "tokens", "stats"}). Under torchrun
+    (`group`) each process walks its share of the windows and rank 0 alone gets the sums (the others' dict is
+    empty)."""
     from .walk import LayerWalk
     progress = progress or NullProgress()
     device = resolve_device(device)
@@ -63,18 +67,18 @@ def collect_stats(ckpt, calib, *, samples: int = 128, seq_len: int = 512, device
     out: dict[str, dict] = {}
     experts: dict[str, dict] = {}
     with exact_matmul(device):
-        walk = LayerWalk(ckpt, ids, device, moe, arch)
+        walk = LayerWalk(ckpt, parallel.share(group, ids), device, moe, arch, group=group)
         progress.start("calibrating", len(walk.layers))
         for block in walk.blocks():
             got = walk.collect(block, walk.targets(block), keep=True)
-            for name, st in got.stats.items():
+            for name, st in got.stats.items() if group.root else ():
                 out[module_of(name)] = {k: (v.detach().cpu().clone() if torch.is_tensor(v) else v)
                                         for k, v in st.as_dict().items()}
             experts.update(got.experts)
             progress.advance(1, description=block.path)
-    info = {"layers": len(walk.layers), "modules": len(out), "samples": len(ids), "tokens": walk.tokens,
+    info = {"layers": len(walk.layers), "modules": len(out), "samples": len(ids), "tokens": _tokens(ids),
             "seq_len": seq_len, "device": str(device), "seconds": time.perf_counter() - t0,
-            "experts": _experts_summary(experts)}
+            "experts": _experts_summary(experts), "processes": group.world}
     return out, info
 
 
@@ -89,10 +93,13 @@ class Calibrated:
 
 
 def quantize_layerwise(ckpt, plans, calib, *, samples: int = 128, seq_len: int = 512, damp: float = 0.01,
-                       device="auto", progress=None, moe: MoeCalib | None = None) -> Generator[Calibrated, None, dict]:
+                       device="auto", progress=None, moe: MoeCalib | None = None,
+                       group=distributed.SINGLE) -> Generator[Calibrated, None, dict]:
     """Quantize every planned weight (each with its plan's spec) on calibration data, block by block, yielding each
     as it is done: a block's weights in name order, then the weights outside the walked blocks. An MoE expert
-    weight's `extra["expert"]` says how many tokens the router sent it and where its statistics came from.
+    weight's `extra["expert"]` says how many tokens the router sent it and where its statistics came from. Under
+    torchrun (`group`) each process walks its share of the windows, each weight is quantized by the owner of its
+    statistics (qtool.calib.parallel) and broadcast, and rank 0 alone yields.
 
     calib: calibration data (text / JSONL / safetensors token ids) or a list of id tensors. moe: how experts get
     their statistics (`--moe-calib`). The generator's value (StopIteration.value) is {"samples", "tokens",
@@ -108,21 +115,28 @@ def quantize_layerwise(ckpt, plans, calib, *, samples: int = 128, seq_len: int =
     ids = _samples(ckpt, calib, samples, seq_len)
     done: list[Calibrated] = []
     with exact_matmul(device):
-        walk = LayerWalk(ckpt, ids, device, moe, arch)
+        walk = LayerWalk(ckpt, parallel.share(group, ids), device, moe, arch, group=group)
         progress.start(f"quantizing ({methods})", len(walk.layers))
         for block in walk.blocks():
-            for item in _block(ckpt, walk, block, todo, damp, device):
+            for item in _block(ckpt, walk, block, todo, damp, device, group):
                 done.append(item)
                 yield item
             progress.advance(1, description=block.path)
     for name in [n for n in layer_order(ckpt) if n in todo]:
-        done.append(_plain(ckpt, todo.pop(name), device, "outside the walked blocks: no calibration statistics"))
-        yield done[-1]
-    return {"samples": len(ids), "tokens": walk.tokens, "device": str(device), "seconds": time.perf_counter() - t0,
-            "layers": len(walk.layers), "method": methods, "damp": damp,
+        plan = todo.pop(name)
+        if group.root:
+            done.append(_plain(ckpt, plan, device, "outside the walked blocks: no calibration statistics"))
+            yield done[-1]
+    return {"samples": len(ids), "tokens": _tokens(ids), "device": str(device), "seconds": time.perf_counter() - t0,
+            "layers": len(walk.layers), "method": methods, "damp": damp, "processes": group.world,
             "calibrated": sum(1 for c in done if c.extra["calibrated"]),
             "uncalibrated": [c.name for c in done if not c.extra["calibrated"]],
             "experts": _experts_summary({c.name: c.extra["expert"] for c in done if "expert" in c.extra})}
+
+
+def _tokens(ids) -> int:
+    """Calibration tokens of the whole run (every process reads every window, then walks its share)."""
+    return sum(int(s.numel()) for s in ids)
 
 
 def _todo(ckpt, plans) -> dict:
@@ -135,27 +149,34 @@ def _todo(ckpt, plans) -> dict:
     return todo
 
 
-def _block(ckpt, walk, block, todo: dict, damp: float, device) -> Iterator[Calibrated]:
+def _block(ckpt, walk, block, todo: dict, damp: float, device, group) -> Iterator[Calibrated]:
     """The planned weights of one block: statistics of every sample's inputs to its nn.Linear modules and MoE
     experts, each weight quantized with them, the dequantized weights loaded back, then the samples run again for
-    the next block's inputs (a block with nothing to calibrate runs once)."""
+    the next block's inputs (a block with nothing to calibrate runs once). Under torchrun each weight is quantized
+    by its statistics' owner, all owners side by side, then broadcast in name order."""
     from .walk import calibratable
     targets = walk.targets(block)
     block_todo = sorted(n for n in block.tensors if n in todo)
     usable = calibratable(targets)
     names = [n for n in block_todo if n in usable]
-    # walk.collect is where a data-parallel run (issue 16) reduces the statistics across ranks (LayerWalk.reduce),
-    # before any weight of the block is quantized; a per-block transform (AWQ, issue 15) would rescale here.
+    # walk.collect reduces the statistics across a torchrun run's processes onto their owners (LayerWalk.reduce);
+    # a per-block transform (AWQ, issue 15) would rescale here.
     got = walk.collect(block, names, hessian=True) if names else None
+    owner = {n: got.owners.get(id(got.stats[n]), 0) for n in names}
+    owned = {n: _calibrated(ckpt, todo[n], got.stats[n], damp, device) for n in names if owner[n] == group.rank}
     w_hats = {}
     for name in block_todo:
+        plan = todo.pop(name)
         if name not in usable:
-            yield _plain(ckpt, todo.pop(name), device, _uncalibrated_note(name, targets))
+            if group.root:
+                yield _plain(ckpt, plan, device, _uncalibrated_note(name, targets))
             continue
-        item, w_hats[name] = _calibrated(ckpt, todo.pop(name), got.stats.pop(name), damp, device)
+        item = group.broadcast_object(owned.pop(name, None), src=owner[name])
+        w_hats[name] = item.weight.dequantize(torch.float32).to(device)
         if name in got.experts:
             item.extra["expert"] = got.experts[name]
-        yield item
+        if group.root:
+            yield item
     del got
     if w_hats:
         walk.update(block, w_hats)  # through the checkpoint's conversion: an expert lands in its fused slice
@@ -169,20 +190,25 @@ def _uncalibrated_note(name: str, targets: dict) -> str:
     return "not an nn.Linear or expert weight: quantized without calibration"
 
 
-def _calibrated(ckpt, plan, st, damp: float, device) -> tuple[Calibrated, torch.Tensor]:
-    """One weight quantized with its inputs' statistics (gptq: Hessian; mse: mean square), its output error on the
-    calibration data measured for rtn and for the method, and its dequantized value (float32, on the device)."""
+def _calibrated(ckpt, plan, st, damp: float, device) -> Calibrated:
+    """One weight quantized with its inputs' statistics (gptq: Hessian; mse: mean square) and its output error on
+    the calibration data measured for rtn and for the method."""
     w = ckpt.get(plan.name).to(device)
     h = st.hessian
-    qw = quantize_weight(w, plan.spec, hessian=h, importance=st.importance(), damp=damp, name=plan.name)
+    rtn = None if plan.spec.method == "rtn" else quantize_weight(w, plan.spec.with_method("rtn")).dequantize(torch.float32)
+    # gptq measures tr(W H Wᵀ) and rtn's error with its own factor of H, and its own error from its scaled errors
+    measure = (w, w.float() - rtn) if plan.spec.method == "gptq" else ()
+    qw = quantize_weight(w, plan.spec, hessian=h, importance=st.importance(), damp=damp, name=plan.name, measure=measure)
     w_hat = qw.dequantize(torch.float32)
-    after = output_error(w, w_hat, h)
-    if plan.spec.method == "rtn":
-        before = after
+    if qw.residual is not None:
+        den, rtn_num = qw.residual["quadratic"]
+        before, after = error_ratio(rtn_num, den), error_ratio(residual(w, w_hat, qw.residual), den)
+    elif rtn is None:
+        before = after = output_errors(w, [w_hat], h)[0]
     else:
-        before = output_error(w, quantize_weight(w, plan.spec.with_method("rtn")).dequantize(torch.float32), h)
+        before, after = output_errors(w, [rtn, w_hat], h)  # tr(W H Wᵀ) once for both
     extra = {**qw.info, "calibrated": True, "output_error_before": before, "output_error_after": after}
-    return Calibrated(plan.name, qw.cpu(), extra), w_hat
+    return Calibrated(plan.name, qw.cpu(), extra)
 
 
 def _plain(ckpt, plan, device, note: str) -> Calibrated:
