@@ -116,7 +116,8 @@ def test_output_errors_share_the_denominator():
 def test_inverse_factor_is_the_upper_cholesky_factor_of_the_damped_inverse():
     from qtool.quant.gptq import _inverse_cholesky
     _, h = layer(seed=7)
-    U, lam, _ = _inverse_cholesky(h, 0.01, "")
+    Uj, lam, _ = _inverse_cholesky(h, 0.01, "")
+    U = Uj.flip(0, 1)  # returned reversed
     assert lam == pytest.approx(0.01 * float(torch.mean(torch.diagonal(h))))
     hd = h.double() + lam * torch.eye(h.shape[0], dtype=torch.float64)
     ref = torch.linalg.cholesky(torch.linalg.inv(hd), upper=True)

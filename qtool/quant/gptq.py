@@ -22,8 +22,9 @@ DAMP_RETRIES = 3  # damping is raised x10 this many times before giving up
 
 
 def _inverse_cholesky(h: torch.Tensor, damp: float, name: str) -> tuple[torch.Tensor, float, torch.Tensor]:
-    """(U, λ, L): the upper Cholesky factor U of (H + λI)⁻¹ (H + λI = (UᵀU)⁻¹) with λ = damp·mean(diag H), raising
-    λ x10 on failure, and the lower factor L of the reversed J(H + λI)J = LLᵀ it came from.
+    """(L⁻¹, λ, L): the upper Cholesky factor U of (H + λI)⁻¹ (H + λI = (UᵀU)⁻¹), as its reversal J U J = L⁻¹ (no
+    copy is made to flip it: `_Columns` reads U's blocks from it), with λ = damp·mean(diag H), raising λ x10 on
+    failure, and the lower factor L of the reversed J(H + λI)J = LLᵀ it came from.
 
     One factorization and one triangular inverse: with J the reversal, J(H + λI)J = LLᵀ gives U = J L⁻¹ J (upper,
     positive diagonal), where inverting H and factorizing the inverse would take two Cholesky factorizations and an
@@ -37,11 +38,9 @@ def _inverse_cholesky(h: torch.Tensor, damp: float, name: str) -> tuple[torch.Te
         del hd
         if int(info) == 0:
             inv = _lower_inverse(L)
-            U = inv.flip(0, 1)
-            del inv
-            if bool(torch.isfinite(U.amax())) and bool(torch.isfinite(U.amin())):  # amax/amin propagate NaN
-                return U, float(d * mean_diag), L
-            del L
+            if bool(torch.isfinite(inv.amax())) and bool(torch.isfinite(inv.amin())):  # amax/amin propagate NaN
+                return inv, float(d * mean_diag), L
+            del L, inv
         d *= 10
     raise QtoolError(
         name or "weight",
@@ -104,7 +103,7 @@ def gptq_quantize(
             scale = torch.empty((rows, spec.n_groups(cols)), dtype=sdt, device=device)
             zp = None if spec.symmetric else torch.empty((rows, spec.n_groups(cols)), dtype=torch.int8, device=device)
         perm = torch.argsort(importance, descending=True, stable=True) if act_order else None
-        U, lam, L = _permuted_inverse(H, dead, perm, damp, name)
+        Uj, lam, L = _permuted_inverse(H, dead, perm, damp, name)
         del H
         if record is not None:
             record["quadratic"] = [_quadratic(a, L, perm, lam, dead) for a in measure]
@@ -113,7 +112,7 @@ def gptq_quantize(
         W = w.to(torch.float32).clone()
         if perm is not None:
             W, col_group = W[:, perm], col_group[perm]
-        loop = _Columns(W, U, scale, zp, spec, sdt, col_group, importance if not static else None, search)
+        loop = _Columns(W, Uj, scale, zp, spec, sdt, col_group, importance if not static else None, search)
         Q = loop.run(block_size)
         if record is not None:
             record.update(loss=loop.loss, dead=dead.cpu(), **{"lambda": lam})
@@ -128,8 +127,8 @@ def _group_qparams(x: torch.Tensor, spec: QuantSpec, importance: torch.Tensor, s
 
 
 def _permuted_inverse(H: torch.Tensor, dead, perm, damp: float, name: str) -> tuple[torch.Tensor, float, torch.Tensor]:
-    """The Cholesky factor of the damped inverse of H in processing order (a permuted copy: the caller's H is left
-    alone). Dead columns (no input ever reached them) get H[i, i] = 1: quantized on their own, no error spread."""
+    """_inverse_cholesky of H in processing order (a permuted copy: the caller's H is left alone). Dead columns (no
+    input ever reached them) get H[i, i] = 1: quantized on their own, no error spread."""
     if perm is not None:
         H = H.index_select(0, perm).index_select(1, perm)
         dead = dead[perm]
@@ -149,8 +148,9 @@ class _Columns:
 
     ROW_TILE = 256  # rows of the torch loop per pass on the CPU: a [256, 128] float32 block is 128 KB
 
-    def __init__(self, W, U, scale, zp, spec: QuantSpec, sdt, col_group, lazy_importance, search: bool):
-        self.W, self.U, self.scale, self.zp, self.spec, self.sdt = W, U, scale, zp, spec, sdt
+    def __init__(self, W, Uj, scale, zp, spec: QuantSpec, sdt, col_group, lazy_importance, search: bool):
+        # Uj = J U J (U's reversal, the lower inverse factor): U[i1:i2, k1:k2] = Uj[n-i2:n-i1, n-k2:n-k1] flipped
+        self.W, self.Uj, self.scale, self.zp, self.spec, self.sdt = W, Uj, scale, zp, spec, sdt
         self.col_group, self.lazy, self.search = col_group, lazy_importance, search
         self.rows, self.cols = W.shape
         self.width = spec.group_width(self.cols)
@@ -161,12 +161,12 @@ class _Columns:
         self.z32 = None if zp is None else zp.float().reshape(-1, zp.shape[-1] if zp.ndim == 2 else 1).expand(self.rows, -1).contiguous()
 
     def run(self, block_size: int) -> torch.Tensor:
-        W, U = self.W, self.U
+        W = self.W
         for i1 in range(0, self.cols, block_size):
             i2 = min(self.cols, i1 + block_size)
             W1 = W[:, i1:i2].clone()
             Err1 = torch.empty_like(W1)
-            U1 = U[i1:i2, i1:i2].contiguous()
+            U1 = self._u(i1, i2, i1, i2)
             groups = self.col_group[i1:i2].contiguous()
             for a, b in self._segments(i1, i2):
                 if self.lazy is not None:
@@ -175,8 +175,14 @@ class _Columns:
                                                    self.spec.qmax, self.sdt, self.Q[:, i1:i2], Err1):
                     self._torch_loop(W1, U1, Err1, i1, a, b)
             self.loss += float(Err1.double().square().sum())
-            W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+            if i2 < self.cols:
+                W[:, i2:] -= Err1 @ self._u(i1, i2, i2, self.cols)
         return self.Q
+
+    def _u(self, i1: int, i2: int, k1: int, k2: int) -> torch.Tensor:
+        """U[i1:i2, k1:k2] (a contiguous copy), read from its reversal."""
+        n = self.cols
+        return self.Uj[n - i2:n - i1, n - k2:n - k1].flip(0, 1)
 
     def _segments(self, i1: int, i2: int) -> list[tuple[int, int]]:
         """Column ranges of the block (relative to i1) the loop runs without a stop: lazy groups stop it where each
