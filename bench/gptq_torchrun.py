@@ -35,12 +35,12 @@ def command(model: Path, ids: Path, out: Path, report: Path, procs: int, a) -> l
 
 def one_run(model, ids, procs: int, a, env) -> dict:
     with tempfile.TemporaryDirectory(dir=WORK) as usage:
-        out, report = WORK / f"gptq-torchrun-{procs}p", WORK / f"gptq-torchrun-{procs}p.json"
+        out, report = WORK / f"gptq-torchrun-{procs}p", Path(usage) / "report.json"
         load = loadavg()
         res = measure(command(model, ids, out, report, procs, a), out=out, env={**env, "QTOOL_BENCH_USAGE_DIR": usage})
         ranks = [json.loads((Path(usage) / f"rank{r}.json").read_text()) for r in range(procs)]
-    errors = {r["name"]: r["output_error_after"] for r in json.loads(report.read_text())["layers"]
-              if r.get("output_error_after") is not None}
+        errors = {r["name"]: r["output_error_after"] for r in json.loads(report.read_text())["layers"]
+                  if r.get("output_error_after") is not None}
     print(f"{procs} process(es): wall {res.wall_s:7.1f} s  CPU {res.cpu_s:7.1f} s  RSS per rank "
           f"{', '.join('%.2f' % r['rss_gib'] for r in ranks)} GiB  (load {load:.1f})", file=sys.stderr, flush=True)
     return {"wall_s": res.wall_s, "cpu_s": res.cpu_s, "ranks": ranks, "errors": errors}

@@ -182,7 +182,7 @@ class _Columns:
     def _u(self, i1: int, i2: int, k1: int, k2: int) -> torch.Tensor:
         """U[i1:i2, k1:k2] (a contiguous copy), read from its reversal."""
         n = self.cols
-        return self.Uj[n - i2:n - i1, n - k2:n - k1].flip(0, 1)
+        return self.Uj[n - i2:n - i1, n - k2:n - k1].flip(0, 1).contiguous()
 
     def _segments(self, i1: int, i2: int) -> list[tuple[int, int]]:
         """Column ranges of the block (relative to i1) the loop runs without a stop: lazy groups stop it where each
