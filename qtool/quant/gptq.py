@@ -243,8 +243,19 @@ def _quadratic(a: torch.Tensor, L: torch.Tensor, perm, lam: float, dead, block: 
     total = 0.0
     for j in range(0, L.shape[0], block):
         total += float((B[:, j:] @ L[j:, j:j + block]).square().sum(dtype=torch.float64))
-    d = A.double()
-    return total - lam * float(d.square().sum()) - float(d[:, dead.to(d.device)].square().sum())
+    del B
+    return total - _undamped_part(A, lam, dead)
+
+
+def _undamped_part(d: torch.Tensor, lam: float, dead, rows: int = 256) -> float:
+    """λ‖D‖² + ‖D[:, dead]‖²: what the damping and the dead columns' unit diagonal add to tr(D H' Dᵀ) (float64
+    sums over row chunks: no float64 copy of D)."""
+    dead = dead.to(d.device)
+    total = 0.0
+    for r0 in range(0, d.shape[0], rows):
+        c = d[r0:r0 + rows]
+        total += lam * float(c.square().sum(dtype=torch.float64)) + float(c[:, dead].square().sum(dtype=torch.float64))
+    return total
 
 
 def residual(w: torch.Tensor, w_hat: torch.Tensor, record: dict) -> float:
@@ -253,9 +264,8 @@ def residual(w: torch.Tensor, w_hat: torch.Tensor, record: dict) -> float:
     With E the scaled errors (column i's error over U_ii) the loop leaves W − Ŵ = E·U exactly, and U factors the
     inverse of its damped H' = H + λI (+1 on each dead column's diagonal), so tr(ΔW H' ΔWᵀ) = ‖E‖²: subtracting the
     damping's part gives the undamped value (agrees with the product to ~1e-7 relative)."""
-    d = (w.to(torch.float32) - w_hat.to(torch.float32)).double()
-    dead = record["dead"].to(d.device)
-    return record["loss"] - record["lambda"] * float(d.square().sum()) - float(d[:, dead].square().sum())
+    d = w.to(torch.float32) - w_hat.to(torch.float32)
+    return record["loss"] - _undamped_part(d, record["lambda"], record["dead"])
 
 
 def output_error(w: torch.Tensor, w_hat: torch.Tensor, hessian: torch.Tensor, rows: int = 256) -> float:
