@@ -18,9 +18,10 @@ main thread's, one row. Phases:
   hooks: XᵀX + Σx² + max|x| InputStats.add (the Hessian addmm dominates: see --cprofile's `addmm_` line)
   forward 2 (quantized)     LayerWalk.run(keep=True): outputs with the quantized weights → next block's inputs
   gptq: group scales        mse_qparams as called by gptq_quantize (importance-weighted clipping search)
-  gptq: inverse Cholesky    _inverse_cholesky (damped H, Cholesky, inverse, Cholesky)
+  gptq: inverse Cholesky    _inverse_cholesky (damped H, Cholesky, inverse, Cholesky; since issue 16 one
+                            Cholesky of the reversed matrix and a triangular inverse)
   gptq: column loop         the rest of gptq_quantize (act-order permutation, per-column quantize, lazy updates)
-  error stats (report)      output_error (before and after) + the RTN reference for "before" + reconstruct
+  error stats (report)      output_error(s) (before and after) + the RTN reference for "before" + reconstruct
   encode: error stats+pack  per emitted weight: the report's weight error (error_stats) and ct.compress
   write                     CheckpointWriter.write on the main thread (dense tensors too); the file thread's
                             own work is in "other threads"
@@ -106,6 +107,7 @@ TARGETS = [
     (["qtool.quant.gptq:_inverse_cholesky"], "gptq: inverse Cholesky"),
     (["qtool.quant.gptq:gptq_quantize"], "gptq: column loop"),
     (["qtool.quant.gptq:output_error"], "error stats (report)"),
+    (["qtool.quant.gptq:output_errors"], "error stats (report)", "optional"),  # issue 16: before and after at once
     (["qtool.calib.methods:reconstruct"], "error stats (report)", "optional"),  # gone after the refactor
     (["qtool.jobs.quantize:dequantize"], "encode: error stats + pack", "here only"),  # not reconstruct's
     (["qtool.quant.core:error_stats"], "encode: error stats + pack"),

@@ -1,5 +1,5 @@
-/* qtool._native: the three per-element passes that dominate `quantize` and `merge-lora`, each fused into one
- * sweep over memory. qtool/native.py is the only caller: it checks shapes, dtypes and contiguity and passes raw
+/* qtool._native: the per-element passes that dominate `quantize` and `merge-lora`, each fused into one sweep over
+ * memory, and GPTQ's column loop. qtool/native.py is the only caller: it checks shapes, dtypes and contiguity and passes raw
  * data pointers; every function here releases the GIL, so worker threads run them side by side.
  *
  * The arithmetic is the one torch runs on the CPU for the same ops, bit for bit: a bf16/fp16 op is computed in
@@ -733,6 +733,68 @@ static PyObject *py_pwrite(PyObject *self, PyObject *args) {
 #endif
 }
 
+/* ---- GPTQ: one lazy block's column loop, row by row ------------------------------------------------- */
+
+/* Given U (the block's rows of the upper Cholesky factor of the damped inverse Hessian) the rows of W are
+ * independent: each row's block (nb floats) stays in L1 while its columns a..b-1 are quantized and their errors
+ * pushed onto the columns after them. The ops, in order, are qtool/quant/gptq.py's torch loop per element:
+ * q = clamp(x / s (+ z)) rounded half-to-even; dq = (q (- z))·s rounded to the scale dtype; err = (x - dq) / U[i,i];
+ * w[k] = w[k] - err·U[i,k] for k >= i (product rounded, then the difference). */
+/* err·u[k] subtracted from w[k] for k in [i, nb): the update of one row, 8 lanes at a time (same rounding per lane) */
+INLINE void row_update(float *restrict w, const float *restrict u, float err, Py_ssize_t i, Py_ssize_t nb) {
+    const vf ve = splat(err);
+    Py_ssize_t k = i;
+    for (; k < nb && (k & (VL - 1)); k++) w[k] = w[k] - err * u[k];
+    for (; k + VL <= nb; k += VL) {
+        vf wv, uv;
+        memcpy(&wv, w + k, sizeof wv);
+        memcpy(&uv, u + k, sizeof uv);
+        wv = wv - ve * uv;
+        memcpy(w + k, &wv, sizeof wv);
+    }
+    for (; k < nb; k++) w[k] = w[k] - err * u[k];
+}
+
+HOT static void gptq_block_rows(float *W, Py_ssize_t rows, Py_ssize_t nb, const float *U, Py_ssize_t a,
+                                Py_ssize_t b, const int64_t *cg, const float *S, Py_ssize_t ng, const float *Z,
+                                float qmin, float qmax, int sdt, int8_t *Q, Py_ssize_t ldq, float *E) {
+    for (Py_ssize_t r = 0; r < rows; r++) {
+        float *restrict w = W + r * nb;
+        float *restrict e = E + r * nb;
+        const float *s = S + r * ng, *z = Z ? Z + r * ng : NULL;
+        int8_t *q = Q + r * ldq;
+        for (Py_ssize_t i = a; i < b; i++) {
+            const float x = w[i], sc = s[cg[i]];
+            float v = x / sc;
+            if (z) v = v + z[cg[i]];
+            v = v < qmin ? qmin : (v > qmax ? qmax : v);
+            v = round_even(v);
+            q[i] = (int8_t)v;
+            if (z) v = v - z[cg[i]];
+            const float dq = round_to(v * sc, sdt);
+            const float err = (x - dq) / U[i * nb + i];
+            e[i] = err;
+            row_update(w, U + i * nb, err, i, nb);
+        }
+    }
+}
+
+static PyObject *py_gptq_block(PyObject *self, PyObject *args) {
+    (void)self;
+    unsigned long long w, u, cg, s, z, q, e;
+    Py_ssize_t rows, nb, a, b, ng, ldq;
+    float qmin, qmax;
+    int sdt;
+    if (!PyArg_ParseTuple(args, "KnnKnnKKnKffiKnK", &w, &rows, &nb, &u, &a, &b, &cg, &s, &ng, &z, &qmin, &qmax,
+                          &sdt, &q, &ldq, &e))
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    gptq_block_rows((float *)w, rows, nb, (const float *)u, a, b, (const int64_t *)cg, (const float *)s, ng,
+                    (const float *)z, qmin, qmax, sdt, (int8_t *)q, ldq, (float *)e);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"minmax", py_minmax, METH_VARARGS, "minmax(w, dtype, rows, cols, group_width, symmetric, mn, mx)"},
     {"quantize_pack", py_quantize_pack, METH_VARARGS,
@@ -745,6 +807,8 @@ static PyMethodDef methods[] = {
      " out_stride) -> (sum w*w, sum w*d, sum d*d, max |d|)"},
     {"pwrite", py_pwrite, METH_VARARGS, "pwrite(fd, address, nbytes, offset) -> True (False where unsupported)"},
     {"merge", py_merge, METH_VARARGS, "merge(w, w_dtype, d, s, n, out, out_dtype) -> (sum w*w, finite)"},
+    {"gptq_block", py_gptq_block, METH_VARARGS,
+     "gptq_block(w, rows, nb, u, a, b, col_group, scale, n_groups, zp, qmin, qmax, scale_dtype, q, q_stride, err)"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from . import __version__, runtime
+from . import __version__, distributed, runtime
 from .errors import ArgumentError, GateFailed, Interrupted, QtoolError
 from .interrupts import stop_on_signals
 from .jobs import arguments
@@ -138,6 +138,8 @@ class _Commands(click.Group):
 
     def main(self, args=None, prog_name=None, **extra):
         extra.pop("standalone_mode", None)
+        if distributed.env_rank() != 0:  # torchrun: the other processes print nothing but errors (on stderr)
+            sys.stdout = open(os.devnull, "w")
         try:
             code = super().main(args, prog_name, standalone_mode=False, **extra)
         except click.exceptions.Abort:

@@ -92,6 +92,28 @@ def mse_search(w: torch.Tensor, spec, weights: torch.Tensor | None, grid: tuple[
     return True
 
 
+def gptq_block(W1: torch.Tensor, U1: torch.Tensor, a: int, b: int, col_group: torch.Tensor, scale: torch.Tensor,
+               zero_point: torch.Tensor | None, qmin: int, qmax: int, scale_dtype: torch.dtype, Q: torch.Tensor,
+               Err1: torch.Tensor) -> bool:
+    """GPTQ's column loop over columns a..b-1 of one lazy block, in place (qtool.quant.gptq._Columns: W1 float32
+    [rows, nb], U1 float32 [nb, nb], col_group int64 [nb], scale/zero_point float32 [rows, n_groups], Q int8 the
+    block's columns of the codes (row stride free), Err1 float32 [rows, nb]); False where the kernel does not apply."""
+    f32 = torch.float32
+    if scale_dtype not in DTYPE_CODES or not _fits(W1, U1, col_group, scale, Err1) or Q.device.type != "cpu":
+        return False
+    if W1.dtype != f32 or U1.dtype != f32 or scale.dtype != f32 or Err1.dtype != f32 or col_group.dtype != torch.int64:
+        return False
+    if zero_point is not None and (zero_point.dtype != f32 or not _fits(zero_point)):
+        return False
+    if Q.dtype != torch.int8 or Q.stride(1) != 1:
+        return False
+    rows, nb = W1.shape
+    _native.gptq_block(W1.data_ptr(), rows, nb, U1.data_ptr(), a, b, col_group.data_ptr(), scale.data_ptr(),
+                       scale.shape[1], 0 if zero_point is None else zero_point.data_ptr(), float(qmin), float(qmax),
+                       DTYPE_CODES[scale_dtype], Q.data_ptr(), Q.stride(0), Err1.data_ptr())
+    return True
+
+
 def merge_applies(w: torch.Tensor, out_dtype: torch.dtype) -> bool:
     return w.dtype in DTYPE_CODES and out_dtype in DTYPE_CODES and _fits(w)
 

@@ -48,7 +48,9 @@ class RichProgress(NullProgress):
 
 
 def make_progress(quiet: bool = False):
-    """A rich bar when stderr is a terminal and not quiet; otherwise nothing at all."""
-    if quiet or not sys.stderr.isatty():
+    """A rich bar when stderr is a terminal and not quiet; otherwise nothing at all (and nothing on the processes
+    of a torchrun run but rank 0)."""
+    from .distributed import env_rank
+    if quiet or not sys.stderr.isatty() or env_rank() != 0:
         return NullProgress()
     return RichProgress()

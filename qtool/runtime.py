@@ -121,13 +121,17 @@ def release_host_memory() -> None:
 class Runtime:
     device: object  # torch.device
     workers: int    # tensors worked on at once (each with an equal share of torch's threads)
+    group: object = None  # distributed.Group: this process's place in a torchrun run (one process: SINGLE)
 
 
 @contextlib.contextmanager
 def session(device="auto", *, parallel: bool = True):
     """The settings of one job: its device resolved, torch's threads shared among `workers` (one per core on cpu
-    when `parallel`, else one worker with every thread), TF32 off, the garbage collector frozen."""
-    dev = resolve_device(device)
+    when `parallel`, else one worker with every thread), TF32 off, the garbage collector frozen. Under torchrun
+    the process joins the run's group (qtool.distributed), on its own GPU where each process has one."""
+    from . import distributed
+    dev = distributed.device_for(resolve_device(device))
+    group = distributed.join(dev)
     workers = workers_for(dev) if parallel else 1
     with frozen_gc(), threads_per_worker(workers), exact_matmul(dev):
-        yield Runtime(dev, workers)
+        yield Runtime(dev, workers, group)

@@ -137,7 +137,8 @@ def test_timing_written_once_rounded(tiny_llama, tmp_path):
                qtool.dequantize(str(tmp_path / "q"), str(tmp_path / "d"))]
     for rep in reports:
         t = rep["timing"]
-        assert set(t) == {"seconds", "input_gb_per_s"} and t["seconds"] == round(t["seconds"], 3) > 0
+        assert set(t) == {"seconds", "input_gb_per_s", "processes"} and t["seconds"] == round(t["seconds"], 3) > 0
+        assert t["processes"] == 1  # no torchrun
         assert t["input_gb_per_s"] == round(t["input_gb_per_s"], 3)
     assert timing_part(0.0, 10**9)["input_gb_per_s"] == round(timing_part(0.0, 10**9)["input_gb_per_s"], 3)
 

@@ -6,7 +6,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "qtool"
 # Ground floor up (design.md §2). A module may import from its own layer or below, never from above.
 LAYERS = [
-    {"", "errors", "interrupts", "native", "_native", "runtime", "arch", "progress"},  # "" is the package root (__version__)
+    {"", "errors", "interrupts", "native", "_native", "runtime", "distributed", "arch", "progress"},  # "" is the package root (__version__)
     {"quant"},
     {"checkpoint", "formats", "plan"},
     {"lora", "calib", "eval", "report", "alloc"},

@@ -15,14 +15,16 @@ from typing import Generator, Iterator
 
 import torch
 
+from .. import distributed
 from ..arch import module_of
 from ..errors import QtoolError
 from ..progress import NullProgress
 from ..quant import awq
-from ..quant.gptq import output_error
+from ..quant.gptq import error_ratio, output_errors, residual
 from ..quant.weight import QuantizedWeight, quantize_weight
 from ..report.schema import ExpertRow, ExpertSource
 from ..runtime import exact_matmul, resolve_device
+from . import parallel
 from .data import load_calibration
 from .model import build_architecture
 from .moe import MoeCalib
@@ -52,9 +54,11 @@ def _experts_summary(experts: dict[str, ExpertSource]) -> list[ExpertRow]:
 
 
 def collect_stats(ckpt, calib, *, samples: int = 128, seq_len: int = 512, device="auto", progress=None,
-                  moe: MoeCalib | None = None) -> tuple[dict, dict]:
+                  moe: MoeCalib | None = None, group=distributed.SINGLE) -> tuple[dict, dict]:
     """Per linear module {"sum_sq", "absmax", "count"} (CPU) of the original model on the calibration data; info
-    has "experts": one row per MoE expert weight ({"module", "expert", "tokens", "stats"})."""
+    has "experts": one row per MoE expert weight ({"module", "expert", "tokens", "stats"}). Under torchrun
+    (`group`) each process walks its share of the windows and rank 0 alone gets the sums (the others' dict is
+    empty)."""
     from .walk import LayerWalk
     progress = progress or NullProgress()
     device = resolve_device(device)
@@ -64,18 +68,18 @@ def collect_stats(ckpt, calib, *, samples: int = 128, seq_len: int = 512, device
     out: dict[str, dict] = {}
     experts: dict[str, dict] = {}
     with exact_matmul(device):
-        walk = LayerWalk(ckpt, ids, device, moe, arch)
+        walk = LayerWalk(ckpt, parallel.share(group, ids), device, moe, arch, group=group)
         progress.start("calibrating", len(walk.layers))
         for block in walk.blocks():
             got = walk.collect(block, walk.targets(block), keep=True)
-            for name, st in got.stats.items():
+            for name, st in got.stats.items() if group.root else ():
                 out[module_of(name)] = {k: (v.detach().cpu().clone() if torch.is_tensor(v) else v)
                                         for k, v in st.as_dict().items()}
             experts.update(got.experts)
             progress.advance(1, description=block.path)
-    info = {"layers": len(walk.layers), "modules": len(out), "samples": len(ids), "tokens": walk.tokens,
+    info = {"layers": len(walk.layers), "modules": len(out), "samples": len(ids), "tokens": _tokens(ids),
             "seq_len": seq_len, "device": str(device), "seconds": time.perf_counter() - t0,
-            "experts": _experts_summary(experts)}
+            "experts": _experts_summary(experts), "processes": group.world}
     return out, info
 
 
@@ -99,19 +103,21 @@ def block_tensors(ckpt) -> set[str]:
 
 
 def quantize_layerwise(ckpt, plans, calib, *, samples: int = 128, seq_len: int = 512, damp: float = 0.01,
-                       device="auto", progress=None, moe: MoeCalib | None = None,
-                       awq_grid: int = 20, fold_only: bool = False) -> Generator[Calibrated, None, dict]:
+                       device="auto", progress=None, moe: MoeCalib | None = None, awq_grid: int = 20,
+                       fold_only: bool = False, group=distributed.SINGLE) -> Generator[Calibrated, None, dict]:
     """Quantize every planned weight (each with its plan's spec) on calibration data, block by block, yielding each
     as it is done: a block's weights in name order, then the weights outside the walked blocks. An MoE expert
-    weight's `extra["expert"]` says how many tokens the router sent it and where its statistics came from.
+    weight's `extra["expert"]` says how many tokens the router sent it and where its statistics came from. Under
+    torchrun (`group`) each process walks its share of the windows, each weight is quantized by the owner of its
+    statistics (qtool.calib.parallel) and broadcast, and rank 0 alone yields.
 
     calib: calibration data (text / JSONL / safetensors token ids) or a list of id tensors. moe: how experts get
     their statistics (`--moe-calib`). Plans with method awq / awq+gptq first scale each block (qtool.calib.awq,
     `awq_grid` values of α); the walk then also yields the blocks' dense tensors. fold_only (AWQ plans): nothing is
     quantized; every tensor of the walked blocks is yielded dense, as folding left it (the folded model, whose outputs
     are the source's up to float rounding). The generator's value
-    (StopIteration.value) is {"samples", "tokens", "device", "seconds", "layers", "method", "damp", "calibrated",
-    "uncalibrated", "experts"} and, with scaling, "awq" ({"grid", "mappings", "skipped", "folded"}).
+    (StopIteration.value) is {"samples", "tokens", "device", "seconds", "layers", "method", "damp", "processes",
+    "calibrated", "uncalibrated", "experts"} and, with scaling, "awq" ({"grid", "mappings", "skipped", "folded"}).
     """
     progress = progress or NullProgress()
     device = resolve_device(device)
@@ -123,24 +129,35 @@ def quantize_layerwise(ckpt, plans, calib, *, samples: int = 128, seq_len: int =
     ids = _samples(ckpt, calib, samples, seq_len)
     done: list[Calibrated] = []
     log = AwqLog(awq_grid) if any(p.spec.awq for p in todo.values()) else None
+    if log is not None and group.parallel:
+        raise QtoolError(str(ckpt.path), "--method awq / awq+gptq does not run under torchrun yet (its scale search "
+                                         "needs every window's activations in one process): run it in one process")
     with exact_matmul(device):
-        walk = LayerWalk(ckpt, ids, device, moe, arch)
+        walk = LayerWalk(ckpt, parallel.share(group, ids), device, moe, arch, group=group)
         progress.start(f"quantizing ({methods})", len(walk.layers))
         for block in walk.blocks():
-            for item in _block(ckpt, walk, block, todo, damp, device, log, fold_only):
+            for item in _block(ckpt, walk, block, todo, damp, device, log, fold_only, group):
                 done.append(item)
                 yield item
             progress.advance(1, description=block.path)
     for name in [n for n in layer_order(ckpt) if n in todo and not fold_only]:
-        done.append(_plain(ckpt, todo.pop(name), device, "outside the walked blocks: no calibration statistics"))
-        yield done[-1]
+        plan = todo.pop(name)
+        if group.root:
+            done.append(_plain(ckpt, plan, device, "outside the walked blocks: no calibration statistics"))
+            yield done[-1]
     weights = [c for c in done if c.weight is not None]
-    info = {"samples": len(ids), "tokens": walk.tokens, "device": str(device), "seconds": time.perf_counter() - t0,
+    info = {"samples": len(ids), "tokens": _tokens(ids), "device": str(device), "seconds": time.perf_counter() - t0,
             "layers": len(walk.layers), "method": methods, "damp": damp,
+            "processes": group.world,
             "calibrated": sum(1 for c in weights if c.extra["calibrated"]),
             "uncalibrated": [c.name for c in weights if not c.extra["calibrated"]],
             "experts": _experts_summary({c.name: c.extra["expert"] for c in weights if "expert" in c.extra})}
     return {**info, "awq": log.part()} if log is not None else info
+
+
+def _tokens(ids) -> int:
+    """Calibration tokens of the whole run (every process reads every window, then walks its share)."""
+    return sum(int(s.numel()) for s in ids)
 
 
 def _todo(ckpt, plans) -> dict:
@@ -168,12 +185,13 @@ class AwqLog:
         return {"grid": self.grid, "mappings": self.mappings, "skipped": self.skipped, "folded": self.folded}
 
 
-def _block(ckpt, walk, block, todo: dict, damp: float, device, log: AwqLog | None,
-           fold_only: bool = False) -> Iterator[Calibrated]:
+def _block(ckpt, walk, block, todo: dict, damp: float, device, log: AwqLog | None, fold_only: bool,
+           group) -> Iterator[Calibrated]:
     """The planned weights of one block: statistics of every sample's inputs to its nn.Linear modules and MoE
     experts, (with AWQ: the block's scales searched and folded), each weight quantized with them, the dequantized
     weights loaded back, then the samples run again for the next block's inputs (a block with nothing to calibrate
-    runs once)."""
+    runs once). Under torchrun each weight is quantized by its statistics' owner, all owners side by side, then
+    broadcast in name order."""
     from .walk import calibratable
     targets = walk.targets(block)
     block_todo = sorted(n for n in block.tensors if n in todo)
@@ -181,34 +199,32 @@ def _block(ckpt, walk, block, todo: dict, damp: float, device, log: AwqLog | Non
     names = [n for n in block_todo if n in usable]
     if log is not None and names:  # whole input groups, quantized or not: a fold must scale every reader
         names = sorted(set(names) | {n for n, t in usable.items() if isinstance(t, torch.nn.Linear)})
-    # walk.collect is where a data-parallel run (issue 16) reduces the statistics across ranks (LayerWalk.reduce),
+    # walk.collect reduces the statistics across a torchrun run's processes onto their owners (LayerWalk.reduce),
     # before any weight of the block is quantized or scaled.
     got = walk.collect(block, names, hessian=True) if names else None
-    scaled, values = None, {}
-    if log is not None and got is not None:
-        from .awq import scale_walked_block
-        specs = {n: todo[n].spec for n in block_todo if n in usable}
-        scaled, values = scale_walked_block(walk, block, got.stats, got.groups, specs, log.grid)
-        log.add(block, scaled)
-    if fold_only:  # the folded model itself, unquantized: every tensor of the block as folding left it
-        yield from _dense(ckpt, block, todo, [], scaled)
-        for name in block_todo:
-            todo.pop(name)
-        walk.update(block, scaled.values if scaled is not None else {})
-        walk.run(block, keep=True)
+    scaled, values = _scaled(walk, block, got, todo, block_todo, usable, log)
+    if fold_only:
+        yield from _folded_only(ckpt, walk, block, todo, block_todo, scaled)
         return
+    owner = {n: got.owners.get(id(got.stats[n]), 0) for n in names}
+    scales = scaled.scales if scaled is not None else {}
+    owned = {n: _calibrated(ckpt, todo[n], got.stats[n], damp, device, values.get(n), scales.get(n))
+             for n in names if n in todo and owner[n] == group.rank}
     w_hats = {}
     for name in block_todo:
+        plan = todo.pop(name)
         if name not in usable:
-            yield _plain(ckpt, todo.pop(name), device, _uncalibrated_note(name, targets))
+            if group.root:
+                yield _plain(ckpt, plan, device, _uncalibrated_note(name, targets))
             continue
-        s = scaled.scales.get(name) if scaled is not None else None
-        item, w_hats[name] = _calibrated(ckpt, todo.pop(name), got.stats[name], damp, device, values.get(name), s)
+        item = group.broadcast_object(owned.pop(name, None), src=owner[name])
+        w_hats[name] = item.weight.dequantize(torch.float32).to(device)
         if name in got.experts:
             item.extra["expert"] = got.experts[name]
         if scaled is not None and name in scaled.folded:
             item.extra["awq"] = scaled.folded[name]
-        yield item
+        if group.root:
+            yield item
     del got
     if log is not None:
         yield from _dense(ckpt, block, todo, block_todo, scaled)
@@ -216,6 +232,26 @@ def _block(ckpt, walk, block, todo: dict, damp: float, device, log: AwqLog | Non
     if w_hats:
         walk.update(block, w_hats)  # through the checkpoint's conversion: an expert lands in its fused slice
     del w_hats
+    walk.run(block, keep=True)
+
+
+def _scaled(walk, block, got, todo: dict, block_todo: list[str], usable: dict, log: AwqLog | None):
+    """With AWQ: the block's searched scales, folded (qtool.calib.awq), and the changed tensors' values."""
+    if log is None or got is None:
+        return None, {}
+    from .awq import scale_walked_block
+    specs = {n: todo[n].spec for n in block_todo if n in usable}
+    scaled, values = scale_walked_block(walk, block, got.stats, got.groups, specs, log.grid)
+    log.add(block, scaled)
+    return scaled, values
+
+
+def _folded_only(ckpt, walk, block, todo: dict, block_todo: list[str], scaled) -> Iterator[Calibrated]:
+    """The folded model itself, unquantized: every tensor of the block as folding left it."""
+    yield from _dense(ckpt, block, todo, [], scaled)
+    for name in block_todo:
+        todo.pop(name)
+    walk.update(block, scaled.values if scaled is not None else {})
     walk.run(block, keep=True)
 
 
@@ -234,26 +270,33 @@ def _uncalibrated_note(name: str, targets: dict) -> str:
     return "not an nn.Linear or expert weight: quantized without calibration"
 
 
-def _calibrated(ckpt, plan, st, damp: float, device, w=None, s=None) -> tuple[Calibrated, torch.Tensor]:
-    """One weight quantized with its inputs' statistics (gptq: Hessian; mse: mean square), its output error on the
-    calibration data measured for rtn and for the method, and its dequantized value (float32, on the device).
-    With activation-aware scaling, `w` is its value after folding and `s` its column scales: it is quantized with
-    the statistics of the scaled inputs X·diag(1/s) (its `after` error is that of the scaled layer's outputs)."""
+def _calibrated(ckpt, plan, st, damp: float, device, w=None, s=None) -> Calibrated:
+    """One weight quantized with its inputs' statistics (gptq: Hessian; mse: mean square) and its output error on
+    the calibration data measured for rtn and for the method. With activation-aware scaling, `w` is its value after
+    folding and `s` its column scales: it is quantized with the statistics of the scaled inputs X·diag(1/s) (its
+    `after` error is that of the scaled layer's outputs, `before` rtn's on the unscaled layer)."""
     w0 = ckpt.get(plan.name).to(device)
     w = w0 if w is None else w
     h, imp = st.hessian, st.importance()
     if s is not None:
         h, imp = awq.scaled_hessian(h, s), imp / s.square()
     spec = plan.spec.with_method(plan.spec.weight_method)
-    qw = quantize_weight(w, spec, hessian=h, importance=imp, damp=damp, name=plan.name)
+    rtn = None if spec.method == "rtn" else quantize_weight(w0, spec.with_method("rtn")).dequantize(torch.float32)
+    # gptq measures tr(W H Wᵀ) and rtn's error with its own factor of H, and its own error from its scaled errors
+    measure = (w, w.float() - rtn) if spec.method == "gptq" and s is None else ()
+    qw = quantize_weight(w, spec, hessian=h, importance=imp, damp=damp, name=plan.name, measure=measure)
     w_hat = qw.dequantize(torch.float32)
-    after = output_error(w, w_hat, h)
-    if spec.method == "rtn":
-        before = after
+    if qw.residual is not None:
+        den, rtn_num = qw.residual["quadratic"]
+        before, after = error_ratio(rtn_num, den), error_ratio(residual(w, w_hat, qw.residual), den)
+    elif rtn is None:
+        before = after = output_errors(w, [w_hat], h)[0]
+    elif s is None:
+        before, after = output_errors(w, [rtn, w_hat], h)  # tr(W H Wᵀ) once for both
     else:
-        before = output_error(w0, quantize_weight(w0, spec.with_method("rtn")).dequantize(torch.float32), st.hessian)
+        after, before = output_errors(w, [w_hat], h)[0], output_errors(w0, [rtn], st.hessian)[0]
     extra = {**qw.info, "calibrated": True, "output_error_before": before, "output_error_after": after}
-    return Calibrated(plan.name, qw.cpu(), extra), w_hat
+    return Calibrated(plan.name, qw.cpu(), extra)
 
 
 def _plain(ckpt, plan, device, note: str) -> Calibrated:

@@ -21,10 +21,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .. import distributed
 from ..arch import is_conv1d_module
 from ..errors import QtoolError
 from ..report.schema import ExpertSource
 from ..runtime import release_host_memory
+from . import parallel
 from .collect import InputGroup, LinearTaps
 from .layout import Entry
 from .model import Architecture, build_architecture, free_module, linear_modules, unsupported
@@ -87,18 +89,21 @@ class Collected:
     stats: dict                  # checkpoint weight name → InputStats (shared objects where inputs are shared)
     experts: dict[str, ExpertSource]  # expert weight name → its index, routed tokens and statistics source
     groups: list[InputGroup]     # dense linears reading one tensor, and the module that produced it
+    owners: dict = field(default_factory=dict)  # id(InputStats) → the process that holds its sums (torchrun)
 
 
 class LayerWalk:
     """Holds the model skeleton and the current block inputs of every sample."""
 
     def __init__(self, ckpt, samples: list[torch.Tensor], device: torch.device, moe: MoeCalib | None = None,
-                 arch: Architecture | None = None):
+                 arch: Architecture | None = None, group=distributed.SINGLE):
         """ckpt: a checkpoint, or a dense view of a quantized one (formats.dense.DenseView: its weights dequantized as
         the walk loads them); only its .tensors, .get, .config, .path and .root are read. arch: its
-        `build_architecture`, when the caller has built it already."""
+        `build_architecture`, when the caller has built it already. group: a torchrun run's process group (each
+        process passes its share of the samples; `reduce` combines what they saw)."""
         self.ckpt = ckpt
         self.device = device
+        self.group = group
         self.moe = moe or MoeCalib()
         self.arch = arch or build_architecture(ckpt)
         self.model, self.layout, self.dtype = self.arch.model, self.arch.layout, self.arch.dtype
@@ -257,14 +262,16 @@ class LayerWalk:
             stats.update(fb.stats)
         info = {n: ExpertSource(expert=r.index, tokens=routed[n], stats="all" if mode == "all" or n in starved else "routed")
                 for n, r in experts.items()}
-        self.reduce(stats=list({id(s): s for s in stats.values()}.values()))
-        return Collected(stats, info, lt.groups)
+        owners = self.reduce(stats=list({id(s): s for s in stats.values()}.values()))
+        return Collected(stats, info, lt.groups, owners)
 
-    def reduce(self, stats: list = (), routed: list[torch.Tensor] = ()) -> None:
+    def reduce(self, stats: list = (), routed: list[torch.Tensor] = ()) -> dict[int, int]:
         """Where a data-parallel run (each process a share of the samples) combines, in place, what its processes
-        saw before it is used: the routed token counts per expert (summed) before the fallback decision, and each
-        InputStats (sum_sq, hessian and count summed, absmax maxed) before any weight is quantized. One process:
-        nothing to do."""
+        saw before it is used: the routed token counts per expert (summed on every process) before the fallback
+        decision, and each InputStats (sum_sq, hessian and count summed, absmax maxed) onto its owner before any
+        weight is quantized (qtool.calib.parallel). Returns {id(record): owner rank}. One process: nothing moves."""
+        parallel.combine_counts(self.group, routed)
+        return parallel.combine(self.group, stats) if stats else {}
 
     def update(self, block: Block, weights: dict[str, torch.Tensor]) -> None:
         """Load new values of some checkpoint weights (e.g. dequantized) into the loaded block, through the same

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+from .. import distributed
 from ..errors import Interrupted, QtoolError
 from ..interrupts import deferred
 from . import atomic, jsonfile, layout
@@ -335,7 +336,8 @@ def claimed(inputs: list, outputs: list[tuple[object, str]], overwrite: bool, re
 
 def guarded(inputs: tuple[str, ...], outputs: dict[str, str]):
     """Decorate a job: before it runs, claim the outputs named by `outputs` (parameter -> kind) against the
-    inputs named by `inputs`, using its `overwrite` (and `revision`) parameters; release them when it returns."""
+    inputs named by `inputs`, using its `overwrite` (and `revision`) parameters; release them when it returns.
+    Under torchrun only rank 0 claims (and writes) outputs."""
     def wrap(fn):
         sig = inspect.signature(fn)
         missing = [n for n in (*inputs, *outputs, "overwrite") if n not in sig.parameters]
@@ -347,8 +349,9 @@ def guarded(inputs: tuple[str, ...], outputs: dict[str, str]):
             bound = sig.bind(*args, **kwargs)
             bound.apply_defaults()
             a = bound.arguments
-            with claimed([a[n] for n in inputs], [(a[n], kind) for n, kind in outputs.items()],
-                         bool(a["overwrite"]), a.get("revision")):
+            # under torchrun rank 0 alone writes: the other processes claim nothing and write nothing
+            claims = [(a[n], kind) for n, kind in outputs.items()] if distributed.env_rank() == 0 else []
+            with claimed([a[n] for n in inputs], claims, bool(a["overwrite"]), a.get("revision")):
                 return fn(*args, **kwargs)
         return run
     return wrap

@@ -76,3 +76,26 @@ def copy_side_files(ckpt: Checkpoint, writer: CheckpointWriter, replace: dict | 
             writer.write_json(rel, replace[rel])
         carried.append(rel)
     return carried
+
+
+class Discard:
+    """The writer of the processes of a torchrun run other than rank 0, which compute their share and write
+    nothing: the CheckpointWriter calls a job makes, doing nothing."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def plan(self, *args, **kwargs) -> None:
+        pass
+
+    def write(self, name: str, tensor) -> None:
+        pass
+
+    def copy_file(self, src, name=None) -> None:
+        pass
+
+    def write_json(self, name: str, obj) -> None:
+        pass

@@ -9,8 +9,6 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-import torch
-
 from .. import runtime
 from ..checkpoint import open_checkpoint
 from ..checkpoint.outputs import REPORT, guarded

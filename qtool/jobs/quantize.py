@@ -17,7 +17,7 @@ from typing import Iterator
 
 import torch
 
-from .. import runtime
+from .. import distributed, runtime
 from ..checkpoint import CheckpointWriter, TensorInfo, open_checkpoint
 from ..checkpoint.writer import json_bytes, planned_bytes
 from ..checkpoint.outputs import FOLDER, REPORT, guarded
@@ -34,7 +34,7 @@ from ..report.schema import Report, assemble, timing_part
 from ..report.size import Listing, describe_scheme, listing, size_part
 from .allocation import Mixed, choose, layer_facts
 from .arguments import checked
-from .common import copy_side_files, folder_bytes, ordered_map, prefetch
+from .common import Discard, copy_side_files, folder_bytes, ordered_map, prefetch
 from .evaluate import attach as attach_eval
 
 
@@ -102,23 +102,26 @@ def quantize(source, out, spec: QuantSpec | None = None, *, include=(), exclude=
     plans, allocation = _allocate(ckpt, plans, order, mixed, spec, calibration, dev, max_shard_bytes, progress)
     scheme = _scheme(plans, spec, mixed, ckpt)
     config = {**(ckpt.config or {}), "quantization_config": scheme.to_config()}
-    with runtime.session(dev, parallel=calibration.data is None) as rt, \
-            CheckpointWriter(out, overwrite=overwrite) as writer:
-        outputs = _outputs(plans, order)
-        writer.plan(outputs, max_shard_bytes=max_shard_bytes)
-        parts = _parts(ckpt, plans, order, calibration, rt, options, progress)
-        results = _write(writer, parts, ckpt, progress)
-        writer.write_json("config.json", config)
-        copied = copy_side_files(ckpt, writer, {"config.json": None})
-    written = Listing({n: TensorInfo(n, tuple(s), d, Path(out), math.prod(s) * d.itemsize) for n, s, d in outputs},
-                      config, scheme.describe("safetensors"), replace(scheme, method=spec.method),
-                      {p.module: p.shape for p in plans.values() if p.quantize})
-    report = _report(source, out, ckpt, plans, written, results, max_rel_error, start, copied, mixed, allocation,
-                     calibration.walked)
-    attach_eval(report, out, source, eval_options, revision=revision, progress=progress)
-    if report_path is not None:
-        write_json(report, report_path)
-    return report
+    with runtime.session(dev, parallel=calibration.data is None) as rt:
+        # under torchrun every process computes its share; rank 0 alone writes OUT, evaluates it and the report
+        with (CheckpointWriter(out, overwrite=overwrite) if rt.group.root else Discard()) as writer:
+            outputs = _outputs(plans, order)
+            writer.plan(outputs, max_shard_bytes=max_shard_bytes)
+            parts = _parts(ckpt, plans, order, calibration, rt, options, progress)
+            results = _write(writer, parts, ckpt, progress)
+            writer.write_json("config.json", config)
+            copied = copy_side_files(ckpt, writer, {"config.json": None})
+        report = None
+        if rt.group.root:
+            written = Listing({n: TensorInfo(n, tuple(s), d, Path(out), math.prod(s) * d.itemsize)
+                               for n, s, d in outputs}, config, scheme.describe("safetensors"),
+                              replace(scheme, method=spec.method), {p.module: p.shape for p in plans.values() if p.quantize})
+            report = _report(source, out, ckpt, plans, written, results, max_rel_error, start, copied, mixed,
+                             allocation, calibration.walked, rt.group)
+            attach_eval(report, out, source, eval_options, revision=revision, progress=progress)
+            if report_path is not None:
+                write_json(report, report_path)
+        return rt.group.broadcast_object(report, src=0)  # every process returns the report (and its gate)
 
 
 # -- open and plan ------------------------------------------------------------------------------------------
@@ -229,17 +232,22 @@ def _parts(ckpt, plans: dict[str, TensorPlan], order: list[str], calibration: Ca
     if calibration.data is None:
         progress.start("quantizing", total=sum(sizes[n] for n in order))
         transform = functools.partial(_streamed_part, plans, calibration, rt.device)
+        if rt.group.parallel:
+            yield from _shared_parts(ckpt, plans, order, sizes, transform, rt)
+            return
         yield from ordered_map(transform, prefetch(ckpt.get, order, sizes), rt.workers)
         return
     from ..calib.layerwise import block_tensors, quantize_layerwise
     # activation-aware scaling folds into the blocks' norms and linears: the walk yields every tensor of its blocks
     walked = block_tensors(ckpt) if any(p.spec.awq for p in plans.values() if p.quantize) else set()
-    dense = [n for n in order if not plans[n].quantize and n not in walked]
+    # rank 0 alone writes the dense tensors
+    dense = [n for n in order if not plans[n].quantize and n not in walked] if rt.group.root else []
     for name, t in prefetch(ckpt.get, dense, sizes):
         yield Part(name, {name: t})
     walk = quantize_layerwise(ckpt, list(plans.values()), calibration.data, samples=options.calib_samples,
                               seq_len=options.seq_len, damp=options.damp, device=rt.device, progress=progress,
-                              moe=options.moe, awq_grid=options.awq_grid)
+                              moe=options.moe, awq_grid=options.awq_grid,
+                              group=rt.group)
     for item in _keeping_summary(walk, calibration.walked):
         if item.weight is None:
             yield Part(item.name, {item.name: item.tensor}, extra=item.extra)
@@ -250,6 +258,24 @@ def _parts(ckpt, plans: dict[str, TensorPlan], order: list[str], calibration: Ca
 def _keeping_summary(walk, into: dict):
     """The walk's items, then its summary (the generator's value) into `into`."""
     into.update((yield from walk))
+
+
+def _shared_parts(ckpt, plans: dict[str, TensorPlan], order: list[str], sizes: dict, transform, rt) -> Iterator[Part]:
+    """Data-free quantization over a torchrun run's processes: each quantized tensor has an owner (balanced by
+    size, distributed.owners), which quantizes its own in order and sends each to rank 0; rank 0 reads the dense
+    tensors itself and yields every part in `order` (the same bytes as one process). The others yield nothing."""
+    g = rt.group
+    quantized = [n for n in order if plans[n].quantize]
+    owner = dict(zip(quantized, distributed.owners([sizes[n] for n in quantized], g.world)))
+    mine = ordered_map(transform, prefetch(ckpt.get, [n for n in quantized if owner[n] == g.rank], sizes), rt.workers)
+    for name in order:
+        if not plans[name].quantize:
+            if g.root:
+                yield Part(name, {name: ckpt.get(name)}, nbytes=sizes[name])
+            continue
+        part = g.to_root(next(mine) if owner[name] == g.rank else None, src=owner[name])
+        if g.root:
+            yield part
 
 
 def _streamed_part(plans: dict[str, TensorPlan], calibration: Calibration, device, name: str,
@@ -303,7 +329,7 @@ def _check_finite(name: str, err: dict, ckpt) -> None:
 
 def _report(source, out, ckpt, plans: dict[str, TensorPlan], written: Listing, results: dict[str, Result],
             max_rel_error, start: float, copied: list[str], mixed: Mixed, allocation,
-            walked: dict) -> Report:
+            walked: dict, group=distributed.SINGLE) -> Report:
     size = size_part(written, estimates_of=listing(ckpt))  # the estimates are about the source model
     layers = [_layer(row, plans.get(row["name"]), results.get(row["name"]))
               | layer_facts(plans.get(row["name"]), allocation, mixed) for row in size["layers"]]
@@ -312,8 +338,8 @@ def _report(source, out, ckpt, plans: dict[str, TensorPlan], written: Listing, r
         extra["allocation"] = {**allocation.block, "achieved_bytes": folder_bytes(out)}
     return assemble("quantize", source, size, layers=layers, summary=summary_part(layers),
                     gate=gate_part(layers, max_rel_error),
-                    timing=timing_part(start, sum(i.nbytes for i in ckpt.tensors.values())), output=str(out),
-                    copied_files=copied, **extra)
+                    timing=timing_part(start, sum(i.nbytes for i in ckpt.tensors.values()), group.world),
+                    output=str(out), copied_files=copied, **extra)
 
 
 def _layer(row: dict, p: TensorPlan | None, result: Result | None) -> dict:

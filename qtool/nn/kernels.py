@@ -222,7 +222,7 @@ class _Int4Path(_KernelPath):
         self.group = group
 
     def scale_zeros(self, m) -> torch.Tensor:
-        out_f, in_f, spec = m.out_features, m.in_features, m.spec
+        out_f, in_f = m.out_features, m.in_features
         groups = in_f // self.group
         s = m.weight_scale.to(self.dtype)
         s = s.expand(out_f, 1) if s.dim() == 1 else s  # tensor strategy: one scale

@@ -78,7 +78,7 @@ def mapped_error(members: Sequence[tuple[torch.Tensor, Callable]], hessian: torc
     imp = importance.float() / s.square()
     for w, quantize in members:
         w_eff = quantize(scale_columns(w, s), imp) / s
-        total += quadratic_error(w, w_eff, hessian, reference=False)[0]
+        total += quadratic_error(w, w_eff, hessian)
     return total
 
 

@@ -44,6 +44,11 @@ class Backend:
         such pass, and the caller chooses the scales first, then quantize_pack."""
         return None
 
+    def gptq_block(self, W1, U1, a: int, b: int, col_group, scale32, zp32, qmin: int, qmax: int, sdt, Q, Err1) -> bool:
+        """GPTQ's column loop over one lazy block's columns a..b-1 (qtool.quant.gptq._Columns), or False: torch runs
+        it as tensor ops over row tiles."""
+        return False
+
     def merge_applies(self, w: torch.Tensor, out_dtype: torch.dtype) -> bool:
         """Whether merge_into takes this weight (qtool.lora.merge's fused add-and-cast)."""
         return False
@@ -87,6 +92,9 @@ class NativeBackend(Backend):
         grid = search.grid(spec) if spec.method == "mse" else None
         sums = native.quantize_rows(w, spec, weights, grid, scale, zp, out)
         return None if sums is None else (scale, zp, out, stats_from_sums(sums, w.numel()))
+
+    def gptq_block(self, W1, U1, a, b, col_group, scale32, zp32, qmin, qmax, sdt, Q, Err1):
+        return native.gptq_block(W1, U1, a, b, col_group, scale32, zp32, qmin, qmax, sdt, Q, Err1)
 
     def merge_applies(self, w, out_dtype):
         return native.merge_applies(w, out_dtype)

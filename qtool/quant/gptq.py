@@ -12,6 +12,7 @@ import torch
 
 from ..errors import QtoolError
 from ..runtime import exact_matmul
+from . import backend
 from .core import check_shape, scale_dtype_for
 from .qparams import minmax_qparams, mse_qparams
 from .spec import QuantSpec
@@ -20,30 +21,45 @@ from ..errors import ArgumentError
 DAMP_RETRIES = 3  # damping is raised x10 this many times before giving up
 
 
-def _inverse_cholesky(h: torch.Tensor, damp: float, name: str) -> torch.Tensor:
-    """Upper Cholesky factor of (H + λI)⁻¹ with λ = damp·mean(diag H), raising λ x10 on failure."""
+def _inverse_cholesky(h: torch.Tensor, damp: float, name: str) -> tuple[torch.Tensor, float, torch.Tensor]:
+    """(L⁻¹, λ, L): the upper Cholesky factor U of (H + λI)⁻¹ (H + λI = (UᵀU)⁻¹), as its reversal J U J = L⁻¹ (no
+    copy is made to flip it: `_Columns` reads U's blocks from it), with λ = damp·mean(diag H), raising λ x10 on
+    failure, and the lower factor L of the reversed J(H + λI)J = LLᵀ it came from.
+
+    One factorization and one triangular inverse: with J the reversal, J(H + λI)J = LLᵀ gives U = J L⁻¹ J (upper,
+    positive diagonal), where inverting H and factorizing the inverse would take two Cholesky factorizations and an
+    inverse."""
     mean_diag = torch.mean(torch.diagonal(h))
-    idx = torch.arange(h.shape[0], device=h.device)
     d = damp
-    # Each [in, in] matrix is freed as soon as the next one exists: at most three are alive at once.
     for _ in range(DAMP_RETRIES + 1):
-        hd = h.clone()
-        hd[idx, idx] += d * mean_diag
+        hd = h.flip(0, 1)
+        torch.diagonal(hd).add_(d * mean_diag)
         L, info = torch.linalg.cholesky_ex(hd)
         del hd
         if int(info) == 0:
-            hinv = torch.cholesky_inverse(L)
-            del L
-            U, info = torch.linalg.cholesky_ex(hinv, upper=True)
-            del hinv
-            if int(info) == 0 and bool(torch.isfinite(U).all()):
-                return U
+            inv = _lower_inverse(L)
+            if bool(torch.isfinite(inv.amax())) and bool(torch.isfinite(inv.amin())):  # amax/amin propagate NaN
+                return inv, float(d * mean_diag), L
+            del L, inv
         d *= 10
     raise QtoolError(
         name or "weight",
         f"hessian is not positive definite even with damping {d / 10:g}; "
         "use more or more varied calibration data, or a larger --damp",
     )
+
+
+def _lower_inverse(L: torch.Tensor, block: int = 512) -> torch.Tensor:
+    """L⁻¹ of a lower-triangular L, a block of columns at a time: block j solves only the trailing triangle
+    L[j:, j:] (the rows above it are zero), n³/3 flops instead of a full triangular solve's n³."""
+    n = L.shape[0]
+    out = torch.zeros_like(L)
+    for b0 in range(0, n, block):
+        b1 = min(n, b0 + block)
+        rhs = torch.zeros((n - b0, b1 - b0), dtype=L.dtype, device=L.device)
+        rhs.diagonal().fill_(1.0)
+        out[b0:, b0:b1] = torch.linalg.solve_triangular(L[b0:, b0:], rhs, upper=False)
+    return out
 
 
 def gptq_quantize(
@@ -55,12 +71,17 @@ def gptq_quantize(
     name: str = "",
     act_order: bool = True,
     search: bool = True,
+    record: dict | None = None,
+    measure: tuple = (),
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """GPTQ codes for a 2-D [out, in] weight given H = XᵀX [in, in] of its inputs.
 
     Returns (q int8 [out, in], scale, zero_point | None) with the shapes/dtypes of minmax_qparams.
     Group scales: importance-weighted MSE search (importance = diag H) when `search`, else min-max.
     Dead columns (diag H = 0) get H[i, i] = 1 so they are quantized on their own, without spreading error.
+    `record`, when given, receives what `residual` needs: {"loss": Σ of the scaled errors², "lambda": the damping
+    used, "dead": the dead columns}, and "quadratic": tr(A H Aᵀ) of each [out, in] matrix A in `measure`, from the
+    factor at half a product's cost (the report's output errors: A = W and W − Ŵ_rtn).
     """
     check_shape(w, spec)
     rows, cols = w.shape
@@ -82,13 +103,19 @@ def gptq_quantize(
             scale = torch.empty((rows, spec.n_groups(cols)), dtype=sdt, device=device)
             zp = None if spec.symmetric else torch.empty((rows, spec.n_groups(cols)), dtype=torch.int8, device=device)
         perm = torch.argsort(importance, descending=True, stable=True) if act_order else None
-        U = _permuted_inverse(H, dead, perm, damp, name)
+        Uj, lam, L = _permuted_inverse(H, dead, perm, damp, name)
         del H
+        if record is not None:
+            record["quadratic"] = [_quadratic(a, L, perm, lam, dead) for a in measure]
+        del L
         col_group = torch.arange(cols, device=device) // spec.group_width(cols)
         W = w.to(torch.float32).clone()
         if perm is not None:
             W, col_group = W[:, perm], col_group[perm]
-        Q = _Columns(W, U, scale, zp, spec, sdt, col_group, importance if not static else None, search).run(block_size)
+        loop = _Columns(W, Uj, scale, zp, spec, sdt, col_group, importance if not static else None, search)
+        Q = loop.run(block_size)
+        if record is not None:
+            record.update(loss=loop.loss, dead=dead.cpu(), **{"lambda": lam})
         if perm is not None:
             Q = Q[:, torch.argsort(perm)]
         return Q.contiguous(), scale, zp
@@ -99,9 +126,9 @@ def _group_qparams(x: torch.Tensor, spec: QuantSpec, importance: torch.Tensor, s
     return mse_qparams(x, spec, importance=importance) if search else minmax_qparams(x, spec)
 
 
-def _permuted_inverse(H: torch.Tensor, dead, perm, damp: float, name: str) -> torch.Tensor:
-    """The Cholesky factor of the damped inverse of H in processing order (a permuted copy: the caller's H is left
-    alone). Dead columns (no input ever reached them) get H[i, i] = 1: quantized on their own, no error spread."""
+def _permuted_inverse(H: torch.Tensor, dead, perm, damp: float, name: str) -> tuple[torch.Tensor, float, torch.Tensor]:
+    """_inverse_cholesky of H in processing order (a permuted copy: the caller's H is left alone). Dead columns (no
+    input ever reached them) get H[i, i] = 1: quantized on their own, no error spread."""
     if perm is not None:
         H = H.index_select(0, perm).index_select(1, perm)
         dead = dead[perm]
@@ -114,80 +141,170 @@ def _permuted_inverse(H: torch.Tensor, dead, perm, damp: float, name: str) -> to
 class _Columns:
     """The column loop of GPTQ over W (float32, in processing order): quantize a column, push its error onto the
     columns not yet quantized, in lazy blocks. `lazy_importance` is set for groups whose parameters are taken from
-    the already-updated weights as the loop reaches them (no act-order)."""
+    the already-updated weights as the loop reaches them (no act-order).
 
-    def __init__(self, W, U, scale, zp, spec: QuantSpec, sdt, col_group, lazy_importance, search: bool):
-        self.W, self.U, self.scale, self.zp, self.spec, self.sdt = W, U, scale, zp, spec, sdt
+    Given U, rows are independent: within a block the loop runs on row tiles that stay in cache (the C kernel one
+    row at a time, torch on ROW_TILE rows), with the same float32 operations per element either way."""
+
+    ROW_TILE = 256  # rows of the torch loop per pass on the CPU: a [256, 128] float32 block is 128 KB
+
+    def __init__(self, W, Uj, scale, zp, spec: QuantSpec, sdt, col_group, lazy_importance, search: bool):
+        # Uj = J U J (U's reversal, the lower inverse factor): U[i1:i2, k1:k2] = Uj[n-i2:n-i1, n-k2:n-k1] flipped
+        self.W, self.Uj, self.scale, self.zp, self.spec, self.sdt = W, Uj, scale, zp, spec, sdt
         self.col_group, self.lazy, self.search = col_group, lazy_importance, search
         self.rows, self.cols = W.shape
         self.width = spec.group_width(self.cols)
         self.Q = torch.empty((self.rows, self.cols), dtype=torch.int8, device=W.device)
+        self.loss = 0.0  # Σ err² of the scaled errors: tr(ΔW H' ΔWᵀ) for the damped H' that U factors (see residual)
+        # float32 copies of the group parameters, [rows, n_groups], converted once (lazy groups update them)
+        self.s32 = scale.float().reshape(-1, scale.shape[-1] if scale.ndim == 2 else 1).expand(self.rows, -1).contiguous()
+        self.z32 = None if zp is None else zp.float().reshape(-1, zp.shape[-1] if zp.ndim == 2 else 1).expand(self.rows, -1).contiguous()
 
     def run(self, block_size: int) -> torch.Tensor:
-        W, U = self.W, self.U
+        W = self.W
         for i1 in range(0, self.cols, block_size):
             i2 = min(self.cols, i1 + block_size)
             W1 = W[:, i1:i2].clone()
             Err1 = torch.empty_like(W1)
-            U1 = U[i1:i2, i1:i2]
-            for i in range(i2 - i1):
-                j = i1 + i
-                if self.lazy is not None and j % self.width == 0:
-                    self._lazy_group(W1, i, i2, j)
-                x = W1[:, i]
-                err = (x - self._quantize(x, j)) / U1[i, i]
-                W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
-                Err1[:, i] = err
-            W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+            U1 = self._u(i1, i2, i1, i2)
+            groups = self.col_group[i1:i2].contiguous()
+            for a, b in self._segments(i1, i2):
+                if self.lazy is not None:
+                    self._lazy_group(W1, a, i2, i1 + a)
+                if not backend.active().gptq_block(W1, U1, a, b, groups, self.s32, self.z32, self.spec.qmin,
+                                                   self.spec.qmax, self.sdt, self.Q[:, i1:i2], Err1):
+                    self._torch_loop(W1, U1, Err1, i1, a, b)
+            self.loss += float(Err1.double().square().sum())
+            if i2 < self.cols:
+                W[:, i2:] -= Err1 @ self._u(i1, i2, i2, self.cols)
         return self.Q
+
+    def _u(self, i1: int, i2: int, k1: int, k2: int) -> torch.Tensor:
+        """U[i1:i2, k1:k2] (a contiguous copy), read from its reversal."""
+        n = self.cols
+        return self.Uj[n - i2:n - i1, n - k2:n - k1].flip(0, 1).contiguous()
+
+    def _segments(self, i1: int, i2: int) -> list[tuple[int, int]]:
+        """Column ranges of the block (relative to i1) the loop runs without a stop: lazy groups stop it where each
+        group starts, to compute that group's parameters from the updated weights."""
+        if self.lazy is None:
+            return [(0, i2 - i1)]
+        cuts = [j - i1 for j in range(i1, i2) if j % self.width == 0]
+        starts = cuts if cuts and cuts[0] == 0 else [0] + cuts
+        return list(zip(starts, starts[1:] + [i2 - i1]))
+
+    def _torch_loop(self, W1, U1, Err1, i1: int, a: int, b: int) -> None:
+        tile = self.rows if W1.device.type != "cpu" else self.ROW_TILE
+        for r0 in range(0, self.rows, tile):
+            w1, e1, r1 = W1[r0:r0 + tile], Err1[r0:r0 + tile], min(self.rows, r0 + tile)
+            for i in range(a, b):
+                x = w1[:, i]
+                err = (x - self._quantize(x, i1 + i, r0, r1)) / U1[i, i]
+                w1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
+                e1[:, i] = err
 
     def _lazy_group(self, W1, i: int, i2: int, j: int) -> None:
         # params from the already-updated weights of the group (columns past this block still hold their pre-block
         # values, as in the reference)
+        if j % self.width:
+            return
         g = int(self.col_group[j])
         blk = torch.cat([W1[:, i:i + self.width], self.W[:, i2:j + self.width]], dim=1)
         flat = QuantSpec(self.spec.bits, self.spec.symmetric, -1, self.spec.method)
         sg, zg = _group_qparams(blk.to(self.sdt), flat, self.lazy[j:j + self.width], self.search)
         self.scale[:, g] = sg[:, 0]
+        self.s32[:, g] = sg[:, 0].float()
         if self.zp is not None:
             self.zp[:, g] = zg[:, 0]
+            self.z32[:, g] = zg[:, 0].float()
 
-    def _quantize(self, x: torch.Tensor, j: int) -> torch.Tensor:
-        """Column j's codes into Q; returns the column dequantized exactly as stored (product rounded to the scale
-        dtype), in float32."""
+    def _quantize(self, x: torch.Tensor, j: int, r0: int, r1: int) -> torch.Tensor:
+        """Column j's codes (rows r0..r1-1) into Q; returns the column dequantized exactly as stored (product
+        rounded to the scale dtype), in float32."""
         g = int(self.col_group[j])
-        scale, zp, rows = self.scale, self.zp, self.rows
-        s32 = (scale[:, g] if scale.ndim == 2 else scale.expand(rows)).float()
-        z = None if zp is None else (zp[:, g] if zp.ndim == 2 else zp.expand(rows)).float()
+        s32 = self.s32[r0:r1, g]
+        z = None if self.z32 is None else self.z32[r0:r1, g]
         q = x / s32
         if z is not None:
             q = q + z
         q = q.clamp_(float(self.spec.qmin), float(self.spec.qmax)).round_()
-        self.Q[:, j] = q.to(torch.int8)
+        self.Q[r0:r1, j] = q.to(torch.int8)
         if z is not None:
             q = q - z
         return (q * s32).to(self.sdt).float()
 
 
-def quadratic_error(w: torch.Tensor, w_hat: torch.Tensor, hessian: torch.Tensor, rows: int = 256,
-                    reference: bool = True) -> tuple[float, float | None]:
-    """(‖XWᵀ − XŴᵀ‖², ‖XWᵀ‖² or None without `reference`) from H = XᵀX: tr(ΔW H ΔWᵀ) and tr(W H Wᵀ).
+def _quadratic(a: torch.Tensor, L: torch.Tensor, perm, lam: float, dead, block: int = 512) -> float:
+    """tr(A H Aᵀ) from the lower factor L of the reversed, permuted, damped H' (J P H' Pᵀ J = LLᵀ): ‖A P J L‖², the
+    product with the triangle only (a block of L's columns meets only the rows from its own down), less the damping's
+    and the dead columns' parts. float32 products, float64 sums."""
+    A = a.to(device=L.device, dtype=torch.float32)
+    B = (A[:, perm] if perm is not None else A).flip(1)
+    total = 0.0
+    for j in range(0, L.shape[0], block):
+        total += float((B[:, j:] @ L[j:, j:j + block]).square().sum(dtype=torch.float64))
+    del B
+    return total - _undamped_part(A, lam, dead)
 
-    float32 products over row chunks, float64 sums: no float64 copy of H or W (they can be hundreds of MB)."""
-    H = hessian.to(torch.float32)
-    num, den = 0.0, (0.0 if reference else None)
-    for r0 in range(0, w.shape[0], rows):
-        W = w[r0:r0 + rows].to(torch.float32)
-        D = W - w_hat[r0:r0 + rows].to(torch.float32)
-        num += float(((D @ H) * D).sum(dtype=torch.float64))
-        if reference:
-            den += float(((W @ H) * W).sum(dtype=torch.float64))
-    return num, den
+
+def _undamped_part(d: torch.Tensor, lam: float, dead, rows: int = 256) -> float:
+    """λ‖D‖² + ‖D[:, dead]‖²: what the damping and the dead columns' unit diagonal add to tr(D H' Dᵀ) (float64
+    sums over row chunks: no float64 copy of D)."""
+    dead = dead.to(d.device)
+    total = 0.0
+    for r0 in range(0, d.shape[0], rows):
+        c = d[r0:r0 + rows]
+        total += lam * float(c.square().sum(dtype=torch.float64)) + float(c[:, dead].square().sum(dtype=torch.float64))
+    return total
+
+
+def residual(w: torch.Tensor, w_hat: torch.Tensor, record: dict) -> float:
+    """tr(ΔW H ΔWᵀ) of a GPTQ result without a product with H, from what gptq_quantize recorded.
+
+    With E the scaled errors (column i's error over U_ii) the loop leaves W − Ŵ = E·U exactly, and U factors the
+    inverse of its damped H' = H + λI (+1 on each dead column's diagonal), so tr(ΔW H' ΔWᵀ) = ‖E‖²: subtracting the
+    damping's part gives the undamped value (agrees with the product to ~1e-7 relative)."""
+    d = w.to(torch.float32) - w_hat.to(torch.float32)
+    return record["loss"] - _undamped_part(d, record["lambda"], record["dead"])
 
 
 def output_error(w: torch.Tensor, w_hat: torch.Tensor, hessian: torch.Tensor, rows: int = 256) -> float:
     """‖XWᵀ − XŴᵀ‖_F / ‖XWᵀ‖_F from H = XᵀX: sqrt(tr(ΔW H ΔWᵀ) / tr(W H Wᵀ))."""
-    num, den = quadratic_error(w, w_hat, hessian, rows)
+    return output_errors(w, [w_hat], hessian, rows)[0]
+
+
+def error_ratio(num: float, den: float) -> float:
+    """sqrt(num / den) of two quadratic forms: an output error (0 for an all-zero output with no error)."""
     if den <= 0:
         return 0.0 if num <= 0 else float("inf")
     return (max(num, 0.0) / den) ** 0.5
+
+
+def output_errors(w: torch.Tensor, w_hats: list[torch.Tensor], hessian: torch.Tensor, rows: int = 256,
+                  known: list[float] = ()) -> list[float]:
+    """output_error of each reconstruction in `w_hats`, with tr(W H Wᵀ) computed once for all of them, then of each
+    numerator tr(ΔW H ΔWᵀ) already `known` (GPTQ's `residual`)."""
+    nums, den = _quadratics(w, w_hats, hessian, rows, reference=True)
+    return [error_ratio(num, den) for num in nums + list(known)]
+
+
+def quadratic_error(w: torch.Tensor, w_hat: torch.Tensor, hessian: torch.Tensor, rows: int = 256) -> float:
+    """‖XWᵀ − XŴᵀ‖² = tr(ΔW H ΔWᵀ) from H = XᵀX."""
+    return _quadratics(w, [w_hat], hessian, rows, reference=False)[0][0]
+
+
+def _quadratics(w: torch.Tensor, w_hats: list[torch.Tensor], hessian: torch.Tensor, rows: int,
+                reference: bool) -> tuple[list[float], float]:
+    """(tr(ΔW H ΔWᵀ) for each reconstruction, tr(W H Wᵀ) or 0.0 without `reference`).
+
+    float32 products over row chunks, float64 sums: no float64 copy of H or W (they can be hundreds of MB)."""
+    H = hessian.to(torch.float32)
+    nums, den = [0.0] * len(w_hats), 0.0
+    for r0 in range(0, w.shape[0], rows):
+        W = w[r0:r0 + rows].to(torch.float32)
+        if reference:
+            den += float(((W @ H) * W).sum(dtype=torch.float64))
+        for k, w_hat in enumerate(w_hats):
+            D = W - w_hat[r0:r0 + rows].to(torch.float32)
+            nums[k] += float(((D @ H) * D).sum(dtype=torch.float64))
+    return nums, den

@@ -130,6 +130,7 @@ class Gate(TypedDict):
 class Timing(TypedDict):
     seconds: float
     input_gb_per_s: float | None
+    processes: int  # the torchrun run's world size (1 without torchrun)
 
 
 class LoraTraining(TypedDict):
@@ -281,11 +282,12 @@ class Report(_ReportBase, total=False):
     awq: Awq                     # quantize --method awq | awq+gptq
 
 
-def timing_part(start: float, input_bytes: int) -> Timing:
-    """Seconds since `start` (time.perf_counter) and the input read per second, to the millisecond."""
+def timing_part(start: float, input_bytes: int, processes: int = 1) -> Timing:
+    """Seconds since `start` (time.perf_counter), the input read per second, to the millisecond, and how many
+    processes did the work (a torchrun run's world size)."""
     seconds = time.perf_counter() - start
     return {"seconds": round(seconds, 3),
-            "input_gb_per_s": round(input_bytes / 1e9 / seconds, 3) if seconds > 0 else None}
+            "input_gb_per_s": round(input_bytes / 1e9 / seconds, 3) if seconds > 0 else None, "processes": processes}
 
 
 def assemble(kind: Kind, source, size: Size, *, layers: list[Layer] | None = None, lora: Lora | None = None,
