@@ -105,7 +105,7 @@ def test_a_rank_killed_mid_walk_leaves_no_output(model, tmp_path):
     rc = tmp_path / "rc"
     rc.mkdir()
     r = torchrun("quantize", model, "-o", tmp_path / "out", "--method", "gptq", "--calib", ids, *CALIB,
-                 script=[str(ROOT / "tests" / "dist" / "die_at_block.py")],
+                 script=[str(ROOT / "tests" / "torchrun" / "die_at_block.py")],
                  env={"QTOOL_TEST_DIE_RANK": "1", "QTOOL_TEST_DIE_BLOCK": "1", "QTOOL_TEST_RC_DIR": str(rc)})
     assert r.returncode != 0
     assert not (tmp_path / "out").exists()

@@ -286,7 +286,7 @@ def _calibrated(ckpt, plan, st, damp: float, device, w=None, s=None) -> Calibrat
     measure = (w, w.float() - rtn) if spec.method == "gptq" and s is None else ()
     qw = quantize_weight(w, spec, hessian=h, importance=imp, damp=damp, name=plan.name, measure=measure)
     w_hat = qw.dequantize(torch.float32)
-    if qw.residual is not None:
+    if measure and qw.residual is not None:
         den, rtn_num = qw.residual["quadratic"]
         before, after = error_ratio(rtn_num, den), error_ratio(residual(w, w_hat, qw.residual), den)
     elif rtn is None:
