@@ -8,7 +8,10 @@ with fp32 ones by cosine over the 64 sentences of minilm_eval_sentences.txt. Cal
 the 64 different sentences of minilm_calib_sentences.txt. Peers are not installed here: their rows are the
 figures measured in peer-baselines.md on the same model, metric and sentence counts.
 
-  python bench/quality_minilm.py [--methods rtn,mse,mse+stats,gptq] [--damp 0.01] [--device auto] [--json]
+  python bench/quality_minilm.py [--methods rtn,mse,mse+stats,gptq,awq,awq+gptq] [--damp 0.01] [--device auto] [--json]
+
+gptq, awq and awq+gptq run the layer walk (`qtool quantize --method ...`'s path); with awq the walk also gives the
+tensors folding changed (LayerNorm weights, previous linears), which are loaded too.
 """
 from __future__ import annotations
 
@@ -23,12 +26,14 @@ import torch
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH.parent))
 
+from dataclasses import replace  # noqa: E402
+
 from qtool.calib.layerwise import collect_stats, quantize_layerwise  # noqa: E402
-from qtool.calib.methods import quantize_weight, reconstruct  # noqa: E402
 from qtool.calib.stats import importance  # noqa: E402
 from qtool.checkpoint import open_checkpoint  # noqa: E402
 from qtool.plan import plan_quantization  # noqa: E402
 from qtool.quant.spec import QuantSpec  # noqa: E402
+from qtool.quant.weight import quantize_weight  # noqa: E402
 
 EVAL = BENCH / "minilm_eval_sentences.txt"
 CALIB = BENCH / "minilm_calib_sentences.txt"
@@ -55,16 +60,15 @@ def embed(model, tok, texts: list[str]) -> torch.Tensor:
 
 
 def quantized(method: str, ckpt, plans, device: str, damp: float) -> tuple[dict, float]:
-    """{weight name: dequantized weight} for one method, and its seconds."""
+    """{tensor name: value} for one method (dequantized weights, and tensors folding changed), and its seconds."""
     t0 = time.perf_counter()
-    base = "gptq" if method == "gptq" else ("rtn" if method == "rtn" else "mse")
+    base = "rtn" if method == "rtn" else ("mse" if method.startswith("mse") else method)
     spec = QuantSpec(bits=4, symmetric=True, group_size=128, method=base)
     out = {}
-    calib_ids = None
-    if method == "gptq":
-        def emit(name, w, q, scale, zp, extra):
-            out[name] = reconstruct(q, scale, zp, spec)
-        quantize_layerwise(ckpt, plans, spec, CALIB, samples=64, seq_len=256, damp=damp, device=device, emit=emit)
+    if method in ("gptq", "awq", "awq+gptq"):
+        walked = [replace(p, spec=spec) if p.quantize else p for p in plans]
+        for item in quantize_layerwise(ckpt, walked, CALIB, samples=64, seq_len=256, damp=damp, device=device):
+            out[item.name] = item.tensor if item.weight is None else item.weight.dequantize(torch.float32)
         return out, time.perf_counter() - t0
     imp = {}
     if method == "mse+stats":
@@ -72,9 +76,8 @@ def quantized(method: str, ckpt, plans, device: str, damp: float) -> tuple[dict,
         imp = {m: importance(s) for m, s in stats.items()}
     for p in plans:
         if p.quantize:
-            w = ckpt.get(p.name)
-            q, scale, zp, _ = quantize_weight(w, spec, base, importance=imp.get(p.module))
-            out[p.name] = reconstruct(q, scale, zp, spec)
+            qw = quantize_weight(ckpt.get(p.name), spec, importance=imp.get(p.module))
+            out[p.name] = qw.dequantize(torch.float32)
     return out, time.perf_counter() - t0
 
 
@@ -108,10 +111,12 @@ def main(argv=None) -> int:
         w_hat, secs = quantized(method, ckpt, plans, args.device, args.damp)
         state = dict(fp32)
         rel = []
+        quantized_names = {p.name for p in plans if p.quantize}
         for name, wh in w_hat.items():
             key = name[len(prefix):] if prefix and name.startswith(prefix) else name
             w = fp32[key]
-            rel.append(float((w - wh).norm() / w.norm()))
+            if name in quantized_names:
+                rel.append(float((w - wh.float()).norm() / w.norm()))
             state[key] = wh.to(w.dtype)
         model.load_state_dict(state)
         cos = torch.nn.functional.cosine_similarity(embed(model, tok, evals), ref, dim=-1)

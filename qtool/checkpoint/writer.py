@@ -212,13 +212,16 @@ class CheckpointWriter:
         """item: (name, byte offset in the tensor, contiguous CPU tensor, last piece?, pooled buffer to return
         once written or None), or None to stop."""
         nbytes = item[2].numel() * item[2].element_size() if item is not None else 0
-        with self._room:
-            while self._queued and self._queued + nbytes > WRITE_BEHIND_BYTES and not self._error:
-                self._room.wait(0.2)
-            if self._error:
-                self._raise()
-            self._queued += nbytes
-        self._queue.put(item)
+        # Signals wait for the end: one raised between a lock's acquire and its `with` block would leave the lock
+        # held, and the file thread (then the cleanup that waits for it) would block on it forever.
+        with deferred():
+            with self._room:
+                while self._queued and self._queued + nbytes > WRITE_BEHIND_BYTES and not self._error:
+                    self._room.wait(0.2)
+                if self._error:
+                    self._raise()
+                self._queued += nbytes
+            self._queue.put(item)
 
     def _store(self, name: str, data, offset: int = 0) -> None:
         fd, pos, _ = self._where[name]

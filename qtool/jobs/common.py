@@ -8,6 +8,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 
 from ..checkpoint import Checkpoint, CheckpointWriter
+from ..interrupts import deferred
 
 PREFETCH_BYTES = 64 * 2**20  # read ahead at most this much (beyond one tensor) while the current one is processed
 
@@ -26,13 +27,16 @@ def prefetch(read, names: Iterable[str], sizes: dict[str, int]) -> Iterator[tupl
                 if name is None:
                     exhausted = True
                     break
-                pending.append((name, pool.submit(read, name)))
+                with deferred():  # (see _waited): submit() takes the pool's locks
+                    pending.append((name, pool.submit(read, name)))
                 ahead += sizes.get(name, 0)
             if not pending:
                 return
             name, fut = pending.popleft()
             ahead -= sizes.get(name, 0)
-            yield name, fut.result()
+            with deferred():  # a signal raised inside a lock-taking wait could leave that lock held (see _waited)
+                value = fut.result()
+            yield name, value
 
 
 def ordered_map(fn: Callable, items: Iterable[tuple], workers: int) -> Iterator:
@@ -48,11 +52,20 @@ def ordered_map(fn: Callable, items: Iterable[tuple], workers: int) -> Iterator:
                             initargs=(threads,)) as pool:
         pending: deque = deque()
         for item in items:
-            pending.append(pool.submit(fn, *item))
+            with deferred():  # (see _waited)
+                pending.append(pool.submit(fn, *item))
             if len(pending) > workers:
-                yield pending.popleft().result()
+                yield _waited(pending.popleft())
         while pending:
-            yield pending.popleft().result()
+            yield _waited(pending.popleft())
+
+
+def _waited(fut):
+    """fut.result() with signals deferred to its end: Python may run a signal handler between a `with lock:`'s
+    acquire and its protected block, so Interrupted raised there would leave the future's lock held and the
+    worker that completes it (and the pool's shutdown after it) waiting forever."""
+    with deferred():
+        return fut.result()
 
 
 def folder_bytes(folder) -> int:
