@@ -1,14 +1,16 @@
 """Shared fixtures: tiny checkpoints made here with fixed seeds, and a CLI runner."""
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 from click.testing import CliRunner
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "samples"
@@ -19,6 +21,25 @@ class Result:
     exit_code: int
     stdout: str
     stderr: str
+
+
+def digest(folder: Path) -> dict[str, str]:
+    """sha256 of every file of an output folder, by name (byte-identical reruns)."""
+    return {p: hashlib.sha256((folder / p).read_bytes()).hexdigest() for p in sorted(os.listdir(folder))}
+
+
+def assert_decompresses_like_qtool(folder: Path, dtype: torch.dtype) -> None:
+    """compressed-tensors' own model-free decompression of `folder` equals qtool's DenseView, tensor for tensor."""
+    from compressed_tensors.entrypoints.convert import CompressedTensorsDequantizer
+    from qtool.checkpoint import open_checkpoint
+    from qtool.formats.dense import DenseView
+    sd = {}
+    for f in folder.glob("*.safetensors"):
+        sd.update(load_file(f))
+    theirs = CompressedTensorsDequantizer(folder, dtype=dtype).process(sd)
+    view = DenseView(open_checkpoint(folder))
+    for name in view.names:
+        assert torch.equal(theirs[name], view.get(name)), name
 
 
 def run_cli(*args: str) -> Result:

@@ -10,21 +10,19 @@ A few architectures run by default; QTOOL_ARCH_MATRIX=full runs the folding chec
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from qtool.checkpoint import open_checkpoint
-from qtool.formats.dense import DenseView
 from qtool.plan import plan_quantization
 from qtool.quant.spec import QuantSpec
 
 from .arch_models import ARCHS, ENCODERS, VOCAB, save, tiny_model
-from .conftest import run_cli
+from .conftest import assert_decompresses_like_qtool, digest, run_cli
 
 FAST = ["llama", "gemma2", "bert"]
 FOLD_KINDS = [k for k in ARCHS if k != "gpt2"] if os.environ.get("QTOOL_ARCH_MATRIX") == "full" else FAST
@@ -84,14 +82,11 @@ def test_folding_alone_keeps_the_outputs(kind, tmp_path):
             assert {m["offset"] for m in summary["mappings"] if m["kind"] == "norm"} == {1.0}
 
 
-def _digest(folder):
-    return {p: hashlib.sha256((folder / p).read_bytes()).hexdigest() for p in sorted(os.listdir(folder))}
 
 
 @pytest.mark.parametrize("method", ["awq", "awq+gptq"])
 def test_awq_output_is_an_ordinary_checkpoint(method, tmp_path):
     import transformers as tf
-    from compressed_tensors.entrypoints.convert import CompressedTensorsDequantizer
     model, src, ids = _source("llama", tmp_path)
     save_file({"input_ids": ids}, tmp_path / "ids.safetensors")
     args = ["--method", method, "--group-size", "32", "--calib", tmp_path / "ids.safetensors", "--calib-samples", "6",
@@ -99,7 +94,7 @@ def test_awq_output_is_an_ordinary_checkpoint(method, tmp_path):
     for name in ("a", "b"):
         r = run_cli("quantize", src, "-o", tmp_path / name, "--report", tmp_path / f"{name}.json", *args)
         assert r.exit_code == 0, r.stderr
-    assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
+    assert digest(tmp_path / "a") == digest(tmp_path / "b")
 
     rep = json.loads((tmp_path / "a.json").read_text())
     awq = rep["awq"]
@@ -115,13 +110,7 @@ def test_awq_output_is_an_ordinary_checkpoint(method, tmp_path):
     assert {l["method"] for l in rep["layers"] if l["quantized"]} == {then}
     assert rep["quantization"]["method"] == method
 
-    sd = {}
-    for f in (tmp_path / "a").glob("*.safetensors"):
-        sd.update(load_file(f))
-    theirs = CompressedTensorsDequantizer(tmp_path / "a", dtype=torch.float32).process(sd)
-    view = DenseView(open_checkpoint(tmp_path / "a"))
-    for name in view.names:
-        assert torch.equal(theirs[name], view.get(name)), name
+    assert_decompresses_like_qtool(tmp_path / "a", torch.float32)
     loaded, info = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "a", output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     r = run_cli("dequantize", tmp_path / "a", "-o", tmp_path / "dense", "--quiet")

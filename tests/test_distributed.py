@@ -2,7 +2,6 @@
 against single-process runs of the same command. QTOOL_DIST_FULL=1 adds 3 processes and more methods."""
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -14,7 +13,7 @@ from safetensors.torch import load_file
 
 from qtool.calib.stats import read_stats
 
-from .conftest import ROOT, run_cli
+from .conftest import ROOT, digest, run_cli
 
 FULL = os.environ.get("QTOOL_DIST_FULL") == "1"
 CALIB = ["--calib-samples", "6", "--seq-len", "32", "--device", "cpu", "--quiet"]
@@ -42,16 +41,12 @@ def torchrun(*args, nproc: int = 2, script: list[str] | None = None, env: dict |
     return subprocess.run(cmd, capture_output=True, text=True, env=e, timeout=600)
 
 
-def _digest(folder):
-    return {p: hashlib.sha256((folder / p).read_bytes()).hexdigest() for p in sorted(os.listdir(folder))}
-
-
 @pytest.mark.parametrize("method", ["rtn"] + (["mse"] if FULL else []))
 def test_data_free_split_is_byte_identical_to_one_process(model, tmp_path, method):
     assert run_cli("quantize", model, "-o", tmp_path / "one", "--method", method, "--quiet").exit_code == 0
     r = torchrun("quantize", model, "-o", tmp_path / "two", "--method", method, "--report", tmp_path / "r.json")
     assert r.returncode == 0, r.stderr
-    assert _digest(tmp_path / "one") == _digest(tmp_path / "two")
+    assert digest(tmp_path / "one") == digest(tmp_path / "two")
     assert json.loads((tmp_path / "r.json").read_text())["timing"]["processes"] == 2
     assert r.stdout.count("rel_error mean") == 1  # rank 0 alone prints its summary
 
@@ -86,7 +81,7 @@ def test_gptq_two_processes_deterministic_and_close_to_one(model, tmp_path):
     for name in ("a", "b"):
         r = torchrun("quantize", model, "-o", tmp_path / name, *args, "--report", tmp_path / f"{name}.json")
         assert r.returncode == 0, r.stderr
-    assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
+    assert digest(tmp_path / "a") == digest(tmp_path / "b")
     one, two = _layer_errors(tmp_path / "one.json"), _layer_errors(tmp_path / "a.json")
     assert len(one) == 21 and one.keys() == two.keys()
     for name in one:

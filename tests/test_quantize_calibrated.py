@@ -2,40 +2,26 @@
 deterministic, and reports per-layer output errors on the calibration data."""
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 
 import torch
-from safetensors.torch import load_file
 
-from qtool.checkpoint import open_checkpoint
-from qtool.formats.dense import DenseView
 
-from .conftest import SAMPLES, run_cli
+from .conftest import SAMPLES, assert_decompresses_like_qtool, digest, run_cli
 
 ARGS = ["--calib", SAMPLES / "calib.txt", "--calib-samples", "8", "--seq-len", "64", "--quiet"]
 
 
-def _digest(folder):
-    return {p: hashlib.sha256((folder / p).read_bytes()).hexdigest() for p in sorted(os.listdir(folder))}
 
 
 def test_gptq_round_trip_determinism_and_report(tmp_path):
-    from compressed_tensors.entrypoints.convert import CompressedTensorsDequantizer
     for name in ("a", "b"):
         r = run_cli("quantize", SAMPLES / "tiny-llama", "-o", tmp_path / name, "--method", "gptq", "--asymmetric",
                     "--report", tmp_path / f"{name}.json", *ARGS)
         assert r.exit_code == 0, r.stderr
-    assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
+    assert digest(tmp_path / "a") == digest(tmp_path / "b")
 
-    sd = {}
-    for f in (tmp_path / "a").glob("*.safetensors"):
-        sd.update(load_file(f))
-    theirs = CompressedTensorsDequantizer(tmp_path / "a", dtype=torch.bfloat16).process(sd)
-    view = DenseView(open_checkpoint(tmp_path / "a"))
-    for name in view.names:
-        assert torch.equal(theirs[name], view.get(name)), name
+    assert_decompresses_like_qtool(tmp_path / "a", torch.bfloat16)
 
     rep = json.loads((tmp_path / "a.json").read_text())
     quantized = [l for l in rep["layers"] if l["quantized"]]
