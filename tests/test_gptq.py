@@ -4,7 +4,7 @@ import torch
 
 from qtool.errors import QtoolError
 from qtool.quant import core, minmax_qparams
-from qtool.quant.gptq import gptq_quantize, output_error
+from qtool.quant.gptq import factorize, gptq_quantize, output_error
 from qtool.quant.spec import QuantSpec
 
 
@@ -42,6 +42,40 @@ def test_deterministic_and_codes_consistent_with_scales():
     a = gptq_quantize(w, h, spec)
     b = gptq_quantize(w, h, spec)
     assert all(torch.equal(x, y) for x, y in zip(a[:2], b[:2]))
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(4, True, 32, "gptq"), QuantSpec(4, False, 0, "gptq")])
+def test_one_factor_serves_every_weight_reading_the_same_inputs(spec):
+    # q/k/v share one factorization: each weight's codes, scales and recorded figures are those of its own call
+    _, h = layer(seed=4)
+    h[:, 7] = 0
+    h[7, :] = 0  # a dead column too
+    f = factorize(h, 0.01, True)
+    for seed in (5, 6, 7):
+        w, _ = layer(seed=seed)
+        alone, shared = {}, {}
+        a = gptq_quantize(w, h, spec, record=alone, measure=(w,))
+        b = gptq_quantize(w, None, spec, record=shared, measure=(w,), factor=f)
+        assert all(torch.equal(x, y) for x, y in zip(a, b) if x is not None)
+        assert alone["loss"] == shared["loss"] and alone["quadratic"] == shared["quadratic"]
+        assert alone["lambda"] == shared["lambda"] and torch.equal(alone["dead"], shared["dead"])
+
+
+def test_lower_block_gram_equals_the_full_product():
+    from qtool.calib.collect import GRAM_BLOCK, InputStats
+    g = torch.Generator().manual_seed(0)
+    n = 2 * GRAM_BLOCK + 37  # a partial last block
+    st = InputStats(n, torch.device("cpu"), hessian=True)
+    xs = [torch.randn(3, 19, n, generator=g) for _ in range(3)]
+    for x in xs:
+        st.add(x)
+    X = torch.cat([x.reshape(-1, n) for x in xs]).double()
+    ref = X.T @ X
+    assert torch.equal(st.hessian, st.hessian.T)
+    assert float((st.hessian.double() - ref).abs().max()) < 1e-5 * float(ref.abs().max())
+    st.add(xs[0])  # more inputs after a read: the blocks above the diagonal follow again
+    ref = ref + xs[0].reshape(-1, n).double().T @ xs[0].reshape(-1, n).double()
+    assert float((st.hessian.double() - ref).abs().max()) < 1e-5 * float(ref.abs().max())
 
 
 def test_dead_columns_are_handled():

@@ -13,6 +13,21 @@ from torch import nn
 
 from ..arch import linear_features
 
+GRAM_BLOCK = 256  # columns per product of XᵀX's lower block triangle: about half a full product's flops
+
+
+def add_lower_gram(h: torch.Tensor, x: torch.Tensor) -> None:
+    """h += XᵀX on the diagonal blocks and below only (column blocks of GRAM_BLOCK): XᵀX is symmetric, so the blocks
+    above the diagonal are left for `mirror_lower` to copy once, when the sum is read."""
+    for j in range(0, h.shape[0], GRAM_BLOCK):
+        h[j:, j:j + GRAM_BLOCK].addmm_(x[:, j:].T, x[:, j:j + GRAM_BLOCK])
+
+
+def mirror_lower(h: torch.Tensor) -> None:
+    """The blocks above the diagonal of `add_lower_gram`'s sum, from their transposes below it (in place)."""
+    for j in range(0, h.shape[0] - GRAM_BLOCK, GRAM_BLOCK):
+        h[j:j + GRAM_BLOCK, j + GRAM_BLOCK:] = h[j + GRAM_BLOCK:, j:j + GRAM_BLOCK].T
+
 
 class InputStats:
     """Σx², Σ|x| (activation-aware scaling's mean|x|), max|x|, token count and optionally XᵀX of everything a module
@@ -23,7 +38,8 @@ class InputStats:
         self.sum_abs = torch.zeros(in_features, dtype=torch.float32, device=device)
         self.absmax = torch.zeros(in_features, dtype=torch.float32, device=device)
         self.count = 0  # tokens, known on the host from shapes: no device sync
-        self.hessian = torch.zeros(in_features, in_features, dtype=torch.float32, device=device) if hessian else None
+        self._gram = torch.zeros(in_features, in_features, dtype=torch.float32, device=device) if hessian else None
+        self._mirrored = True
 
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).float()
@@ -32,8 +48,17 @@ class InputStats:
         self.sum_abs += a.sum(0)
         torch.maximum(self.absmax, a.amax(0), out=self.absmax)
         self.count += x.shape[0]
-        if self.hessian is not None:
-            self.hessian.addmm_(x.T, x)
+        if self._gram is not None:
+            add_lower_gram(self._gram, x)
+            self._mirrored = False
+
+    @property
+    def hessian(self) -> torch.Tensor | None:
+        """XᵀX of every input so far (None when not collected), made whole on first read after additions."""
+        if not self._mirrored:
+            mirror_lower(self._gram)
+            self._mirrored = True
+        return self._gram
 
     def tensors(self) -> list[torch.Tensor]:
         """What a data-parallel run sums (sum_sq, sum_abs, hessian) or maxes (absmax) across ranks before using it."""

@@ -208,8 +208,11 @@ def _block(ckpt, walk, block, todo: dict, damp: float, device, log: AwqLog | Non
         return
     owner = {n: got.owners.get(id(got.stats[n]), 0) for n in names}
     scales = scaled.scales if scaled is not None else {}
-    owned = {n: _calibrated(ckpt, todo[n], got.stats[n], damp, device, values.get(n), scales.get(n))
-             for n in names if n in todo and owner[n] == group.rank}
+    mine = [n for n in names if n in todo and owner[n] == group.rank]
+    factors = _Factors([(got.stats[n], scales.get(n)) for n in mine if todo[n].spec.weight_method == "gptq"],
+                       damp, device)
+    owned = {n: _calibrated(ckpt, todo[n], got.stats[n], damp, device, values.get(n), scales.get(n), factors)
+             for n in mine}
     w_hats = {}
     for name in block_todo:
         plan = todo.pop(name)
@@ -270,7 +273,32 @@ def _uncalibrated_note(name: str, targets: dict) -> str:
     return "not an nn.Linear or expert weight: quantized without calibration"
 
 
-def _calibrated(ckpt, plan, st, damp: float, device, w=None, s=None) -> Calibrated:
+class _Factors:
+    """GPTQ's factorization of each input record (with AWQ: of its scaled inputs), computed when the first weight
+    reading it needs it and dropped after the last (q/k/v share one, gate/up one: same H, same act-order)."""
+
+    def __init__(self, uses: list, damp: float, device):
+        self.damp, self.device = damp, device
+        self._left: dict[tuple, int] = {}
+        for st, s in uses:
+            self._left[self._key(st, s)] = self._left.get(self._key(st, s), 0) + 1
+        self._made: dict[tuple, object] = {}
+
+    @staticmethod
+    def _key(st, s) -> tuple:
+        return id(st), None if s is None else id(s)
+
+    def take(self, st, s, h: torch.Tensor, name: str):
+        from ..quant.gptq import factorize
+        key = self._key(st, s)
+        f = self._made.pop(key, None) or factorize(h, self.damp, True, name, self.device)
+        self._left[key] -= 1
+        if self._left[key]:
+            self._made[key] = f
+        return f
+
+
+def _calibrated(ckpt, plan, st, damp: float, device, w=None, s=None, factors: _Factors | None = None) -> Calibrated:
     """One weight quantized with its inputs' statistics (gptq: Hessian; mse: mean square) and its output error on
     the calibration data measured for rtn and for the method. With activation-aware scaling, `w` is its value after
     folding and `s` its column scales: it is quantized with the statistics of the scaled inputs X·diag(1/s) (its
@@ -284,7 +312,9 @@ def _calibrated(ckpt, plan, st, damp: float, device, w=None, s=None) -> Calibrat
     rtn = None if spec.method == "rtn" else quantize_weight(w0, spec.with_method("rtn")).dequantize(torch.float32)
     # gptq measures tr(W H Wᵀ) and rtn's error with its own factor of H, and its own error from its scaled errors
     measure = (w, w.float() - rtn) if spec.method == "gptq" and s is None else ()
-    qw = quantize_weight(w, spec, hessian=h, importance=imp, damp=damp, name=plan.name, measure=measure)
+    factor = factors.take(st, s, h, plan.name) if factors is not None and spec.method == "gptq" else None
+    qw = quantize_weight(w, spec, hessian=h, importance=imp, damp=damp, name=plan.name, measure=measure,
+                         factor=factor)
     w_hat = qw.dequantize(torch.float32)
     if measure and qw.residual is not None:
         den, rtn_num = qw.residual["quadratic"]

@@ -8,6 +8,8 @@ Matrix math is float32 (TF32 off on cuda) and deterministic for a given device.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ..errors import QtoolError
@@ -73,6 +75,7 @@ def gptq_quantize(
     search: bool = True,
     record: dict | None = None,
     measure: tuple = (),
+    factor: Factor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """GPTQ codes for a 2-D [out, in] weight given H = XᵀX [in, in] of its inputs.
 
@@ -81,44 +84,65 @@ def gptq_quantize(
     Dead columns (diag H = 0) get H[i, i] = 1 so they are quantized on their own, without spreading error.
     `record`, when given, receives what `residual` needs: {"loss": Σ of the scaled errors², "lambda": the damping
     used, "dead": the dead columns}, and "quadratic": tr(A H Aᵀ) of each [out, in] matrix A in `measure`, from the
-    factor at half a product's cost (the report's output errors: A = W and W − Ŵ_rtn).
+    factor at half a product's cost (the report's output errors: A = W and W − Ŵ_rtn). `factor`: H's
+    `factorize(hessian, damp, act_order)`, when the caller shares one between the weights that read the same inputs.
     """
     check_shape(w, spec)
     rows, cols = w.shape
-    if hessian.shape != (cols, cols):
+    if (factor.Uj if factor is not None else hessian).shape != (cols, cols):
         raise ArgumentError("hessian", f"hessian shape {tuple(hessian.shape)} does not match {cols} input columns")
     device = w.device
     sdt = scale_dtype_for(w.dtype)
+    with exact_matmul(device), torch.no_grad():
+        f = factor if factor is not None else factorize(hessian, damp, act_order, name, device)
+        static = act_order or spec.strategy != "group"
+        if static:
+            # group params from the original weights (storable with act-order: no g_idx)
+            scale, zp = _group_qparams(w.to(sdt), spec, f.importance, search)
+        else:
+            scale = torch.empty((rows, spec.n_groups(cols)), dtype=sdt, device=device)
+            zp = None if spec.symmetric else torch.empty((rows, spec.n_groups(cols)), dtype=torch.int8, device=device)
+        perm = f.perm
+        if record is not None:
+            record["quadratic"] = [_quadratic(a, f.L, perm, f.lam, f.dead) for a in measure]
+        col_group = torch.arange(cols, device=device) // spec.group_width(cols)
+        W = w.to(torch.float32).clone()
+        if perm is not None:
+            W, col_group = W[:, perm], col_group[perm]
+        loop = _Columns(W, f.Uj, scale, zp, spec, sdt, col_group, f.importance if not static else None, search)
+        Q = loop.run(block_size)
+        if record is not None:
+            record.update(loss=loop.loss, dead=f.dead.cpu(), **{"lambda": f.lam})
+        if perm is not None:
+            Q = Q[:, torch.argsort(perm)]
+        return Q.contiguous(), scale, zp
+
+
+@dataclass
+class Factor:
+    """What GPTQ needs of a Hessian, whatever the weight: the same for every linear that reads the same inputs
+    (q/k/v, gate/up), so they can share one factorization. Act-order's permutation depends only on diag H."""
+    importance: torch.Tensor  # diag H, 1 on dead columns
+    dead: torch.Tensor        # columns no input ever reached
+    perm: torch.Tensor | None  # processing order (act-order)
+    Uj: torch.Tensor          # the reversed inverse factor (see _inverse_cholesky)
+    lam: float                # the damping added
+    L: torch.Tensor           # the lower factor it came from
+
+
+def factorize(hessian: torch.Tensor, damp: float = 0.01, act_order: bool = True, name: str = "",
+              device=None) -> Factor:
+    """The Factor of H = XᵀX [in, in] on `device` (H's own by default), float32."""
+    device = hessian.device if device is None else device
     with exact_matmul(device), torch.no_grad():
         H = hessian.to(device=device, dtype=torch.float32)
         if not bool(torch.isfinite(H).all()):
             raise QtoolError(name or "weight", "hessian has non-finite values")
         dead = torch.diagonal(H) <= 0
         importance = torch.where(dead, 1.0, torch.diagonal(H))
-        static = act_order or spec.strategy != "group"
-        if static:
-            # group params from the original weights (storable with act-order: no g_idx)
-            scale, zp = _group_qparams(w.to(sdt), spec, importance, search)
-        else:
-            scale = torch.empty((rows, spec.n_groups(cols)), dtype=sdt, device=device)
-            zp = None if spec.symmetric else torch.empty((rows, spec.n_groups(cols)), dtype=torch.int8, device=device)
         perm = torch.argsort(importance, descending=True, stable=True) if act_order else None
         Uj, lam, L = _permuted_inverse(H, dead, perm, damp, name)
-        del H
-        if record is not None:
-            record["quadratic"] = [_quadratic(a, L, perm, lam, dead) for a in measure]
-        del L
-        col_group = torch.arange(cols, device=device) // spec.group_width(cols)
-        W = w.to(torch.float32).clone()
-        if perm is not None:
-            W, col_group = W[:, perm], col_group[perm]
-        loop = _Columns(W, Uj, scale, zp, spec, sdt, col_group, importance if not static else None, search)
-        Q = loop.run(block_size)
-        if record is not None:
-            record.update(loss=loop.loss, dead=dead.cpu(), **{"lambda": lam})
-        if perm is not None:
-            Q = Q[:, torch.argsort(perm)]
-        return Q.contiguous(), scale, zp
+        return Factor(importance, dead, perm, Uj, lam, L)
 
 
 def _group_qparams(x: torch.Tensor, spec: QuantSpec, importance: torch.Tensor, search: bool):

@@ -54,13 +54,14 @@ class QuantizedWeight:
 
 def quantize_weight(w: torch.Tensor, spec: QuantSpec, *, importance: torch.Tensor | None = None,
                     hessian: torch.Tensor | None = None, damp: float = 0.01, name: str = "",
-                    measure: tuple = ()) -> QuantizedWeight:
+                    measure: tuple = (), factor=None) -> QuantizedWeight:
     """Quantize `w` (2-D, on its own device) by `spec.method`.
 
     rtn/mse: where the native kernel applies, one pass over the rows does it all (each row's min-max, search and
     codes while the row is in cache); otherwise the scales are chosen first, then codes, packing and error sums,
-    with the same bytes. gptq needs `hessian` (XᵀX of the layer's inputs); `damp`, `name` (for errors) are its, and
-    tr(A H Aᵀ) of each matrix in `measure` comes back in `.residual["quadratic"]` (qtool.quant.gptq).
+    with the same bytes. gptq needs `hessian` (XᵀX of the layer's inputs) or its `factor` (gptq.factorize: one can
+    serve every weight reading the same inputs); `damp`, `name` (for errors) are its, and tr(A H Aᵀ) of each matrix
+    in `measure` comes back in `.residual["quadratic"]` (qtool.quant.gptq).
     """
     check_shape(w, spec)
     shape = (int(w.shape[0]), int(w.shape[1]))
@@ -68,7 +69,7 @@ def quantize_weight(w: torch.Tensor, spec: QuantSpec, *, importance: torch.Tenso
         raise ArgumentError("method", f"{spec.method} scales whole blocks in the calibrated layer walk; quantize "
                                       f"one weight with {spec.weight_method!r} on its scaled values")
     if spec.method == "gptq":
-        return _gptq(w, spec, hessian, damp, name, shape, measure)
+        return _gptq(w, spec, hessian, damp, name, shape, measure, factor)
     mse = spec.method == "mse"
     info = {"method": "mse", "weighted": importance is not None} if mse else {"method": spec.method}
     weights = search.importance_weights(importance, shape[1], w.device) if mse else None
@@ -81,12 +82,12 @@ def quantize_weight(w: torch.Tensor, spec: QuantSpec, *, importance: torch.Tenso
     return QuantizedWeight(packed, scale, zp, spec, shape, err, info)
 
 
-def _gptq(w, spec, hessian, damp, name, shape, measure=()) -> QuantizedWeight:
-    if hessian is None:
+def _gptq(w, spec, hessian, damp, name, shape, measure=(), factor=None) -> QuantizedWeight:
+    if hessian is None and factor is None:
         raise ArgumentError("hessian", "gptq needs the input Hessian")
     record: dict = {}
     q, scale, zp = gptq_quantize(w, hessian, spec, damp=damp, block_size=GPTQ_BLOCK, name=name, record=record,
-                                 measure=measure)
+                                 measure=measure, factor=factor)
     err = error_stats(w, dequantize(q, scale, zp, spec, dtype=w.dtype))
     return QuantizedWeight(pack_int32(q, spec.bits, dim=1), scale, zp, spec, shape, err,
                            {"method": "gptq", "damp": damp, "act_order": True}, record)
