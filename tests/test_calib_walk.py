@@ -74,20 +74,37 @@ def test_gptq_output_error_below_rtn_and_matches_direct_computation(tmp_path):
         assert q.dtype == torch.int8 and int(q.min()) >= -8 and int(q.max()) <= 7 and zp is None
         assert scale.shape == (w.shape[0], w.shape[1] // 32)
         assert extra["output_error_after"] < extra["output_error_before"], name
-    # Layer 0's inputs are those of the original model: recompute ‖XWᵀ − XŴᵀ‖/‖XWᵀ‖ from the captured X.
+    _assert_direct_output_errors(model, ids, spec, emitted, ".layers.0.")
+
+
+def _assert_direct_output_errors(model, ids, spec, emitted, first_block: str):
+    """The first block's inputs are those of the original model: ‖XWᵀ − XŴᵀ‖/‖XWᵀ‖ recomputed from the captured X,
+    for the method (after) and for rtn (before)."""
     ref = reference_stats(model, ids, with_inputs=True)
-    for name in [n for n in emitted if ".layers.0." in n]:
+    names = [n for n in emitted if first_block in n]
+    assert names
+    for name in names:
         w, q, scale, zp, extra = emitted[name]
         x = torch.cat(ref[name[: -len(".weight")]]["x"])
         w_hat = dequantize(q, scale, zp, spec, dtype=torch.float32)
-        direct = float((x @ (w.float() - w_hat).T).norm() / (x @ w.float().T).norm())
-        assert direct == pytest.approx(extra["output_error_after"], rel=1e-3)
+        rtn = quantize_weight(w, spec.with_method("rtn")).dequantize(torch.float32)
+        for w_x, key in ((w_hat, "output_error_after"), (rtn, "output_error_before")):
+            direct = float((x @ (w.float() - w_x).T).norm() / (x @ w.float().T).norm())
+            assert direct == pytest.approx(extra[key], rel=1e-3), (name, key)
 
 
 def test_mse_with_importance_beats_rtn_on_output_error(tmp_path):
-    save_tiny("bert", tmp_path)
+    model = save_tiny("bert", tmp_path)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # biases far from zero: the outputs' energy (the errors' denominator) must leave them out
+        for m in model.modules():
+            if isinstance(m, torch.nn.Linear) and m.bias is not None:
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g))
+    model.save_pretrained(tmp_path)
     ckpt = open_checkpoint(tmp_path)
-    _, _, emitted, summary = _quantize(ckpt, samples(8), "mse")
+    ids = samples(8)
+    spec, _, emitted, summary = _quantize(ckpt, ids, "mse")
+    _assert_direct_output_errors(model, ids, spec, emitted, ".layer.0.")
     # the pooler sits outside the encoder blocks: quantized without statistics, and said so
     assert summary["uncalibrated"] == ["pooler.dense.weight"]
     pooler = emitted.pop("pooler.dense.weight")[4]

@@ -82,7 +82,9 @@ class LinearTaps:
     """Forward hooks on some of a block's linear modules for the duration of a `with` block.
 
     modules: {checkpoint weight name: module}. `stats[name]` is the InputStats of that weight's input (one object
-    for names whose modules read the same tensor); `groups` says which share it and which module produced it.
+    for names whose modules read the same tensor); `groups` says which share it and which module produced it;
+    `energy[name]` (nn.Linear only) is ‖XWᵀ‖² of its outputs less the bias, float64 on the device: tr(W H Wᵀ), the
+    denominator of its output errors, which the forward has already computed.
     """
 
     def __init__(self, block: nn.Module, modules: dict[str, nn.Module], device: torch.device, hessian: bool = False):
@@ -91,9 +93,18 @@ class LinearTaps:
         self.stats: dict[str, InputStats] = {}
         self.groups: list[InputGroup] = []
         self.owner: dict[str, str] = {}        # name → the name whose record it shares
+        self.energy: dict[str, torch.Tensor] = {}
         self._seen: dict[int, tuple] = {}      # first sample: id(input) → (input, its group)
         self._produced: dict[int, tuple] = {}  # first sample: id(output) → (output, module name)
         self._handles, self._first_only = [], []
+
+    def _energy(self, name: str, module: nn.Module, y: torch.Tensor) -> None:
+        if name not in self.energy:
+            return
+        y = y.detach().reshape(-1, y.shape[-1]).float()
+        if module.bias is not None:
+            y = y - module.bias.detach().float()
+        self.energy[name] += y.square().sum(dtype=torch.float64)
 
     def _record(self, name: str, module: nn.Module, x: torch.Tensor) -> None:
         if name not in self.owner:  # first call: find who else reads this tensor (known on the first sample)
@@ -112,6 +123,12 @@ class LinearTaps:
         if self.owner[name] == name:
             self.stats[name].add(x.detach())
 
+    def _tap(self, name: str):
+        def hook(mod, args, out):  # returns None: the module's output is left as it is
+            self._record(name, mod, args[0])
+            self._energy(name, mod, out)
+        return hook
+
     def _produce(self, name):
         def hook(mod, args, out):
             if torch.is_tensor(out):
@@ -126,11 +143,13 @@ class LinearTaps:
         self._produced.clear()
 
     def __enter__(self):
+        # every linear's sum exists from the start: the same names on every process of a torchrun run
+        self.energy = {n: torch.zeros((), dtype=torch.float64, device=self.device)
+                       for n, m in self._modules.items() if isinstance(m, nn.Linear)}
         self._first_only = [m.register_forward_hook(self._produce(name)) for name, m in self.block.named_modules() if name]
         self._first_only.append(self.block.register_forward_hook(self._end_of_first_sample))
         for name, m in self._modules.items():
-            self._handles.append(m.register_forward_hook(
-                lambda mod, args, out, name=name: self._record(name, mod, args[0])))
+            self._handles.append(m.register_forward_hook(self._tap(name)))
         return self
 
     def __exit__(self, *exc):

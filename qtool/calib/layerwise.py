@@ -20,7 +20,7 @@ from ..arch import module_of
 from ..errors import QtoolError
 from ..progress import NullProgress
 from ..quant import awq
-from ..quant.gptq import error_ratio, output_errors, residual
+from ..quant.gptq import error_ratio, output_errors, quadratic_error, residual
 from ..quant.weight import QuantizedWeight, quantize_weight
 from ..report.schema import ExpertRow, ExpertSource
 from ..runtime import exact_matmul, resolve_device
@@ -211,8 +211,8 @@ def _block(ckpt, walk, block, todo: dict, damp: float, device, log: AwqLog | Non
     mine = [n for n in names if n in todo and owner[n] == group.rank]
     factors = _Factors([(got.stats[n], scales.get(n)) for n in mine if todo[n].spec.weight_method == "gptq"],
                        damp, device)
-    owned = {n: _calibrated(ckpt, todo[n], got.stats[n], damp, device, values.get(n), scales.get(n), factors)
-             for n in mine}
+    owned = {n: _calibrated(ckpt, todo[n], got.stats[n], damp, device, values.get(n), scales.get(n), factors,
+                            got.energy.get(n)) for n in mine}
     w_hats = {}
     for name in block_todo:
         plan = todo.pop(name)
@@ -298,11 +298,13 @@ class _Factors:
         return f
 
 
-def _calibrated(ckpt, plan, st, damp: float, device, w=None, s=None, factors: _Factors | None = None) -> Calibrated:
+def _calibrated(ckpt, plan, st, damp: float, device, w=None, s=None, factors: _Factors | None = None,
+                energy=None) -> Calibrated:
     """One weight quantized with its inputs' statistics (gptq: Hessian; mse: mean square) and its output error on
     the calibration data measured for rtn and for the method. With activation-aware scaling, `w` is its value after
     folding and `s` its column scales: it is quantized with the statistics of the scaled inputs X·diag(1/s) (its
-    `after` error is that of the scaled layer's outputs, `before` rtn's on the unscaled layer)."""
+    `after` error is that of the scaled layer's outputs, `before` rtn's on the unscaled layer). `energy`: ‖XWᵀ‖² as
+    the forward computed it (LinearTaps), the errors' denominator without a product with H."""
     w0 = ckpt.get(plan.name).to(device)
     w = w0 if w is None else w
     h, imp = st.hessian, st.importance()
@@ -310,17 +312,24 @@ def _calibrated(ckpt, plan, st, damp: float, device, w=None, s=None, factors: _F
         h, imp = awq.scaled_hessian(h, s), imp / s.square()
     spec = plan.spec.with_method(plan.spec.weight_method)
     rtn = None if spec.method == "rtn" else quantize_weight(w0, spec.with_method("rtn")).dequantize(torch.float32)
-    # gptq measures tr(W H Wᵀ) and rtn's error with its own factor of H, and its own error from its scaled errors
-    measure = (w, w.float() - rtn) if spec.method == "gptq" and s is None else ()
+    den = float(energy) if energy is not None and s is None else None
+    measure = ()
+    if spec.method == "gptq" and s is None:
+        # gptq measures rtn's error (and tr(W H Wᵀ) unless the forward gave it) with its own factor of H, and its
+        # own error from its scaled errors
+        measure = (w.float() - rtn,) if den is not None else (w, w.float() - rtn)
     factor = factors.take(st, s, h, plan.name) if factors is not None and spec.method == "gptq" else None
     qw = quantize_weight(w, spec, hessian=h, importance=imp, damp=damp, name=plan.name, measure=measure,
                          factor=factor)
     w_hat = qw.dequantize(torch.float32)
     if measure and qw.residual is not None:
-        den, rtn_num = qw.residual["quadratic"]
+        *given, rtn_num = qw.residual["quadratic"]
+        den = den if den is not None else given[0]
         before, after = error_ratio(rtn_num, den), error_ratio(residual(w, w_hat, qw.residual), den)
     elif rtn is None:
         before = after = output_errors(w, [w_hat], h)[0]
+    elif s is None and den is not None:
+        before, after = (error_ratio(quadratic_error(w, x, h), den) for x in (rtn, w_hat))
     elif s is None:
         before, after = output_errors(w, [rtn, w_hat], h)  # tr(W H Wᵀ) once for both
     else:

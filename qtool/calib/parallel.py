@@ -38,6 +38,13 @@ def combine(group, stats: list) -> dict[int, int]:
     return {id(st): owner for st, owner in zip(stats, owners)}
 
 
+def combine_energy(group, energy: dict, owners: dict) -> None:
+    """Each linear's output energy (LinearTaps.energy) summed onto the owner of its statistics, in name order."""
+    if group.world > 1:
+        for name in sorted(energy):
+            group.reduce(energy[name], owners[name])
+
+
 def combine_counts(group, counts: list[torch.Tensor]) -> None:
     """Routed token counts per expert summed on every process (each needs them for the same fallback decision)."""
     for c in counts:

@@ -90,6 +90,7 @@ class Collected:
     experts: dict[str, ExpertSource]  # expert weight name → its index, routed tokens and statistics source
     groups: list[InputGroup]     # dense linears reading one tensor, and the module that produced it
     owners: dict = field(default_factory=dict)  # id(InputStats) → the process that holds its sums (torchrun)
+    energy: dict = field(default_factory=dict)  # dense linear's name → ‖XWᵀ‖² of its outputs (LinearTaps), on its owner
 
 
 class LayerWalk:
@@ -263,7 +264,8 @@ class LayerWalk:
         info = {n: ExpertSource(expert=r.index, tokens=routed[n], stats="all" if mode == "all" or n in starved else "routed")
                 for n, r in experts.items()}
         owners = self.reduce(stats=list({id(s): s for s in stats.values()}.values()))
-        return Collected(stats, info, lt.groups, owners)
+        parallel.combine_energy(self.group, lt.energy, {n: owners.get(id(stats.get(n)), 0) for n in lt.energy})
+        return Collected(stats, info, lt.groups, owners, lt.energy)
 
     def reduce(self, stats: list = (), routed: list[torch.Tensor] = ()) -> dict[int, int]:
         """Where a data-parallel run (each process a share of the samples) combines, in place, what its processes
