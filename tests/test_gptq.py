@@ -78,6 +78,16 @@ def test_lower_block_gram_equals_the_full_product():
     assert float((st.hessian.double() - ref).abs().max()) < 1e-5 * float(ref.abs().max())
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("where", [(3, 3), (3, 90), (127, 0)])
+def test_non_finite_hessian_is_named_as_such(bad, where):
+    w, h = layer()
+    h[where] = h[where[::-1]] = bad  # XᵀX is symmetric, whatever it holds
+    with pytest.raises(QtoolError, match="hessian has non-finite values") as e:
+        gptq_quantize(w, h, QuantSpec(4, True, 32, "gptq"), name="model.layers.1.self_attn.o_proj")
+    assert e.value.path == "model.layers.1.self_attn.o_proj"
+
+
 def test_dead_columns_are_handled():
     w, h = layer(seed=1)
     h[:, 5] = 0

@@ -136,12 +136,18 @@ def factorize(hessian: torch.Tensor, damp: float = 0.01, act_order: bool = True,
     device = hessian.device if device is None else device
     with exact_matmul(device), torch.no_grad():
         H = hessian.to(device=device, dtype=torch.float32)
-        if not bool(torch.isfinite(H).all()):
+        if not bool(torch.isfinite(torch.diagonal(H)).all()):
             raise QtoolError(name or "weight", "hessian has non-finite values")
         dead = torch.diagonal(H) <= 0
         importance = torch.where(dead, 1.0, torch.diagonal(H))
         perm = torch.argsort(importance, descending=True, stable=True) if act_order else None
-        Uj, lam, L = _permuted_inverse(H, dead, perm, damp, name)
+        try:
+            Uj, lam, L = _permuted_inverse(H, dead, perm, damp, name)
+        except QtoolError:
+            # a NaN or inf off the diagonal fails the factorization or its finiteness check: only then look for it
+            if not bool(torch.isfinite(H).all()):
+                raise QtoolError(name or "weight", "hessian has non-finite values") from None
+            raise
         return Factor(importance, dead, perm, Uj, lam, L)
 
 
