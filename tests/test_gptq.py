@@ -61,6 +61,22 @@ def test_one_factor_serves_every_weight_reading_the_same_inputs(spec):
         assert alone["lambda"] == shared["lambda"] and torch.equal(alone["dead"], shared["dead"])
 
 
+@pytest.mark.parametrize("tokens", [512, 40])  # 40 < 128 columns: a singular H, PSD only
+def test_quadratic_forms_from_the_factor_equal_the_product_with_h(tokens):
+    from qtool.quant.gptq import quadratic_error
+    w, _ = layer(seed=8)
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(tokens, 128, generator=g) * torch.linspace(0.1, 4.0, 128)
+    x[:, 11] = 0  # a dead column
+    h = x.T @ x
+    form = factorize(h, 0.01, act_order=False, inverse=False)
+    assert form.Uj is None
+    for d in (w, w - w.round(decimals=2), torch.randn(48, 128, generator=g)):
+        want = float(((x.double() @ d.double().T) ** 2).sum())
+        assert form.quadratic(d) == pytest.approx(want, rel=1e-4)
+        assert form.quadratic(d) == pytest.approx(quadratic_error(d, torch.zeros_like(d), h), rel=1e-4)
+
+
 def test_lower_block_gram_equals_the_full_product():
     from qtool.calib.collect import GRAM_BLOCK, InputStats
     g = torch.Generator().manual_seed(0)

@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .gptq import quadratic_error
+from .gptq import Factor, factorize, quadratic_error
 from .spec import QuantSpec
 from .weight import quantize_weight
 
@@ -72,13 +72,14 @@ class Searched:
 
 
 def mapped_error(members: Sequence[tuple[torch.Tensor, Callable]], hessian: torch.Tensor, importance: torch.Tensor,
-                 s: torch.Tensor) -> float:
-    """Σ_k ‖X W_kᵀ − X diag(1/s) Q_k(W_k diag(s))ᵀ‖² from H = XᵀX, members = [(W_k, Q_k)]."""
+                 s: torch.Tensor, form: Factor | None = None) -> float:
+    """Σ_k ‖X W_kᵀ − X diag(1/s) Q_k(W_k diag(s))ᵀ‖² from H = XᵀX, members = [(W_k, Q_k)]; `form`: H's
+    factorize(inverse=False), which a search over many s computes once (half a product with H per form)."""
     total = 0.0
     imp = importance.float() / s.square()
     for w, quantize in members:
         w_eff = quantize(scale_columns(w, s), imp) / s
-        total += quadratic_error(w, w_eff, hessian)
+        total += quadratic_error(w, w_eff, hessian) if form is None else form.quadratic(w.float() - w_eff)
     return total
 
 
@@ -91,9 +92,10 @@ def search(members: Sequence[tuple[torch.Tensor, Callable]], hessian: torch.Tens
     channel; importance: mean x² per channel.
     """
     errors, best = [], None
+    form = factorize(hessian, act_order=False, inverse=False)
     for alpha in alphas(n_grid):
         s = channel_scales(x_mean, alpha).to(hessian.device)
-        err = mapped_error(members, hessian, importance, s)
+        err = mapped_error(members, hessian, importance, s, form)
         errors.append(err)
         if best is None or err < best[0]:
             best = (err, alpha, s)

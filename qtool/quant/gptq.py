@@ -23,14 +23,15 @@ from ..errors import ArgumentError
 DAMP_RETRIES = 3  # damping is raised x10 this many times before giving up
 
 
-def _inverse_cholesky(h: torch.Tensor, damp: float, name: str) -> tuple[torch.Tensor, float, torch.Tensor]:
+def _inverse_cholesky(h: torch.Tensor, damp: float, name: str,
+                      inverse: bool = True) -> tuple[torch.Tensor | None, float, torch.Tensor]:
     """(L⁻¹, λ, L): the upper Cholesky factor U of (H + λI)⁻¹ (H + λI = (UᵀU)⁻¹), as its reversal J U J = L⁻¹ (no
     copy is made to flip it: `_Columns` reads U's blocks from it), with λ = damp·mean(diag H), raising λ x10 on
     failure, and the lower factor L of the reversed J(H + λI)J = LLᵀ it came from.
 
     One factorization and one triangular inverse: with J the reversal, J(H + λI)J = LLᵀ gives U = J L⁻¹ J (upper,
     positive diagonal), where inverting H and factorizing the inverse would take two Cholesky factorizations and an
-    inverse."""
+    inverse. Without `inverse`, L alone (L⁻¹ is None): enough for quadratic forms."""
     mean_diag = torch.mean(torch.diagonal(h))
     d = damp
     for _ in range(DAMP_RETRIES + 1):
@@ -39,9 +40,9 @@ def _inverse_cholesky(h: torch.Tensor, damp: float, name: str) -> tuple[torch.Te
         L, info = torch.linalg.cholesky_ex(hd)
         del hd
         if int(info) == 0:
-            inv = _lower_inverse(L)
+            inv = _lower_inverse(L) if inverse else L
             if bool(torch.isfinite(inv.amax())) and bool(torch.isfinite(inv.amin())):  # amax/amin propagate NaN
-                return inv, float(d * mean_diag), L
+                return inv if inverse else None, float(d * mean_diag), L
             del L, inv
         d *= 10
     raise QtoolError(
@@ -125,14 +126,19 @@ class Factor:
     importance: torch.Tensor  # diag H, 1 on dead columns
     dead: torch.Tensor        # columns no input ever reached
     perm: torch.Tensor | None  # processing order (act-order)
-    Uj: torch.Tensor          # the reversed inverse factor (see _inverse_cholesky)
+    Uj: torch.Tensor | None   # the reversed inverse factor (see _inverse_cholesky); None: quadratic forms only
     lam: float                # the damping added
     L: torch.Tensor           # the lower factor it came from
 
+    def quadratic(self, a: torch.Tensor) -> float:
+        """tr(A H Aᵀ) of an [out, in] matrix A, from the factor: half the flops of a product with H."""
+        return _quadratic(a, self.L, self.perm, self.lam, self.dead)
+
 
 def factorize(hessian: torch.Tensor, damp: float = 0.01, act_order: bool = True, name: str = "",
-              device=None) -> Factor:
-    """The Factor of H = XᵀX [in, in] on `device` (H's own by default), float32."""
+              device=None, inverse: bool = True) -> Factor:
+    """The Factor of H = XᵀX [in, in] on `device` (H's own by default), float32; without `inverse`, only what
+    `Factor.quadratic` needs (no triangular inverse)."""
     device = hessian.device if device is None else device
     with exact_matmul(device), torch.no_grad():
         H = hessian.to(device=device, dtype=torch.float32)
@@ -142,7 +148,7 @@ def factorize(hessian: torch.Tensor, damp: float = 0.01, act_order: bool = True,
         importance = torch.where(dead, 1.0, torch.diagonal(H))
         perm = torch.argsort(importance, descending=True, stable=True) if act_order else None
         try:
-            Uj, lam, L = _permuted_inverse(H, dead, perm, damp, name)
+            Uj, lam, L = _permuted_inverse(H, dead, perm, damp, name, inverse)
         except QtoolError:
             # a NaN or inf off the diagonal fails the factorization or its finiteness check: only then look for it
             if not bool(torch.isfinite(H).all()):
@@ -156,7 +162,8 @@ def _group_qparams(x: torch.Tensor, spec: QuantSpec, importance: torch.Tensor, s
     return mse_qparams(x, spec, importance=importance) if search else minmax_qparams(x, spec)
 
 
-def _permuted_inverse(H: torch.Tensor, dead, perm, damp: float, name: str) -> tuple[torch.Tensor, float, torch.Tensor]:
+def _permuted_inverse(H: torch.Tensor, dead, perm, damp: float, name: str,
+                      inverse: bool = True) -> tuple[torch.Tensor | None, float, torch.Tensor]:
     """_inverse_cholesky of H in processing order (a permuted copy: the caller's H is left alone). Dead columns (no
     input ever reached them) get H[i, i] = 1: quantized on their own, no error spread."""
     if perm is not None:
@@ -165,7 +172,7 @@ def _permuted_inverse(H: torch.Tensor, dead, perm, damp: float, name: str) -> tu
     else:
         H = H.clone()
     H[dead, dead] = 1.0
-    return _inverse_cholesky(H, damp, name)
+    return _inverse_cholesky(H, damp, name, inverse)
 
 
 class _Columns:
