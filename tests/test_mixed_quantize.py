@@ -239,6 +239,24 @@ def test_statistics_weigh_the_predicted_errors(llama, tmp_path):
     assert {row.get("method") for row in g["layers"] if row["quantized"]} == {"gptq"}
 
 
+@pytest.mark.parametrize("method", ["awq", "awq+gptq"])
+def test_activation_aware_scaling_quantizes_the_allocated_schemes(llama, tmp_path, method):
+    from safetensors.torch import save_file
+    from .conftest import assert_decompresses_like_qtool
+    save_file({"input_ids": torch.arange(96).reshape(8, 12)}, tmp_path / "ids.safetensors")
+    kw = dict(calib=tmp_path / "ids.safetensors", calib_samples=8, seq_len=12, target_bits=4.6,
+              candidates=["int4:g128", "int4:g32", "int8:channel"])
+    mse = qtool.quantize(llama, tmp_path / "mse", **kw)
+    r = qtool.quantize(llama, tmp_path / "out", qtool.QuantSpec(method=method), **kw)
+    # the same statistics choose the same schemes; the walk then scales and quantizes each with its own
+    assert r["allocation"]["by_spec"] == mse["allocation"]["by_spec"] and r["allocation"]["achieved_bits"] <= 4.6
+    assert _groups(tmp_path / "out") == {k: v for k, v in r["allocation"]["by_spec"].items() if k != "dense"}
+    rows = [row for row in r["layers"] if row["quantized"]]
+    assert {row["method"] for row in rows} == {method.split("+")[-1] if "+" in method else "mse"}
+    assert r["awq"]["mappings"] and any(row.get("awq") for row in rows)
+    assert_decompresses_like_qtool(tmp_path / "out", torch.float32)
+
+
 def test_the_python_api_names_its_own_arguments(llama, tmp_path):
     with pytest.raises(qtool.ArgumentError, match="give target_bits or max_size, not both"):
         qtool.quantize(llama, tmp_path / "out", target_bits=5, max_size=10**6)

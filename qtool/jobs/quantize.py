@@ -189,7 +189,8 @@ def _allocate(ckpt, plans: dict[str, TensorPlan], order: list[str], mixed: Mixed
 def _sensitivities(ckpt, calibration: Calibration, spec: QuantSpec, options: Options, dev, progress) -> Calibration:
     """An allocation weighs errors by input statistics: from a statistics file as given; from calibration data by
     one pass of the original model (qtool.calib.layerwise.collect_stats). mse then quantizes streaming with those
-    statistics, so the data goes through the model once; gptq still walks the layers with the data afterwards."""
+    statistics, so the data goes through the model once; gptq and awq still walk the layers with the data
+    afterwards."""
     if calibration.data is None:
         return calibration
     from ..calib.layerwise import collect_stats
@@ -197,7 +198,8 @@ def _sensitivities(ckpt, calibration: Calibration, spec: QuantSpec, options: Opt
     stats, _ = collect_stats(ckpt, calibration.data, samples=options.calib_samples, seq_len=options.seq_len,
                              device=dev, progress=progress, moe=options.moe)
     weights = {m: importance(entry) for m, entry in stats.items()}
-    return Calibration(importance=weights, data=calibration.data if spec.method == "gptq" else None,
+    walks = spec.method == "gptq" or spec.awq
+    return Calibration(importance=weights, data=calibration.data if walks else None,
                        path=calibration.path)
 
 
