@@ -98,7 +98,9 @@ def test_model_alone_gives_nll_only():
 def test_bf16_operands_give_the_float32_logits():
     """bf16 hidden states and head (the usual checkpoint): whatever kernel runs (oneDNN's bf16 one on CPUs that
     have it), the logits are float32 sums of exact products: as close to the correctly rounded float32 logits as
-    the plain float32 GEMM's are (both differ from them only by the order of the float32 sums)."""
+    the plain float32 GEMM's are, to a small factor (both differ from them only by the order of the float32 sums,
+    and a blocked kernel's order can be a few times worse: 2.1x on an AMD EPYC with AVX-512 BF16), and four orders
+    of magnitude closer than bf16-rounded logits would be."""
     hid, head, hid_r, head_r, y = _case(v=30_000, h=256)
     hb, hrb = hid.bfloat16(), hid_r.bfloat16()
     wb, wrb = head.weight.bfloat16(), head_r.weight.bfloat16()
@@ -111,7 +113,8 @@ def test_bf16_operands_give_the_float32_logits():
     gemm, _ = kl(hb.float() @ wb.float().T, hrb.float() @ wrb.float().T)
     s = score(hb, Head(wb), y, ref=(hrb, Head(wrb)))
     err, gemm_err = (s.kld - exact).abs().max(), (gemm - exact).abs().max()
-    assert err < 2e-6 and err <= 1.5 * gemm_err and exact.mean() > 0.05
+    bf16, _ = kl((hb.float() @ wb.float().T).bfloat16().float(), (hrb.float() @ wrb.float().T).bfloat16().float())
+    assert err < 1e-5 and err <= 4 * gemm_err and err < 1e-3 * (bf16 - exact).abs().max() and exact.mean() > 0.05
     torch.testing.assert_close(s.nll, nll, rtol=0, atol=1e-5)
     assert torch.backends.mkldnn.matmul.fp32_precision == "none"    # the switch does not leak out
 
