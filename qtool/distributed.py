@@ -124,6 +124,11 @@ class Group:
         self._call("a receive", dist.recv_object_list, box, src=src)
         return box[0]
 
+    def gather(self, obj) -> list | None:
+        """Every process's `obj` on rank 0, in rank order (None elsewhere): one point-to-point send per process."""
+        got = [self.to_root(obj, src) for src in range(self.world)]
+        return got if self.root else None
+
     def barrier(self) -> None:
         if self.parallel:
             import torch.distributed as dist

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -13,38 +11,15 @@ from safetensors.torch import load_file
 
 from qtool.calib.stats import read_stats
 
-from .conftest import ROOT, digest, run_cli
+from .conftest import CALIB, ROOT, digest, run_cli, torchrun
 
 FULL = os.environ.get("QTOOL_DIST_FULL") == "1"
-CALIB = ["--calib-samples", "6", "--seq-len", "32", "--device", "cpu", "--quiet"]
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    """A tiny Llama built by transformers from a config, seed 0 (3 blocks, grouped-query attention)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=128, max_position_embeddings=64, tie_word_embeddings=False)
-    path = tmp_path_factory.mktemp("dist") / "llama"
-    LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(path)
-    ids = torch.randint(0, 128, (6, 32), generator=torch.Generator().manual_seed(1))
-    from safetensors.torch import save_file
-    save_file({"input_ids": ids}, str(path.parent / "ids.safetensors"))
-    return path
-
-
-def torchrun(*args, nproc: int = 2, script: list[str] | None = None, env: dict | None = None):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-           *(script or ["-m", "qtool"]), *map(str, args)]
-    e = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(env or {})}
-    return subprocess.run(cmd, capture_output=True, text=True, env=e, timeout=600)
 
 
 @pytest.mark.parametrize("method", ["rtn"] + (["mse"] if FULL else []))
-def test_data_free_split_is_byte_identical_to_one_process(model, tmp_path, method):
-    assert run_cli("quantize", model, "-o", tmp_path / "one", "--method", method, "--quiet").exit_code == 0
-    r = torchrun("quantize", model, "-o", tmp_path / "two", "--method", method, "--report", tmp_path / "r.json")
+def test_data_free_split_is_byte_identical_to_one_process(dist_model, tmp_path, method):
+    assert run_cli("quantize", dist_model, "-o", tmp_path / "one", "--method", method, "--quiet").exit_code == 0
+    r = torchrun("quantize", dist_model, "-o", tmp_path / "two", "--method", method, "--report", tmp_path / "r.json")
     assert r.returncode == 0, r.stderr
     assert digest(tmp_path / "one") == digest(tmp_path / "two")
     assert json.loads((tmp_path / "r.json").read_text())["timing"]["processes"] == 2
@@ -52,10 +27,10 @@ def test_data_free_split_is_byte_identical_to_one_process(model, tmp_path, metho
 
 
 @pytest.mark.parametrize("nproc", [2] + ([3] if FULL else []))
-def test_calibrate_statistics_equal_one_process(model, tmp_path, nproc):
-    ids = model.parent / "ids.safetensors"
-    assert run_cli("calibrate", model, "--calib", ids, "-o", tmp_path / "one.safetensors", *CALIB).exit_code == 0
-    r = torchrun("calibrate", model, "--calib", ids, "-o", tmp_path / "many.safetensors", *CALIB, nproc=nproc)
+def test_calibrate_statistics_equal_one_process(dist_model, tmp_path, nproc):
+    ids = dist_model.parent / "ids.safetensors"
+    assert run_cli("calibrate", dist_model, "--calib", ids, "-o", tmp_path / "one.safetensors", *CALIB).exit_code == 0
+    r = torchrun("calibrate", dist_model, "--calib", ids, "-o", tmp_path / "many.safetensors", *CALIB, nproc=nproc)
     assert r.returncode == 0, r.stderr
     one, meta1 = read_stats(tmp_path / "one.safetensors")
     many, meta2 = read_stats(tmp_path / "many.safetensors")
@@ -73,13 +48,13 @@ def _layer_errors(report_path):
     return {r["name"]: r["output_error_after"] for r in rows if r.get("output_error_after") is not None}
 
 
-def test_gptq_two_processes_deterministic_and_close_to_one(model, tmp_path):
+def test_gptq_two_processes_deterministic_and_close_to_one(dist_model, tmp_path):
     from compressed_tensors.entrypoints.convert import CompressedTensorsDequantizer
-    ids = model.parent / "ids.safetensors"
+    ids = dist_model.parent / "ids.safetensors"
     args = ["--method", "gptq", "--calib", ids, *CALIB]
-    assert run_cli("quantize", model, "-o", tmp_path / "one", *args, "--report", tmp_path / "one.json").exit_code == 0
+    assert run_cli("quantize", dist_model, "-o", tmp_path / "one", *args, "--report", tmp_path / "one.json").exit_code == 0
     for name in ("a", "b"):
-        r = torchrun("quantize", model, "-o", tmp_path / name, *args, "--report", tmp_path / f"{name}.json")
+        r = torchrun("quantize", dist_model, "-o", tmp_path / name, *args, "--report", tmp_path / f"{name}.json")
         assert r.returncode == 0, r.stderr
     assert digest(tmp_path / "a") == digest(tmp_path / "b")
     one, two = _layer_errors(tmp_path / "one.json"), _layer_errors(tmp_path / "a.json")
@@ -90,16 +65,16 @@ def test_gptq_two_processes_deterministic_and_close_to_one(model, tmp_path):
     for f in (tmp_path / "a").glob("*.safetensors"):
         sd.update(load_file(f))
     dense = CompressedTensorsDequantizer(tmp_path / "a", dtype=torch.bfloat16).process(sd)
-    src = load_file(model / "model.safetensors")
+    src = load_file(dist_model / "model.safetensors")
     for name in one:
         assert dense[name].shape == src[name].shape and not torch.equal(dense[name], src[name]), name
 
 
-def test_a_rank_killed_mid_walk_leaves_no_output(model, tmp_path):
-    ids = model.parent / "ids.safetensors"
+def test_a_rank_killed_mid_walk_leaves_no_output(dist_model, tmp_path):
+    ids = dist_model.parent / "ids.safetensors"
     rc = tmp_path / "rc"
     rc.mkdir()
-    r = torchrun("quantize", model, "-o", tmp_path / "out", "--method", "gptq", "--calib", ids, *CALIB,
+    r = torchrun("quantize", dist_model, "-o", tmp_path / "out", "--method", "gptq", "--calib", ids, *CALIB,
                  script=[str(ROOT / "tests" / "torchrun" / "die_at_block.py")],
                  env={"QTOOL_TEST_DIE_RANK": "1", "QTOOL_TEST_DIE_BLOCK": "1", "QTOOL_TEST_RC_DIR": str(rc)})
     assert r.returncode != 0
