@@ -225,6 +225,17 @@ def _search(members: list, st, n_grid: int, cpu: bool) -> awq.Searched:
     return replace(res, scales=res.scales.cpu()) if cpu else res
 
 
+def _ahead(view: BlockView, found: list[Mapping]) -> bool:
+    """Whether no mapping's member is the feeder of an earlier one (so no fold changes what a later search reads:
+    a fold scales its own members' columns and its feeder's rows)."""
+    feeders = set()
+    for m in found:
+        if any(view.path(n) in feeders for n in m.members):
+            return False
+        feeders.add(m.feeder)
+    return True
+
+
 def scale_block(view: BlockView, groups, stats: dict, values: dict[str, torch.Tensor], quantizer: Callable,
                 n_grid: int, spread: Spread = Spread()) -> Scaled:
     """Search and fold every exact mapping of the block in the order its linears run.
@@ -235,11 +246,17 @@ def scale_block(view: BlockView, groups, stats: dict, values: dict[str, torch.Te
     found, skipped = spread.on(spread.trial, lambda: candidates(view, groups))
     out = Scaled(skipped=skipped)
     params = _Params(view.module, view, values)
-    for m in found:
+    owner = [spread.owners.get(id(stats[m.members[0]]), 0) for m in found]
+
+    def search(k: int) -> awq.Searched:
+        members = [(values[n], quantizer(n)) for n in found[k].members]
+        return _search(members, stats[found[k].members[0]], n_grid, spread.group.parallel)
+    # unless an earlier fold changes a later mapping's member, every search can run first: under torchrun each owner
+    # then runs its searches side by side with the other owners' (the same values, so the same results)
+    early = {k: search(k) for k in range(len(found)) if owner[k] == spread.group.rank} if _ahead(view, found) else {}
+    for k, m in enumerate(found):
         st = stats[m.members[0]]
-        members = [(values[n], quantizer(n)) for n in m.members]
-        res = spread.on(spread.owners.get(id(st), 0),
-                        lambda: _search(members, st, n_grid, spread.group.parallel))
+        res = spread.on(owner[k], lambda: early.pop(k) if k in early else search(k))
         res = replace(res, scales=res.scales.to(st.sum_sq.device))
         label = f"{m.feeder} → {', '.join(view.path(n) for n in m.members)}"
         member_paths = tuple(f"{view.path(n)}." for n in m.members)
