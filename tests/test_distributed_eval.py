@@ -3,21 +3,24 @@ contiguous share of the windows, rank 0 reports what one process would, and ever
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
 from .conftest import ROOT, run_cli, torchrun
 
 KLD = ("mean", "median", "p90", "p99", "max")
+FULL = os.environ.get("QTOOL_DIST_FULL") == "1"  # adds 3 processes
 
 
 def _eval_args(model, ids, report):
-    # 6 windows in batches of 2: one process walks [0 1] [2 3] [4 5], two walk [0 1] [2] and [3 4] [5]
+    # 6 windows in batches of 2: one process walks [0 1] [2 3] [4 5], two walk [0 1] [2] and [3 4] [5] (three: one
+    # batch each)
     return ["--data", ids, "--seq-len", "32", "--batch-size", "2", "--device", "cpu", "--report", report]
 
 
-def assert_same_evaluation(two: dict, one: dict) -> None:
-    """The 2-process report equals the 1-process one: counts and top-1 exactly, the rest to float rounding."""
+def assert_same_evaluation(two: dict, one: dict, nproc: int = 2) -> None:
+    """The N-process report equals the 1-process one: counts and top-1 exactly, the rest to float rounding."""
     for key in ("windows", "tokens", "predicted", "top1_agreement", "seq_len"):
         assert two[key] == one[key], key
     for key in ("ppl", "ref_ppl", "ppl_ratio"):
@@ -27,21 +30,22 @@ def assert_same_evaluation(two: dict, one: dict) -> None:
     assert len(two["blocks"]) == len(one["blocks"]) == 3
     for b2, b1 in zip(two["blocks"], one["blocks"]):
         assert b2["hidden_rel_error"] == pytest.approx(b1["hidden_rel_error"], rel=1e-6), b1["index"]
-    assert one["timing"]["processes"] == 1 and two["timing"]["processes"] == 2
+    assert one["timing"]["processes"] == 1 and two["timing"]["processes"] == nproc
     assert one["kld"]["mean"] > 0 and 0 < one["top1_agreement"] < 1  # a real difference was measured
 
 
-def test_eval_two_processes_equal_one(dist_model, tmp_path):
+@pytest.mark.parametrize("nproc", [2] + ([3] if FULL else []))
+def test_eval_under_torchrun_equals_one_process(dist_model, tmp_path, nproc):
     ids = dist_model.parent / "ids.safetensors"
     q = tmp_path / "q"
     assert run_cli("quantize", dist_model, "-o", q, "--bits", "4", "--group-size", "32", "--quiet").exit_code == 0
     one = run_cli("eval", q, "--ref", dist_model, *_eval_args(q, ids, tmp_path / "one.json"), "--quiet")
     assert one.exit_code == 0, one.stderr
-    r = torchrun("eval", q, "--ref", dist_model, *_eval_args(q, ids, tmp_path / "two.json"))
+    r = torchrun("eval", q, "--ref", dist_model, *_eval_args(q, ids, tmp_path / "two.json"), nproc=nproc)
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("perplexity") == 1  # rank 0 alone prints the report
     assert_same_evaluation(json.loads((tmp_path / "two.json").read_text()),
-                           json.loads((tmp_path / "one.json").read_text()))
+                           json.loads((tmp_path / "one.json").read_text()), nproc)
 
 
 def test_quantize_eval_gate_fails_on_every_process(dist_model, tmp_path):
