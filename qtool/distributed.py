@@ -58,11 +58,16 @@ class Group:
     def parallel(self) -> bool:
         return self.world > 1
 
-    def share(self, n: int, what: str = "calibration windows") -> range:
-        """The indices of n items this process takes: the rank-th of N contiguous, near-equal slices."""
+    def share(self, n: int, what: str = "calibration windows", rank: int | None = None) -> range:
+        """The indices of n items this process (or `rank`) takes: the rank-th of N contiguous, near-equal slices."""
         if self.parallel and n < self.world:
             raise QtoolError(RUN, f"{n} {what} cannot be shared by {self.world} processes; use more, or fewer processes")
-        return range(self.rank * n // self.world, (self.rank + 1) * n // self.world)
+        r = self.rank if rank is None else rank
+        return range(r * n // self.world, (r + 1) * n // self.world)
+
+    def holder(self, i: int, n: int) -> int:
+        """The process whose share of n items holds item i."""
+        return next(r for r in range(self.world) if i in self.share(n, rank=r))
 
     # -- collectives (no-ops on one process) --------------------------------------------------------------
     def _call(self, what: str, fn, *args, **kwargs):
@@ -123,6 +128,11 @@ class Group:
         box = [None]
         self._call("a receive", dist.recv_object_list, box, src=src)
         return box[0]
+
+    def gather(self, obj) -> list | None:
+        """Every process's `obj` on rank 0, in rank order (None elsewhere): one point-to-point send per process."""
+        got = [self.to_root(obj, src) for src in range(self.world)]
+        return got if self.root else None
 
     def barrier(self) -> None:
         if self.parallel:

@@ -4,6 +4,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,3 +125,30 @@ def decompress(parts: dict, spec) -> torch.Tensor:
     """The dense weight of one module's stored parts (local names), as qtool reads it."""
     from qtool.formats import compressed_tensors as ct
     return ct.PackedModule.from_parts(parts, spec).dequantize()
+
+
+# -- torchrun (tests/test_distributed*.py) ---------------------------------------------------------------------
+CALIB = ["--calib-samples", "6", "--seq-len", "32", "--device", "cpu", "--quiet"]
+
+
+@pytest.fixture(scope="session")
+def dist_model(tmp_path_factory):
+    """A tiny Llama built by transformers from a config, seed 0 (3 blocks, grouped-query attention), and beside it
+    ids.safetensors: 6 windows of 32 token ids."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=128, max_position_embeddings=64, tie_word_embeddings=False)
+    path = tmp_path_factory.mktemp("dist") / "llama"
+    LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(path)
+    ids = torch.randint(0, 128, (6, 32), generator=torch.Generator().manual_seed(1))
+    save_file({"input_ids": ids}, str(path.parent / "ids.safetensors"))
+    return path
+
+
+def torchrun(*args, nproc: int = 2, script: list[str] | None = None, env: dict | None = None):
+    """`torchrun --standalone --nproc-per-node N -m qtool ARGS` (or a script), one thread per process."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+           *(script or ["-m", "qtool"]), *map(str, args)]
+    e = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(env or {})}
+    return subprocess.run(cmd, capture_output=True, text=True, env=e, timeout=600)

@@ -142,3 +142,12 @@ def test_scaled_block_keeps_its_output(kind, kv):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     changed = [n for n, f in out.folded.items() if f["by"] == "1/s"]
     assert changed and all(out.folded[n]["relative_change"] > 0 for n in changed)
+
+
+def test_searches_run_first_unless_a_fold_changes_a_later_member():
+    """Llama's mappings in forward order never fold into a later mapping's member, so every search can run before
+    any fold (side by side on their owners under torchrun); backwards, up → down's fold would change up_proj."""
+    view, groups, _, _ = _setup("llama", kv_heads=4)
+    found, _ = block_awq.candidates(view, groups)
+    assert len(found) == 4 and block_awq._ahead(view, found)
+    assert not block_awq._ahead(view, found[::-1])

@@ -8,17 +8,20 @@ block's output unchanged on a calibration sample: a norm whose output also feeds
 router, a GQA value projection narrower than o_proj's input, a non-linear step between the two linears, all fail that
 check and are reported as skipped with the reason. The norm's parameterisation (w, or Gemma's 1 + w) is the offset that
 passes it. Nothing here knows an architecture by name except arch.fold_predecessor's structural pairs.
+
+Under torchrun (`Spread`) every process scales the same block: one checks the candidates, each mapping's statistics'
+owner searches it, and every process folds what they broadcast.
 """
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
 from torch import nn
 
-from .. import arch
+from .. import arch, distributed
 from ..quant import awq
 from ..quant.spec import QuantSpec
 
@@ -196,21 +199,65 @@ def fold(params: _Params, m: Mapping, s: torch.Tensor) -> dict[str, torch.Tensor
     return out
 
 
+@dataclass(frozen=True)
+class Spread:
+    """Who decides what in a torchrun run (every process scales the same block, each holding its share of the
+    windows): `trial`, the process holding the sample one process would try folds on, checks the candidates; each
+    mapping's search runs on its statistics' owner (`owners`: id(InputStats) → rank), which alone holds their sums
+    over every window. Each broadcasts its outcome, so every process folds the same scales."""
+
+    group: distributed.Group = distributed.SINGLE
+    trial: int = 0
+    owners: dict = field(default_factory=dict)
+
+    def on(self, src: int, compute: Callable):
+        """compute() run on process src, its value on every process (one process: compute())."""
+        if not self.group.parallel:
+            return compute()
+        return self.group.broadcast_object(compute() if self.group.rank == src else None, src=src)
+
+
+def _search(members: list, st, n_grid: int, cpu: bool) -> awq.Searched:
+    """One mapping's search on its input statistics; with `cpu`, its scales on the CPU (to broadcast them: a
+    pickled CUDA tensor would name this process's device)."""
+    count = max(st.count, 1)
+    res = awq.search(members, st.hessian, st.sum_abs / count, st.sum_sq / count, n_grid)
+    return replace(res, scales=res.scales.cpu()) if cpu else res
+
+
+def _ahead(view: BlockView, found: list[Mapping]) -> bool:
+    """Whether no mapping's member is the feeder of an earlier one (so no fold changes what a later search reads:
+    a fold scales its own members' columns and its feeder's rows)."""
+    feeders = set()
+    for m in found:
+        if any(view.path(n) in feeders for n in m.members):
+            return False
+        feeders.add(m.feeder)
+    return True
+
+
 def scale_block(view: BlockView, groups, stats: dict, values: dict[str, torch.Tensor], quantizer: Callable,
-                n_grid: int) -> Scaled:
+                n_grid: int, spread: Spread = Spread()) -> Scaled:
     """Search and fold every exact mapping of the block in the order its linears run.
 
     stats: checkpoint weight name → InputStats (with sum_abs and hessian); values: checkpoint name → current tensor
     of every tensor of the block (updated in place as mappings fold); quantizer(name) → that weight's quantizer for
     the search (quant.awq.mse_quantizer of its spec, or kept_dense for a linear left unquantized)."""
-    found, skipped = candidates(view, groups)
+    found, skipped = spread.on(spread.trial, lambda: candidates(view, groups))
     out = Scaled(skipped=skipped)
     params = _Params(view.module, view, values)
-    for m in found:
+    owner = [spread.owners.get(id(stats[m.members[0]]), 0) for m in found]
+
+    def search(k: int) -> awq.Searched:
+        members = [(values[n], quantizer(n)) for n in found[k].members]
+        return _search(members, stats[found[k].members[0]], n_grid, spread.group.parallel)
+    # unless an earlier fold changes a later mapping's member, every search can run first: under torchrun each owner
+    # then runs its searches side by side with the other owners' (the same values, so the same results)
+    early = {k: search(k) for k in range(len(found)) if owner[k] == spread.group.rank} if _ahead(view, found) else {}
+    for k, m in enumerate(found):
         st = stats[m.members[0]]
-        count = max(st.count, 1)
-        members = [(values[n], quantizer(n)) for n in m.members]
-        res = awq.search(members, st.hessian, st.sum_abs / count, st.sum_sq / count, n_grid)
+        res = spread.on(owner[k], lambda: early.pop(k) if k in early else search(k))
+        res = replace(res, scales=res.scales.to(st.sum_sq.device))
         label = f"{m.feeder} → {', '.join(view.path(n) for n in m.members)}"
         member_paths = tuple(f"{view.path(n)}." for n in m.members)
         # α = 0 is s = 1: nothing to fold (and (w + 1)/1 − 1 would not even give w back bit for bit)
@@ -254,7 +301,8 @@ def view_of(walk, block) -> BlockView:
     return BlockView(block.module, linears, params, call, sample.hidden)
 
 
-def scale_walked_block(walk, block, stats: dict, groups, specs: dict[str, QuantSpec], n_grid: int) -> tuple[Scaled, dict]:
+def scale_walked_block(walk, block, stats: dict, groups, specs: dict[str, QuantSpec], n_grid: int,
+                       spread: Spread = Spread()) -> tuple[Scaled, dict]:
     """AWQ on a loaded block of a LayerWalk: (what it did, the current value of every tensor of the block that fills
     one model parameter, on the walk's device). specs: the quantized weights' schemes (others stay dense)."""
     view = view_of(walk, block)
@@ -262,4 +310,4 @@ def scale_walked_block(walk, block, stats: dict, groups, specs: dict[str, QuantS
 
     def quantizer(name):
         return awq.mse_quantizer(specs[name]) if name in specs else awq.kept_dense
-    return scale_block(view, groups, stats, values, quantizer, n_grid), values
+    return scale_block(view, groups, stats, values, quantizer, n_grid, spread), values

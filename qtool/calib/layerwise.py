@@ -128,10 +128,7 @@ def quantize_layerwise(ckpt, plans, calib, *, samples: int = 128, seq_len: int =
     from .walk import LayerWalk
     ids = _samples(ckpt, calib, samples, seq_len)
     done: list[Calibrated] = []
-    log = AwqLog(awq_grid) if any(p.spec.awq for p in todo.values()) else None
-    if log is not None and group.parallel:
-        raise QtoolError(str(ckpt.path), "--method awq / awq+gptq does not run under torchrun yet (its scale search "
-                                         "needs every window's activations in one process): run it in one process")
+    log = AwqLog(awq_grid, _trial_rank(group, ids)) if any(p.spec.awq for p in todo.values()) else None
     with exact_matmul(device):
         walk = LayerWalk(ckpt, parallel.share(group, ids), device, moe, arch, group=group)
         progress.start(f"quantizing ({methods})", len(walk.layers))
@@ -170,11 +167,18 @@ def _todo(ckpt, plans) -> dict:
     return todo
 
 
-class AwqLog:
-    """What activation-aware scaling did, block by block, for the report."""
+def _trial_rank(group, ids: list) -> int:
+    """The process holding the shortest window, the sample one process tries AWQ's folds on (the first of the
+    shortest, as qtool.calib.awq.view_of picks it)."""
+    return group.holder(min(range(len(ids)), key=lambda i: ids[i].numel()), len(ids)) if group.parallel else 0
 
-    def __init__(self, grid: int):
-        self.grid, self.mappings, self.skipped, self.folded = grid, [], [], []
+
+class AwqLog:
+    """What activation-aware scaling did, block by block, for the report; `trial`: the process that checks the
+    candidate folds under torchrun."""
+
+    def __init__(self, grid: int, trial: int = 0):
+        self.grid, self.trial, self.mappings, self.skipped, self.folded = grid, trial, [], [], []
 
     def add(self, block, scaled) -> None:
         self.mappings += [{"block": block.path, **m} for m in scaled.mappings]
@@ -230,7 +234,8 @@ def _block(ckpt, walk, block, todo: dict, damp: float, device, log: AwqLog | Non
             yield item
     del got
     if log is not None:
-        yield from _dense(ckpt, block, todo, block_todo, scaled)
+        if group.root:
+            yield from _dense(ckpt, block, todo, block_todo, scaled)
         w_hats.update({n: v for n, v in (scaled.values.items() if scaled else ()) if n not in w_hats})
     if w_hats:
         walk.update(block, w_hats)  # through the checkpoint's conversion: an expert lands in its fused slice
@@ -239,19 +244,22 @@ def _block(ckpt, walk, block, todo: dict, damp: float, device, log: AwqLog | Non
 
 
 def _scaled(walk, block, got, todo: dict, block_todo: list[str], usable: dict, log: AwqLog | None):
-    """With AWQ: the block's searched scales, folded (qtool.calib.awq), and the changed tensors' values."""
+    """With AWQ: the block's searched scales, folded (qtool.calib.awq), and the changed tensors' values (under
+    torchrun each mapping searched by its statistics' owner, the same scales folded on every process)."""
     if log is None or got is None:
         return None, {}
-    from .awq import scale_walked_block
+    from .awq import Spread, scale_walked_block
     specs = {n: todo[n].spec for n in block_todo if n in usable}
-    scaled, values = scale_walked_block(walk, block, got.stats, got.groups, specs, log.grid)
+    scaled, values = scale_walked_block(walk, block, got.stats, got.groups, specs, log.grid,
+                                        Spread(walk.group, log.trial, got.owners))
     log.add(block, scaled)
     return scaled, values
 
 
 def _folded_only(ckpt, walk, block, todo: dict, block_todo: list[str], scaled) -> Iterator[Calibrated]:
-    """The folded model itself, unquantized: every tensor of the block as folding left it."""
-    yield from _dense(ckpt, block, todo, [], scaled)
+    """The folded model itself, unquantized: every tensor of the block as folding left it (rank 0 yields)."""
+    if walk.group.root:
+        yield from _dense(ckpt, block, todo, [], scaled)
     for name in block_todo:
         todo.pop(name)
     walk.update(block, scaled.values if scaled is not None else {})

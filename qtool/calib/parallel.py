@@ -1,6 +1,6 @@
 """What a torchrun run adds to the layer walk (qtool.distributed): each process walks the same blocks on its share
-of the calibration windows; before a block's weights are quantized, each statistics record (Σx², max|x|, token
-count, XᵀX) is combined onto one owner process; owners quantize their weights and every process receives the
+of the calibration windows; before a block's weights are quantized, each statistics record (Σx², Σ|x|, max|x|,
+token count, XᵀX) is combined onto one owner process; owners quantize their weights and every process receives the
 results, so all of them compute their windows' inputs to the next block with the same quantized block.
 
 Owners: records with a Hessian are spread over the processes by its size (distributed.owners: the largest first,
@@ -28,6 +28,7 @@ def combine(group, stats: list) -> dict[int, int]:
         owners = [0] * len(stats)
     for st, owner in zip(stats, owners):
         group.reduce(st.sum_sq, owner)
+        group.reduce(st.sum_abs, owner)   # activation-aware scaling's mean|x|
         group.reduce(st.absmax, owner, op="max")
         if st.hessian is not None:
             group.reduce(st.hessian, owner)

@@ -42,6 +42,24 @@ class Walked:
                 for d, r in zip(self.diff_sq, self.ref_sq)]
 
 
+def gathered(group, walked: Walked) -> Walked | None:
+    """A torchrun run's walks, one per process over its contiguous share of the windows, on rank 0 as one (None
+    elsewhere): per-position scores concatenated in rank order, which is window order, so every per-position value
+    and quantile is the one process's; block sums added rank by rank (float64, a fixed order)."""
+    parts = group.gather(walked)
+    if parts is None:
+        return None
+    if len(parts) == 1:
+        return parts[0]
+    out = Walked(scores=[s for p in parts for s in p.scores])
+    if walked.diff_sq is not None:
+        out.diff_sq, out.ref_sq = parts[0].diff_sq.clone(), parts[0].ref_sq.clone()
+        for p in parts[1:]:
+            out.diff_sq += p.diff_sq
+            out.ref_sq += p.ref_sq
+    return out
+
+
 def default_batch_size(seq_len: int) -> int:
     return max(1, DEFAULT_BATCH_TOKENS // seq_len)
 

@@ -71,27 +71,34 @@ def evaluate(model, data, ref=None, *, seq_len: int = 512, samples: int | None =
     rck = open_checkpoint(ref, ref_revision) if ref is not None else None
     windows = load_windows(data, [_folder(rck), _folder(mck)], seq_len=seq_len, samples=samples)
     with runtime.session(device, parallel=False) as rt:   # one worker with every thread, TF32 off, GC frozen
-        dev = rt.device
+        dev, group = rt.device, rt.group
+        # under torchrun each process walks a contiguous share of the windows; rank 0 gathers what they measured
+        mine = [windows[i] for i in group.share(len(windows), "evaluation windows")]
         m = ModelStages(mck, dev)
         r = ModelStages(rck, dev) if rck is not None else None
         _check_pair(m, r, mck, rck, windows)
-        walked = lockstep.walk(m, r, windows, batch_size or lockstep.default_batch_size(seq_len),
-                               progress or NullProgress())
-    report = eval_report(model=str(model), ref=None if ref is None else str(ref), data=str(data), seq_len=seq_len,
-                         lengths=[int(w.numel()) for w in windows], nll=walked.cat("nll"),
-                         nll_ref=walked.cat("nll_ref"), kld=walked.cat("kld"), agree=walked.cat("agree"),
-                         hidden_errors=walked.hidden_rel_errors(), limits=limits, device=str(dev),
-                         seconds=time.perf_counter() - start)
-    if report_path is not None:
-        write_json(report, report_path)
-    return report
+        walked = lockstep.gathered(group, lockstep.walk(m, r, mine, batch_size or lockstep.default_batch_size(seq_len),
+                                                        progress or NullProgress()))
+    report = None
+    if group.root:   # rank 0 alone reports; every process returns its report, so all decide the gates alike
+        report = eval_report(model=str(model), ref=None if ref is None else str(ref), data=str(data),
+                             seq_len=seq_len, lengths=[int(w.numel()) for w in windows], nll=walked.cat("nll"),
+                             nll_ref=walked.cat("nll_ref"), kld=walked.cat("kld"), agree=walked.cat("agree"),
+                             hidden_errors=walked.hidden_rel_errors(), limits=limits, device=str(dev),
+                             seconds=time.perf_counter() - start, processes=group.world)
+        if report_path is not None:
+            write_json(report, report_path)
+    return group.broadcast_object(report, src=0)
 
 
-def attach(report: dict, out, source, options: EvalOptions | None, *, revision=None, progress=None) -> dict:
-    """A job's `--eval`: evaluate OUT against SOURCE and put the eval report under `report["eval"]`."""
+def attach(report: dict | None, out, source, options: EvalOptions | None, *, revision=None, progress=None) -> dict | None:
+    """A job's `--eval`: evaluate OUT against SOURCE and put the eval report under `report["eval"]`. Under torchrun
+    every process calls it (each walks its share of the windows); only rank 0's `report` is a dict."""
     if options is not None:
-        report["eval"] = evaluate(out, options.data, ref=source, seq_len=options.seq_len, samples=options.samples,
+        evaluated = evaluate(out, options.data, ref=source, seq_len=options.seq_len, samples=options.samples,
                                   batch_size=options.batch_size, device=options.device, max_kld=options.max_kld,
                                   max_ppl_ratio=options.max_ppl_ratio, min_top1=options.min_top1,
                                   ref_revision=revision, progress=progress)
+        if report is not None:
+            report["eval"] = evaluated
     return report

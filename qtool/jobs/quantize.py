@@ -103,7 +103,7 @@ def quantize(source, out, spec: QuantSpec | None = None, *, include=(), exclude=
     scheme = _scheme(plans, spec, mixed, ckpt)
     config = {**(ckpt.config or {}), "quantization_config": scheme.to_config()}
     with runtime.session(dev, parallel=calibration.data is None) as rt:
-        # under torchrun every process computes its share; rank 0 alone writes OUT, evaluates it and the report
+        # under torchrun every process computes its share; rank 0 alone writes OUT and the report
         with (CheckpointWriter(out, overwrite=overwrite) if rt.group.root else Discard()) as writer:
             outputs = _outputs(plans, order)
             writer.plan(outputs, max_shard_bytes=max_shard_bytes)
@@ -118,9 +118,11 @@ def quantize(source, out, spec: QuantSpec | None = None, *, include=(), exclude=
                               replace(scheme, method=spec.method), {p.module: p.shape for p in plans.values() if p.quantize})
             report = _report(source, out, ckpt, plans, written, results, max_rel_error, start, copied, mixed,
                              allocation, calibration.walked, rt.group)
+        if eval_options is not None:  # every process evaluates its share of the windows, once OUT is in place
+            rt.group.barrier()
             attach_eval(report, out, source, eval_options, revision=revision, progress=progress)
-            if report_path is not None:
-                write_json(report, report_path)
+        if rt.group.root and report_path is not None:
+            write_json(report, report_path)
         return rt.group.broadcast_object(report, src=0)  # every process returns the report (and its gate)
 
 

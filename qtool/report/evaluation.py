@@ -54,8 +54,10 @@ def eval_gate_part(report: EvalReport, limits: dict) -> EvalGate | None:
 
 def eval_report(*, model: str, ref: str | None, data: str, seq_len: int, lengths: list[int], nll: torch.Tensor,
                 nll_ref: torch.Tensor | None, kld: torch.Tensor | None, agree: torch.Tensor | None,
-                hidden_errors: list[float] | None, limits: dict, device: str, seconds: float) -> EvalReport:
-    """lengths: each window's tokens; nll, nll_ref, kld, agree: per predicted position; hidden_errors: per block."""
+                hidden_errors: list[float] | None, limits: dict, device: str, seconds: float,
+                processes: int = 1) -> EvalReport:
+    """lengths: each window's tokens; nll, nll_ref, kld, agree: per predicted position; hidden_errors: per block;
+    processes: the torchrun run's world size."""
     tokens = sum(lengths)
     ppl = _ppl(nll)
     ref_ppl = None if nll_ref is None else _ppl(nll_ref)
@@ -69,7 +71,8 @@ def eval_report(*, model: str, ref: str | None, data: str, seq_len: int, lengths
         "kld": None if kld is None else kld_part(kld),
         "top1_agreement": None if agree is None else float(agree.double().mean()),
         "blocks": blocks, "gate": None, "device": device,
-        "timing": {"seconds": round(seconds, 3), "tokens_per_s": round(tokens / seconds, 1) if seconds > 0 else None},
+        "timing": {"seconds": round(seconds, 3), "tokens_per_s": round(tokens / seconds, 1) if seconds > 0 else None,
+                   "processes": processes},
     }
     report["gate"] = eval_gate_part(report, limits)
     return report

@@ -195,6 +195,7 @@ class EvalGate(TypedDict):
 class EvalTiming(TypedDict):
     seconds: float
     tokens_per_s: float | None
+    processes: int  # the torchrun run's world size (1 without torchrun): each walked its share of the windows
 
 
 class EvalReport(TypedDict):

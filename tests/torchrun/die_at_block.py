@@ -1,5 +1,5 @@
 """Run `qtool ARGS...` as one torchrun process; the process of rank $QTOOL_TEST_DIE_RANK kills itself (SIGKILL)
-when the layer walk reaches block $QTOOL_TEST_DIE_BLOCK; every process that ends writes its exit code to
+when the layer walk reaches block $QTOOL_TEST_DIE_BLOCK (-1: none dies); every process that ends writes its exit code to
 $QTOOL_TEST_RC_DIR/rank<R>.rc. Used by tests/test_distributed.py (a killed rank mid-walk)."""
 import os
 import signal
