@@ -64,6 +64,23 @@ def test_search_is_never_worse_than_no_scaling_and_helps_with_salient_channels()
     assert found.alpha > 0 and found.gain < 0.9  # per-channel int4 with 40x outliers: scaling pays
 
 
+def test_abandoned_candidates_change_nothing_but_their_own_errors():
+    # the search stops summing a candidate once it passes the best so far: the same winner, scales and exact errors
+    # as every candidate summed in full, and each abandoned one's figure a lower bound above the winner's
+    x = _acts()
+    h, x_mean, imp = _stats(x)
+    g = torch.Generator().manual_seed(5)
+    ws = [torch.randn(64, 128, generator=g) for _ in range(3)]
+    members = [(w, awq.mse_quantizer(QuantSpec(bits=4, group_size=32))) for w in ws]
+    found = awq.search(members, h, x_mean, imp, n_grid=11)
+    form = awq.factorize(h, act_order=False, inverse=False)
+    full = [awq.mapped_error(members, h, imp, awq.channel_scales(x_mean, a), form) for a in awq.alphas(11)]
+    best = min(range(11), key=lambda i: (full[i], i))
+    assert found.alpha == awq.alphas(11)[best] and found.errors[0] == full[0] and min(found.errors) == full[best]
+    pruned = [i for i in range(11) if found.errors[i] != full[i]]
+    assert pruned and all(full[best] < found.errors[i] <= full[i] for i in pruned)
+
+
 def test_no_salient_channel_keeps_alpha_zero_possible():
     # uniform activations: every s is ~1, the search may keep α = 0; its error is then exactly the unscaled one
     x = torch.ones(256, 64)

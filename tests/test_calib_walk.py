@@ -57,7 +57,8 @@ def _quantize(ckpt, ids, method, **kw):
     plans = plan_quantization(ckpt.tensors.values(), spec, ckpt.config)
     items, summary = walk_all(quantize_layerwise(ckpt, plans, ids, samples=len(ids), seq_len=64, damp=0.01,
                                                  device="cpu", **kw))
-    emitted = {n: (ckpt.get(n), c.weight.codes(), c.weight.scale, c.weight.zero_point, c.extra) for n, c in items.items()}
+    emitted = {n: (ckpt.get(n), c.weight.codes(), c.weight.scale, c.weight.zero_point, c.extra) for n, c in items.items()
+               if c.weight is not None}  # awq also yields the dense tensors it folded into
     return spec, plans, emitted, summary
 
 
@@ -77,7 +78,15 @@ def test_gptq_output_error_below_rtn_and_matches_direct_computation(tmp_path):
     _assert_direct_output_errors(model, ids, spec, emitted, ".layers.0.")
 
 
-def _assert_direct_output_errors(model, ids, spec, emitted, first_block: str):
+def test_awq_before_error_is_rtn_on_the_unscaled_layer(tmp_path):
+    model = save_tiny("llama", tmp_path)
+    ids = samples(8)
+    spec, _, emitted, _ = _quantize(open_checkpoint(tmp_path), ids, "awq", awq_grid=5)
+    _assert_direct_output_errors(model, ids, spec, emitted, ".layers.0.", keys=("output_error_before",))
+
+
+def _assert_direct_output_errors(model, ids, spec, emitted, first_block: str,
+                                 keys=("output_error_after", "output_error_before")):
     """The first block's inputs are those of the original model: ‖XWᵀ − XŴᵀ‖/‖XWᵀ‖ recomputed from the captured X,
     for the method (after) and for rtn (before)."""
     ref = reference_stats(model, ids, with_inputs=True)
@@ -89,6 +98,8 @@ def _assert_direct_output_errors(model, ids, spec, emitted, first_block: str):
         w_hat = dequantize(q, scale, zp, spec, dtype=torch.float32)
         rtn = quantize_weight(w, spec.with_method("rtn")).dequantize(torch.float32)
         for w_x, key in ((w_hat, "output_error_after"), (rtn, "output_error_before")):
+            if key not in keys:
+                continue
             direct = float((x @ (w.float() - w_x).T).norm() / (x @ w.float().T).norm())
             assert direct == pytest.approx(extra[key], rel=1e-3), (name, key)
 

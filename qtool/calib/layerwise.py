@@ -341,7 +341,10 @@ def _calibrated(ckpt, plan, st, damp: float, device, w=None, s=None, factors: _F
     elif s is None:
         before, after = output_errors(w, [rtn, w_hat], h)  # tr(W H Wᵀ) once for both
     else:
-        after, before = output_errors(w, [w_hat], h)[0], output_errors(w0, [rtn], st.hessian)[0]
+        # rtn's error on the unscaled layer, whose outputs' energy the forward measured before any fold
+        before = error_ratio(quadratic_error(w0, rtn, st.hessian), float(energy)) if energy is not None else \
+            output_errors(w0, [rtn], st.hessian)[0]
+        after = output_errors(w, [w_hat], h)[0]
     extra = {**qw.info, "calibrated": True, "output_error_before": before, "output_error_after": after}
     return Calibrated(plan.name, qw.cpu(), extra)
 

@@ -14,6 +14,7 @@ a previous linear (v_proj before o_proj, up_proj before down_proj) has its outpu
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -58,7 +59,8 @@ def kept_dense(w_scaled: torch.Tensor, importance: torch.Tensor) -> torch.Tensor
 @dataclass(frozen=True)
 class Searched:
     """The outcome of one mapping's search: the winning α and scales, and the mapped outputs' squared error for every
-    α of the grid (errors[0] is α = 0, no scaling)."""
+    α of the grid (errors[0] is α = 0, no scaling, always exact; so is the winner's; an α abandoned once its sum
+    passed the best so far has a lower bound above the winner's)."""
 
     alpha: float
     scales: torch.Tensor
@@ -72,14 +74,21 @@ class Searched:
 
 
 def mapped_error(members: Sequence[tuple[torch.Tensor, Callable]], hessian: torch.Tensor, importance: torch.Tensor,
-                 s: torch.Tensor, form: Factor | None = None) -> float:
+                 s: torch.Tensor, form: Factor | None = None, bound: float = math.inf) -> float:
     """Σ_k ‖X W_kᵀ − X diag(1/s) Q_k(W_k diag(s))ᵀ‖² from H = XᵀX, members = [(W_k, Q_k)]; `form`: H's
-    factorize(inverse=False), which a search over many s computes once (half a product with H per form)."""
+    factorize(inverse=False), which a search over many s computes once (half a product with H per form). With
+    `bound` (the best error so far: every term is a squared norm, the sum only grows), a sum past it is returned as
+    soon as it passes: then only a lower bound, above `bound`, and the remaining members are not even quantized."""
     total = 0.0
     imp = importance.float() / s.square()
     for w, quantize in members:
         w_eff = quantize(scale_columns(w, s), imp) / s
-        total += quadratic_error(w, w_eff, hessian) if form is None else form.quadratic(w.float() - w_eff)
+        if form is None:
+            total += quadratic_error(w, w_eff, hessian)
+        else:
+            total += form.quadratic(w.float() - w_eff, stop=bound - total)
+        if total > bound:
+            break
     return total
 
 
@@ -95,7 +104,7 @@ def search(members: Sequence[tuple[torch.Tensor, Callable]], hessian: torch.Tens
     form = factorize(hessian, act_order=False, inverse=False)
     for alpha in alphas(n_grid):
         s = channel_scales(x_mean, alpha).to(hessian.device)
-        err = mapped_error(members, hessian, importance, s, form)
+        err = mapped_error(members, hessian, importance, s, form, best[0] if best is not None else math.inf)
         errors.append(err)
         if best is None or err < best[0]:
             best = (err, alpha, s)

@@ -8,6 +8,7 @@ Matrix math is float32 (TF32 off on cuda) and deterministic for a given device.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -130,9 +131,10 @@ class Factor:
     lam: float                # the damping added
     L: torch.Tensor           # the lower factor it came from
 
-    def quadratic(self, a: torch.Tensor) -> float:
-        """tr(A H Aᵀ) of an [out, in] matrix A, from the factor: half the flops of a product with H."""
-        return _quadratic(a, self.L, self.perm, self.lam, self.dead)
+    def quadratic(self, a: torch.Tensor, stop: float = math.inf) -> float:
+        """tr(A H Aᵀ) of an [out, in] matrix A, from the factor: half the flops of a product with H. With `stop`, the
+        sum ends as soon as it exceeds it: the value returned is then only a lower bound, above `stop`."""
+        return _quadratic(a, self.L, self.perm, self.lam, self.dead, stop=stop)
 
 
 def factorize(hessian: torch.Tensor, damp: float = 0.01, act_order: bool = True, name: str = "",
@@ -271,17 +273,20 @@ class _Columns:
         return (q * s32).to(self.sdt).float()
 
 
-def _quadratic(a: torch.Tensor, L: torch.Tensor, perm, lam: float, dead, block: int = 512) -> float:
+def _quadratic(a: torch.Tensor, L: torch.Tensor, perm, lam: float, dead, block: int = 512,
+               stop: float = math.inf) -> float:
     """tr(A H Aᵀ) from the lower factor L of the reversed, permuted, damped H' (J P H' Pᵀ J = LLᵀ): ‖A P J L‖², the
     product with the triangle only (a block of L's columns meets only the rows from its own down), less the damping's
-    and the dead columns' parts. float32 products, float64 sums."""
+    and the dead columns' parts. float32 products, float64 sums. The blocks' parts are never negative, so once the
+    running sum passes `stop` it can only grow: it is returned as it is (a lower bound)."""
     A = a.to(device=L.device, dtype=torch.float32)
+    total = -_undamped_part(A, lam, dead)
     B = (A[:, perm] if perm is not None else A).flip(1)
-    total = 0.0
     for j in range(0, L.shape[0], block):
         total += float((B[:, j:] @ L[j:, j:j + block]).square().sum(dtype=torch.float64))
-    del B
-    return total - _undamped_part(A, lam, dead)
+        if total > stop:
+            break
+    return total
 
 
 def _undamped_part(d: torch.Tensor, lam: float, dead, rows: int = 256) -> float:
