@@ -10,6 +10,7 @@ Peak memory: one block, its Hessians, and the activations of all samples.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Generator, Iterator
 
@@ -20,7 +21,7 @@ from ..arch import module_of
 from ..errors import QtoolError
 from ..progress import NullProgress
 from ..quant import awq
-from ..quant.gptq import error_ratio, output_errors, quadratic_error, residual
+from ..quant.gptq import error_ratio, output_errors, residual
 from ..quant.weight import QuantizedWeight, quantize_weight
 from ..report.schema import ExpertRow, ExpertSource
 from ..runtime import exact_matmul, resolve_device
@@ -287,9 +288,7 @@ class _Factors:
 
     def __init__(self, uses: list, damp: float, device):
         self.damp, self.device = damp, device
-        self._left: dict[tuple, int] = {}
-        for st, s in uses:
-            self._left[self._key(st, s)] = self._left.get(self._key(st, s), 0) + 1
+        self._left = Counter(self._key(st, s) for st, s in uses)
         self._made: dict[tuple, object] = {}
 
     @staticmethod
@@ -335,15 +334,12 @@ def _calibrated(ckpt, plan, st, damp: float, device, w=None, s=None, factors: _F
         den = den if den is not None else given[0]
         before, after = error_ratio(rtn_num, den), error_ratio(residual(w, w_hat, qw.residual), den)
     elif rtn is None:
-        before = after = output_errors(w, [w_hat], h)[0]
-    elif s is None and den is not None:
-        before, after = (error_ratio(quadratic_error(w, x, h), den) for x in (rtn, w_hat))
+        before = after = output_errors(w, [w_hat], h, den=den)[0]
     elif s is None:
-        before, after = output_errors(w, [rtn, w_hat], h)  # tr(W H Wᵀ) once for both
+        before, after = output_errors(w, [rtn, w_hat], h, den=den)  # tr(W H Wᵀ) at most once for both
     else:
         # rtn's error on the unscaled layer, whose outputs' energy the forward measured before any fold
-        before = error_ratio(quadratic_error(w0, rtn, st.hessian), float(energy)) if energy is not None else \
-            output_errors(w0, [rtn], st.hessian)[0]
+        before = output_errors(w0, [rtn], st.hessian, den=None if energy is None else float(energy))[0]
         after = output_errors(w, [w_hat], h)[0]
     extra = {**qw.info, "calibrated": True, "output_error_before": before, "output_error_after": after}
     return Calibrated(plan.name, qw.cpu(), extra)

@@ -41,7 +41,7 @@ def combine(group, stats: list) -> dict[int, int]:
 
 def combine_energy(group, energy: dict, owners: dict) -> None:
     """Each linear's output energy (LinearTaps.energy) summed onto the owner of its statistics, in name order."""
-    if group.world > 1:
+    if group.parallel:
         for name in sorted(energy):
             group.reduce(energy[name], owners[name])
 

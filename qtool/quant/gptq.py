@@ -323,11 +323,11 @@ def error_ratio(num: float, den: float) -> float:
 
 
 def output_errors(w: torch.Tensor, w_hats: list[torch.Tensor], hessian: torch.Tensor, rows: int = 256,
-                  known: list[float] = ()) -> list[float]:
-    """output_error of each reconstruction in `w_hats`, with tr(W H Wᵀ) computed once for all of them, then of each
-    numerator tr(ΔW H ΔWᵀ) already `known` (GPTQ's `residual`)."""
-    nums, den = _quadratics(w, w_hats, hessian, rows, reference=True)
-    return [error_ratio(num, den) for num in nums + list(known)]
+                  known: list[float] = (), den: float | None = None) -> list[float]:
+    """output_error of each reconstruction in `w_hats`, with tr(W H Wᵀ) computed once for all of them (or `den`
+    when the caller knows it), then of each numerator tr(ΔW H ΔWᵀ) already `known` (GPTQ's `residual`)."""
+    nums, ref = _quadratics(w, w_hats, hessian, rows, reference=den is None)
+    return [error_ratio(num, ref if den is None else den) for num in nums + list(known)]
 
 
 def quadratic_error(w: torch.Tensor, w_hat: torch.Tensor, hessian: torch.Tensor, rows: int = 256) -> float:
