@@ -138,6 +138,10 @@ def test_target_bits_is_met_and_every_consumer_reads_the_result(llama, tmp_path)
         want = float((src[f"{m}.weight"].float() - dense[f"{m}.weight"].float()).square().sum(dtype=torch.float64))
         assert rows[f"{m}.weight"]["predicted_error"] == pytest.approx(want, rel=1e-4)
     assert a["predicted_error"] == pytest.approx(sum(rows[f"{m}.weight"]["predicted_error"] for m in modules))
+    # the choice minimised the relative errors: each predicted error over ‖W‖², the module's own energy
+    relative = sum(rows[f"{m}.weight"]["predicted_error"] / float(src[f"{m}.weight"].double().square().sum())
+                   for m in modules)
+    assert a["sensitivity"] == "relative" and a["solver"]["objective"] == pytest.approx(relative, rel=1e-6)
     _consumers_agree(out, dense, spec_of)
 
 
@@ -192,6 +196,8 @@ def test_max_size_is_never_exceeded_and_reruns_give_the_same_bytes(llama, tmp_pa
     (["--scheme", "*.q_proj=int3"], 2, "'int3' is not a SPEC"),
     (["--scheme", "q_proj"], 2, "error: --scheme 'q_proj': is not GLOB=SPEC"),
     (["--candidates", "int4,int8"], 2, "give --target-bits or --max-size too"),
+    (["--sensitivity", "proxy"], 2, "error: --sensitivity: is for an allocation to a budget"),
+    (["--target-bits", "5", "--sensitivity", "output"], 2, "'output' is not one of"),
     (["--max-size", "1.5XB"], 2, "'1.5XB' is not a size"),
     (["--target-bits", "6", "--candidates", "int4:g128,int4:g96"], 2, "'g96' is not one of"),
     (["--scheme", "*.nothing=int8"], 1, "matches no tensor that is quantized"),
@@ -217,6 +223,7 @@ def test_statistics_weigh_the_predicted_errors(llama, tmp_path):
     imp = load_stats(stats)
     src = _tensors(llama)
     from qtool.quant import quantize_weight
+    relative = 0.0
     for row in report["layers"]:
         if "predicted_error" not in row:
             continue
@@ -225,7 +232,12 @@ def test_statistics_weigh_the_predicted_errors(llama, tmp_path):
         w_hat = quantize_weight(w, parse_spec(row["scheme"], method="rtn")).dequantize()
         want = float(((w.float() - w_hat.float()).square().sum(0) * imp[m]).sum(dtype=torch.float64))
         assert row["predicted_error"] == pytest.approx(want, rel=1e-4), m
+        relative += want / float((w.double().square().sum(0) * imp[m].double()).sum())  # over its output energy
     assert report["allocation"]["achieved_bits"] <= 4.6
+    assert report["allocation"]["solver"]["objective"] == pytest.approx(relative, rel=1e-4)
+    proxy = qtool.quantize(llama, tmp_path / "proxy", calib=stats, target_bits=4.6, sensitivity="proxy",
+                           candidates=["int4:g128", "int4:g32", "int8:channel"])["allocation"]
+    assert proxy["sensitivity"] == "proxy" and proxy["solver"]["objective"] == pytest.approx(proxy["predicted_error"])
     # calibration data instead of the file: the same statistics from one pass of the model, the same bytes
     again = qtool.quantize(llama, tmp_path / "again", calib=tmp_path / "ids.safetensors", calib_samples=8, seq_len=12,
                            target_bits=4.6, candidates=["int4:g128", "int4:g32", "int8:channel"])
@@ -262,6 +274,10 @@ def test_the_python_api_names_its_own_arguments(llama, tmp_path):
         qtool.quantize(llama, tmp_path / "out", target_bits=5, max_size=10**6)
     with pytest.raises(qtool.ArgumentError, match="'int3' is not a SPEC"):
         qtool.quantize(llama, tmp_path / "out", schemes=["*=int3"])
+    with pytest.raises(qtool.ArgumentError, match="sensitivity: 'output' is not one of 'relative', 'proxy'"):
+        qtool.quantize(llama, tmp_path / "out", target_bits=5, sensitivity="output")
+    with pytest.raises(qtool.ArgumentError, match="give target_bits or max_size too"):
+        qtool.quantize(llama, tmp_path / "out", sensitivity="relative")
     with pytest.raises(qtool.QtoolError, match="cannot be met") as e:
         qtool.quantize(llama, tmp_path / "out", target_bits=4, candidates="int4:g128,int8:channel")
     assert e.value.path == "target_bits=4" and not (tmp_path / "out").exists()

@@ -7,10 +7,17 @@ min-max rounding (rtn): one cheap kernel pass per candidate, after which only th
 run's method. GPTQ's errors are correlated across columns on purpose (it trades weight error for output error), so
 for a GPTQ result the full output error tr(ΔW·H·ΔWᵀ)/n is used, which GPTQ minimises, of which the formula above is
 the diagonal.
+
+That figure is each module's predicted error (the report's `predicted_error`), in the units of its own output, so
+a few modules with a large output energy dominate a sum of them. What the allocation minimises is the chosen
+sensitivity (`--sensitivity`, `objective`): `relative` (the default) divides each module's predicted error by its
+output energy under the same assumption, `Σ_j mean(x_j²)·‖W_{:,j}‖²` (`‖W‖²` without statistics), the formula
+with W for ΔW: the relative output error, which a residual block adds to its stream whatever the module's scale;
+`proxy` sums the predicted errors as they are.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 
@@ -18,6 +25,8 @@ from ..quant.spec import QuantSpec
 from ..quant.weight import quantize_weight
 
 _ROWS = 256  # rows per float32 chunk
+SENSITIVITIES = ("relative", "proxy")
+DEFAULT_SENSITIVITY = "relative"
 
 
 def rtn_errors(w: torch.Tensor, specs: Sequence[QuantSpec | None], importance: torch.Tensor | None = None) -> list[float]:
@@ -32,6 +41,31 @@ def rtn_errors(w: torch.Tensor, specs: Sequence[QuantSpec | None], importance: t
             out.append(float(qw.error["mse"]) * w.numel())
         else:
             out.append(weighted_error(w, qw.dequantize(), importance))
+    return out
+
+
+def output_energy(w: torch.Tensor, importance: torch.Tensor | None = None) -> float:
+    """The normaliser of `relative`: Σ_j importance_j·‖W_{:,j}‖² (‖W‖² without importance), float64 total."""
+    imp = None if importance is None else importance.to(device=w.device, dtype=torch.float32).reshape(-1)
+    total = 0.0
+    for r0 in range(0, w.shape[0], _ROWS):
+        sq = w[r0:r0 + _ROWS].float().square_()
+        total += float(sq.sum(dtype=torch.float64) if imp is None else (sq.sum(0) * imp).sum(dtype=torch.float64))
+    return total
+
+
+def objective(errors: Mapping[str, Mapping], energies: Mapping[str, float], sensitivity: str) -> dict[str, dict]:
+    """objective[module][spec]: what the allocation minimises for each measured error, by `sensitivity`:
+    `proxy` the predicted error itself, `relative` it divided by the module's output energy (a module whose energy
+    is 0, all-zero weights, loses nothing under any spec: its errors stay as they are)."""
+    if sensitivity not in SENSITIVITIES:
+        raise ValueError(f"sensitivity {sensitivity!r} is not one of {', '.join(SENSITIVITIES)}")
+    if sensitivity == "proxy":
+        return {m: dict(errs) for m, errs in errors.items()}
+    out = {}
+    for m, errs in errors.items():
+        e = energies.get(m, 0.0)
+        out[m] = {s: v / e if e > 0 else v for s, v in errs.items()}
     return out
 
 
