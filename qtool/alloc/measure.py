@@ -45,12 +45,15 @@ def rtn_errors(w: torch.Tensor, specs: Sequence[QuantSpec | None], importance: t
 
 
 def output_energy(w: torch.Tensor, importance: torch.Tensor | None = None) -> float:
-    """The normaliser of `relative`: Σ_j importance_j·‖W_{:,j}‖² (‖W‖² without importance), float64 total."""
+    """The normaliser of `relative`: Σ_j importance_j·‖W_{:,j}‖² (‖W‖² without importance): float32 chunks, float64
+    total."""
     imp = None if importance is None else importance.to(device=w.device, dtype=torch.float32).reshape(-1)
     total = 0.0
-    for r0 in range(0, w.shape[0], _ROWS):
-        sq = w[r0:r0 + _ROWS].float().square_()
-        total += float(sq.sum(dtype=torch.float64) if imp is None else (sq.sum(0) * imp).sum(dtype=torch.float64))
+    for r0 in range(0, w.shape[0], _ROWS):  # one float32 chunk at a time, freed before the next (the allocator reuses it)
+        if imp is None:
+            total += float(w[r0:r0 + _ROWS].float().square_().sum())
+        else:
+            total += float(torch.mv(w[r0:r0 + _ROWS].float().square_(), imp).sum())
     return total
 
 
@@ -73,9 +76,8 @@ def weighted_error(w: torch.Tensor, w_hat: torch.Tensor, importance: torch.Tenso
     """Σ_j importance_j · Σ_i (w_ij − ŵ_ij)², float32 chunks, float64 total."""
     imp = importance.to(device=w.device, dtype=torch.float32).reshape(-1)
     total = 0.0
-    for r0 in range(0, w.shape[0], _ROWS):
-        d = w[r0:r0 + _ROWS].float() - w_hat[r0:r0 + _ROWS].float()
-        total += float((d.square_().sum(0) * imp).sum(dtype=torch.float64))
+    for r0 in range(0, w.shape[0], _ROWS):  # each chunk freed before the next (output_energy)
+        total += float(torch.mv((w[r0:r0 + _ROWS].float() - w_hat[r0:r0 + _ROWS].float()).square_(), imp).sum())
     return total
 
 
