@@ -258,10 +258,11 @@ def inspect(source, as_json, against, base, top, max_rel_error, lora_rank, lora_
               help="Like --target-bits, for a whole output checkpoint of at most SIZE (e.g. 1.5GB, 800MiB, bytes).")
 @click.option("--candidates", default=None, metavar="SPEC,SPEC,...",
               help="SPECs a budget chooses from (default int4:g128,int4:g64,int4:g32,int8:channel).")
-@click.option("--sensitivity", type=click.Choice(["relative", "proxy"]), default=None,
-              help="What a budget's choice minimises: relative (default) sums each module's predicted error divided "
-                   "by its output energy (sum_j mean(x_j^2)*|W_:,j|^2, |W|^2 without --calib); proxy sums the "
-                   "predicted errors as they are. The report's predicted_error is the proxy's figure either way.")
+@click.option("--sensitivity", type=click.Choice(["group", "relative", "proxy"]), default=None,
+              help="What a budget's choice minimises, from each module's output energy (sum_j mean(x_j^2)*|W_:,j|^2, "
+                   "|W|^2 without --calib): group (default) sums each fused group's relative error (its members' "
+                   "predicted errors over their summed energy); relative each module's own; proxy the predicted "
+                   "errors as they are. The report's predicted_error is the proxy's figure either way.")
 @click.option("--include", multiple=True, metavar="GLOB", help="Also quantize tensors/modules matching GLOB (repeatable).")
 @click.option("--exclude", multiple=True, metavar="GLOB", help="Keep tensors/modules matching GLOB unquantized; wins over --include.")
 @report_option

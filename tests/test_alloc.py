@@ -11,7 +11,7 @@ import torch
 
 from qtool.alloc import costs
 from qtool.alloc.allocate import DEFAULT_CANDIDATES, Target, Weight, allocate, parse_candidates
-from qtool.alloc.measure import SENSITIVITIES, objective, output_energy, rtn_errors
+from qtool.alloc.measure import DEFAULT_SENSITIVITY, SENSITIVITIES, objective, output_energy, rtn_errors
 from qtool.errors import QtoolError
 from qtool.quant.spec import spec_text
 
@@ -141,6 +141,8 @@ def test_output_energy_is_the_normaliser_computed_directly():
     direct = float((w.double().square().sum(0) * imp.double()).sum())
     assert output_energy(w, imp) == pytest.approx(direct, rel=1e-6)
     assert output_energy(w) == pytest.approx(float(w.double().square().sum()), rel=1e-6)
+    w32 = w.float()
+    assert output_energy(w32) == output_energy(w32) and torch.equal(w32, w.float())  # a float32 weight is left as it is
     errors = {"a": {CANDS[0]: 3.0, None: 0.0}, "zero": {CANDS[0]: 0.0}}
     assert objective(errors, {"a": 6.0, "zero": 0.0}, "relative") == {"a": {CANDS[0]: 0.5, None: 0.0},
                                                                       "zero": {CANDS[0]: 0.0}}
@@ -149,10 +151,24 @@ def test_output_energy_is_the_normaliser_computed_directly():
         objective(errors, {}, "output")
 
 
+def test_group_sensitivity_is_each_fused_groups_relative_error():
+    """group: a fused group's members sum to the group's predicted error over its summed energy (counted once,
+    whatever its members); a module alone is its own relative error."""
+    qkv = [f"model.layers.0.self_attn.{p}_proj" for p in "qkv"]
+    errors = {m: {CANDS[0]: e, None: 0.0} for m, e in zip(qkv + ["model.layers.0.self_attn.o_proj"], (1, 2, 3, 4.0))}
+    energies = dict(zip(errors, (10.0, 20.0, 30.0, 8.0)))
+    got = objective(errors, energies, "group")
+    assert sum(got[m][CANDS[0]] for m in qkv) == pytest.approx(6 / 60)
+    assert got["model.layers.0.self_attn.o_proj"][CANDS[0]] == 0.5 == objective(errors, energies, "relative")[
+        "model.layers.0.self_attn.o_proj"][CANDS[0]]
+    assert sum(objective(errors, energies, "relative")[m][CANDS[0]] for m in qkv) == pytest.approx(0.3)  # 3 × 0.1
+    assert DEFAULT_SENSITIVITY == "group"
+
+
 @pytest.mark.parametrize("calibrated", [False, True])
 def test_relative_errors_ignore_a_modules_scale_the_proxy_does_not(calibrated):
     """A module multiplied by 128 (exact in floating point: its errors grow 128², its energy too) keeps its schemes
-    under `relative`; the proxy's absolute errors hand it the bits."""
+    under `relative` and `group`; the proxy's absolute errors hand it the bits."""
     weights = _model()
     g = torch.Generator().manual_seed(5)
     tensors = {m: (torch.randn(w.shape, generator=g) * torch.rand(w.shape[1], generator=g).pow(3).mul(4).add(0.2))
@@ -169,5 +185,6 @@ def test_relative_errors_ignore_a_modules_scale_the_proxy_does_not(calibrated):
             chosen[label, kind] = allocate(weights, {}, CANDS, errors, target,
                                            objective=objective(errors, energies, kind)).specs
     assert chosen["as is", "relative"] == chosen["scaled", "relative"]
+    assert chosen["as is", "group"] == chosen["scaled", "group"]
     assert chosen["scaled", "proxy"][big] == CANDS[3] != chosen["as is", "proxy"][big]
     assert chosen["as is", "proxy"] != chosen["scaled", "proxy"]

@@ -138,10 +138,12 @@ def test_target_bits_is_met_and_every_consumer_reads_the_result(llama, tmp_path)
         want = float((src[f"{m}.weight"].float() - dense[f"{m}.weight"].float()).square().sum(dtype=torch.float64))
         assert rows[f"{m}.weight"]["predicted_error"] == pytest.approx(want, rel=1e-4)
     assert a["predicted_error"] == pytest.approx(sum(rows[f"{m}.weight"]["predicted_error"] for m in modules))
-    # the choice minimised the relative errors: each predicted error over ‖W‖², the module's own energy
-    relative = sum(rows[f"{m}.weight"]["predicted_error"] / float(src[f"{m}.weight"].double().square().sum())
-                   for m in modules)
-    assert a["sensitivity"] == "relative" and a["solver"]["objective"] == pytest.approx(relative, rel=1e-6)
+    # the choice minimised the groups' relative errors: each fused group's predicted errors over its ‖W‖² summed
+    from qtool.arch import fused_groups
+    relative = sum(sum(rows[f"{m}.weight"]["predicted_error"] for m in g.members) /
+                   sum(float(src[f"{m}.weight"].double().square().sum()) for m in g.members)
+                   for g in fused_groups(modules))
+    assert a["sensitivity"] == "group" and a["solver"]["objective"] == pytest.approx(relative, rel=1e-6)
     _consumers_agree(out, dense, spec_of)
 
 
@@ -218,12 +220,12 @@ def test_statistics_weigh_the_predicted_errors(llama, tmp_path):
     from safetensors.torch import save_file
     save_file({"input_ids": ids}, tmp_path / "ids.safetensors")
     qtool.calibrate(llama, tmp_path / "ids.safetensors", stats, calib_samples=8, seq_len=12)
-    report = qtool.quantize(llama, tmp_path / "out", calib=stats, target_bits=4.6,
+    report = qtool.quantize(llama, tmp_path / "out", calib=stats, target_bits=4.6, sensitivity="relative",
                             candidates=["int4:g128", "int4:g32", "int8:channel"])
     imp = load_stats(stats)
     src = _tensors(llama)
     from qtool.quant import quantize_weight
-    relative = 0.0
+    relative = 0.0  # of each module (sensitivity="relative")
     for row in report["layers"]:
         if "predicted_error" not in row:
             continue
@@ -238,14 +240,24 @@ def test_statistics_weigh_the_predicted_errors(llama, tmp_path):
     proxy = qtool.quantize(llama, tmp_path / "proxy", calib=stats, target_bits=4.6, sensitivity="proxy",
                            candidates=["int4:g128", "int4:g32", "int8:channel"])["allocation"]
     assert proxy["sensitivity"] == "proxy" and proxy["solver"]["objective"] == pytest.approx(proxy["predicted_error"])
+    group = qtool.quantize(llama, tmp_path / "group", calib=stats, target_bits=4.6,  # the default sensitivity
+                           candidates=["int4:g128", "int4:g32", "int8:channel"])
+    from qtool.arch import fused_groups
+    pred = {row["name"].removesuffix(".weight"): row["predicted_error"] for row in group["layers"]
+            if "predicted_error" in row}
+    energy = {m: float((src[f"{m}.weight"].double().square().sum(0) * imp[m].double()).sum()) for m in pred}
+    want = sum(sum(pred[m] for m in g.members) / sum(energy[m] for m in g.members) for g in fused_groups(pred))
+    assert group["allocation"]["sensitivity"] == "group"
+    assert group["allocation"]["solver"]["objective"] == pytest.approx(want, rel=1e-4)
     # calibration data instead of the file: the same statistics from one pass of the model, the same bytes
     again = qtool.quantize(llama, tmp_path / "again", calib=tmp_path / "ids.safetensors", calib_samples=8, seq_len=12,
-                           target_bits=4.6, candidates=["int4:g128", "int4:g32", "int8:channel"])
+                           target_bits=4.6, sensitivity="relative", candidates=["int4:g128", "int4:g32", "int8:channel"])
     assert again["allocation"] == {**report["allocation"], "achieved_bytes": again["allocation"]["achieved_bytes"]}
     assert (tmp_path / "again" / "model.safetensors").read_bytes() == (tmp_path / "out" / "model.safetensors").read_bytes()
     # gptq quantizes the allocated schemes in its layer walk
     g = qtool.quantize(llama, tmp_path / "gptq", qtool.QuantSpec(method="gptq"), calib=tmp_path / "ids.safetensors",
-                       calib_samples=8, seq_len=12, target_bits=4.6, candidates=["int4:g128", "int4:g32", "int8:channel"])
+                       calib_samples=8, seq_len=12, target_bits=4.6, candidates=["int4:g128", "int4:g32", "int8:channel"],
+                       sensitivity="relative")
     assert g["allocation"]["by_spec"] == report["allocation"]["by_spec"]
     assert _groups(tmp_path / "gptq") == {k: v for k, v in report["allocation"]["by_spec"].items() if k != "dense"}
     assert {row.get("method") for row in g["layers"] if row["quantized"]} == {"gptq"}
@@ -274,7 +286,7 @@ def test_the_python_api_names_its_own_arguments(llama, tmp_path):
         qtool.quantize(llama, tmp_path / "out", target_bits=5, max_size=10**6)
     with pytest.raises(qtool.ArgumentError, match="'int3' is not a SPEC"):
         qtool.quantize(llama, tmp_path / "out", schemes=["*=int3"])
-    with pytest.raises(qtool.ArgumentError, match="sensitivity: 'output' is not one of 'relative', 'proxy'"):
+    with pytest.raises(qtool.ArgumentError, match="sensitivity: 'output' is not one of 'group', 'relative', 'proxy'"):
         qtool.quantize(llama, tmp_path / "out", target_bits=5, sensitivity="output")
     with pytest.raises(qtool.ArgumentError, match="give target_bits or max_size too"):
         qtool.quantize(llama, tmp_path / "out", sensitivity="relative")

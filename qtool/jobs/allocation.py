@@ -4,8 +4,8 @@ options → measure → allocate → assign: the job's mixed-precision options c
 of every candidate module under each SPEC it could get and its output energy, measured streaming (one tensor in
 memory per worker: read, round to nearest with min-max scales per SPEC, weigh by the input statistics when there are
 any); the exact allocation (qtool.alloc.allocate) minimising the run's sensitivity (qtool.alloc.measure.objective:
-relative errors by default); the plan with each module's chosen spec. The job then quantizes with its own
-method as in any other run, so only the chosen scheme of each module is quantized by that method.
+each fused group's relative error by default); the plan with each module's chosen spec. The job then quantizes with
+its own method as in any other run, so only the chosen scheme of each module is quantized by that method.
 
 Why rtn for the measurement: one cheap kernel pass per candidate keeps the whole allocation under one uniform
 `mse` run's time, and the chosen modules' final error is never above the predicted one (mse is never worse than
@@ -91,7 +91,7 @@ def choose(ckpt, plans: dict[str, TensorPlan], mixed: Mixed, importance: dict, r
 def measure(ckpt, cands: Sequence[TensorPlan], options: dict[str, list], importance: dict, rt,
             progress) -> tuple[dict[str, dict], dict[str, float]]:
     """(errors[module][spec]: the predicted error of each candidate module under each of its options, energies[module]:
-    its output energy, the normaliser of relative errors), streaming."""
+    its output energy, the normaliser of the sensitivities), streaming."""
     todo = [p for p in cands if options[p.module] != [None]]
     errors = {p.module: {None: 0.0} for p in cands if options[p.module] == [None]}  # dense: nothing is lost
     energies = {}

@@ -82,8 +82,8 @@ def quantize(source, out, spec: QuantSpec | None = None, *, include=(), exclude=
 
     schemes: `GLOB=SPEC` rules (first match wins); target_bits / max_size: a budget the schemes of the modules no
     rule decides are allocated to, from `candidates` (SPECs, a list or one comma-separated string), minimising
-    `sensitivity` ("relative", the default: each module's predicted error over its output energy; "proxy": the
-    predicted errors as they are; qtool.alloc.measure).
+    `sensitivity` ("group", the default: each fused group's predicted error over its output energy; "relative":
+    each module's; "proxy": the predicted errors as they are; qtool.alloc.measure).
     eval_options (jobs.evaluate.EvalOptions): evaluate OUT against SOURCE afterwards, under report["eval"]."""
     start = time.perf_counter()
     spec = spec or QuantSpec()
