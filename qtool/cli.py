@@ -258,7 +258,7 @@ def inspect(source, as_json, against, base, top, max_rel_error, lora_rank, lora_
               help="Like --target-bits, for a whole output checkpoint of at most SIZE (e.g. 1.5GB, 800MiB, bytes).")
 @click.option("--candidates", default=None, metavar="SPEC,SPEC,...",
               help="SPECs a budget chooses from (default int4:g128,int4:g64,int4:g32,int8:channel).")
-@click.option("--sensitivity", type=click.Choice(["group", "relative", "proxy"]), default=None,
+@click.option("--sensitivity", type=click.Choice(list(arguments.SENSITIVITIES)), default=None,
               help="What a budget's choice minimises, from each module's output energy (sum_j mean(x_j^2)*|W_:,j|^2, "
                    "|W|^2 without --calib): group (default) sums each fused group's relative error (its members' "
                    "predicted errors over their summed energy); relative each module's own; proxy the predicted "

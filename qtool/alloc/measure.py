@@ -49,11 +49,11 @@ def rtn_errors(w: torch.Tensor, specs: Sequence[QuantSpec | None], importance: t
 
 
 def output_energy(w: torch.Tensor, importance: torch.Tensor | None = None) -> float:
-    """The normaliser of the sensitivities: Σ_j importance_j·‖W_{:,j}‖² (‖W‖² without importance): float32 chunks, float64
-    total."""
+    """The normaliser of the sensitivities: Σ_j importance_j·‖W_{:,j}‖² (‖W‖² without importance), float32 chunks,
+    float64 total."""
     imp = None if importance is None else importance.to(device=w.device, dtype=torch.float32).reshape(-1)
     total = 0.0
-    for r0 in range(0, w.shape[0], _ROWS):  # one float32 copy at a time, freed before the next (the allocator reuses it)
+    for r0 in range(0, w.shape[0], _ROWS):  # one float32 copy at a time, freed before the next (reused by the allocator)
         if imp is None:
             total += float(w[r0:r0 + _ROWS].to(torch.float32, copy=True).square_().sum())
         else:
