@@ -2,10 +2,12 @@
 """Mixed precision against uniform schemes at the same budget: model-level quality of `qtool quantize --target-bits`.
 
     python bench/mixed_quality.py [--models lm,minilm] [--method mse] [--budgets g128,4.5,5.0] [--calib both|none|only]
+                                  [--sensitivity relative,proxy]
 
 For each model, every uniform candidate (int4 g128, g64, g32, int8 per channel) is quantized with `qtool.quantize`,
 and for each budget B (bits per candidate weight: codes + scales + zero points, `g128` meaning the bits of uniform
-int4 g128) the exact allocation `target_bits=B` over the default candidates. Every output goes through
+int4 g128) and each --sensitivity (what the allocation minimises; default qtool's) the exact allocation
+`target_bits=B` over the default candidates. Every output goes through
 `qtool.dequantize` and is loaded by transformers; quality against the fp32 source:
 - lm: the causal LM of bench/train_lm.py (bench/_work/causal-lm, made by `python bench/train_lm.py` if absent):
   mean per-token KL divergence KL(p_fp32 ‖ p_quant) and the perplexity ratio over the first --windows 512-token
@@ -109,19 +111,23 @@ def run(model: Model, work: Path, label: str, method: str, calib, **kw) -> dict:
     row = {"model": model.name, "run": label, "calib": calib is not None, "seconds": rep["timing"]["seconds"],
            "bits": a["achieved_bits"] if a else model.bits(kw["schemes"][0].split("=")[1]),
            "by_spec": {k: len(v) for k, v in a["by_spec"].items()} if a else None,
+           "sensitivity": a.get("sensitivity") if a else None,
            **model.loss(work / f"{label}-dense")}
     return row
 
 
-def table(model: Model, work: Path, method: str, budgets: list[str], calib) -> list[dict]:
+def table(model: Model, work: Path, method: str, budgets: list[str], calib, sensitivities: list) -> list[dict]:
     rows = [run(model, work, spec.replace(":", "-"), method, calib, schemes=[f"*={spec}"]) for spec in UNIFORM]
     for b in budgets:
         bits = model.bits("int4:g128") if b == "g128" else float(b)
-        row = run(model, work, f"mixed-{b}", method, calib, target_bits=bits)
         fitting = [r for r in rows[:len(UNIFORM)] if r["bits"] <= bits + 1e-12]
-        row.update(budget=bits, fits=[r["run"] for r in fitting],
-                   beats=all(row["loss"] < r["loss"] for r in fitting), no_worse=all(row["loss"] <= r["loss"] for r in fitting))
-        rows.append(row)
+        for sens in sensitivities:
+            label = f"mixed-{b}" + (f"-{sens}" if sens else "")
+            row = run(model, work, label, method, calib, target_bits=bits, sensitivity=sens)
+            row.update(budget=bits, fits=[r["run"] for r in fitting], sensitivity=row["sensitivity"],
+                       beats=all(row["loss"] < r["loss"] for r in fitting),
+                       no_worse=all(row["loss"] <= r["loss"] for r in fitting))
+            rows.append(row)
     return rows
 
 
@@ -138,6 +144,8 @@ def main(argv=None) -> int:
     ap.add_argument("--budgets", default="g128,4.5,5.0")
     ap.add_argument("--calib", default="both", choices=("both", "none", "only"))
     ap.add_argument("--windows", type=int, default=8, help="lm: 512-token eval windows")
+    ap.add_argument("--sensitivity", default="", help="comma-separated sensitivities to allocate with, one row each "
+                                                      "(default: qtool's default alone)")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
     models = []
@@ -154,7 +162,8 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="qtool-mixed-") as tmp:
         for m in models:
             for calib in {"both": (None, m.calib), "none": (None,), "only": (m.calib,)}[a.calib]:
-                rows += table(m, Path(tmp), a.method, a.budgets.split(","), calib)
+                rows += table(m, Path(tmp), a.method, a.budgets.split(","), calib,
+                              [s for s in a.sensitivity.split(",") if s] or [None])
     if a.json:
         print(json.dumps(rows, indent=1))
         return 0

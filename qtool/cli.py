@@ -258,6 +258,11 @@ def inspect(source, as_json, against, base, top, max_rel_error, lora_rank, lora_
               help="Like --target-bits, for a whole output checkpoint of at most SIZE (e.g. 1.5GB, 800MiB, bytes).")
 @click.option("--candidates", default=None, metavar="SPEC,SPEC,...",
               help="SPECs a budget chooses from (default int4:g128,int4:g64,int4:g32,int8:channel).")
+@click.option("--sensitivity", type=click.Choice(list(arguments.SENSITIVITIES)), default=None,
+              help="What a budget's choice minimises, from each module's output energy (sum_j mean(x_j^2)*|W_:,j|^2, "
+                   "|W|^2 without --calib): group (default) sums each fused group's relative error (its members' "
+                   "predicted errors over their summed energy); relative each module's own; proxy the predicted "
+                   "errors as they are. The report's predicted_error is the proxy's figure either way.")
 @click.option("--include", multiple=True, metavar="GLOB", help="Also quantize tensors/modules matching GLOB (repeatable).")
 @click.option("--exclude", multiple=True, metavar="GLOB", help="Keep tensors/modules matching GLOB unquantized; wins over --include.")
 @report_option
@@ -273,9 +278,9 @@ def inspect(source, as_json, against, base, top, max_rel_error, lora_rank, lora_
 @revision_option
 @handle_errors
 def quantize(source, out, bits, symmetric, group_size, method, calib, calib_samples, seq_len, damp, awq_grid,
-             moe_calib, moe_min_tokens, device, schemes, target_bits, max_size, candidates, include, exclude,
-             report_path, max_rel_error, allow_nonfinite, max_shard_size, eval_data, max_kld, max_ppl_ratio, min_top1,
-             overwrite, quiet, as_json, revision):
+             moe_calib, moe_min_tokens, device, schemes, target_bits, max_size, candidates, sensitivity, include,
+             exclude, report_path, max_rel_error, allow_nonfinite, max_shard_size, eval_data, max_kld, max_ppl_ratio,
+             min_top1, overwrite, quiet, as_json, revision):
     """Quantize SOURCE's linear weights to int4/int8 in the compressed-tensors pack-quantized format.
 
     \b
@@ -297,8 +302,8 @@ def quantize(source, out, bits, symmetric, group_size, method, calib, calib_samp
     evaluation = _eval_request(eval_data, max_kld, max_ppl_ratio, min_top1, seq_len=seq_len, device=device)
     with make_progress(quiet or as_json) as progress:
         report = run(source, out, spec, include=include, exclude=exclude, schemes=schemes, target_bits=target_bits,
-                     max_size=max_size, candidates=candidates, calib=calib, calib_samples=calib_samples,
-                     seq_len=seq_len, damp=damp, awq_grid=awq_grid, moe_calib=moe_calib, moe_min_tokens=moe_min_tokens,
+                     max_size=max_size, candidates=candidates, sensitivity=sensitivity, calib=calib,
+                     calib_samples=calib_samples, seq_len=seq_len, damp=damp, awq_grid=awq_grid, moe_calib=moe_calib, moe_min_tokens=moe_min_tokens,
                      device=device, report_path=report_path, max_rel_error=max_rel_error,
                      allow_nonfinite=allow_nonfinite, max_shard_bytes=max_shard_size, overwrite=overwrite,
                      revision=revision, progress=progress, eval_options=evaluation)

@@ -11,8 +11,9 @@ import torch
 
 from qtool.alloc import costs
 from qtool.alloc.allocate import DEFAULT_CANDIDATES, Target, Weight, allocate, parse_candidates
+from qtool.alloc.measure import DEFAULT_SENSITIVITY, SENSITIVITIES, objective, output_energy, rtn_errors
 from qtool.errors import QtoolError
-from qtool.quant.spec import QuantSpec, spec_text
+from qtool.quant.spec import spec_text
 
 BF16 = torch.bfloat16
 CANDS = parse_candidates(DEFAULT_CANDIDATES, {"symmetric": True, "group_size": None, "method": "mse"})
@@ -124,3 +125,66 @@ def test_targets():
     with pytest.raises(QtoolError, match="above 0"):
         Target.of("-1")
     assert Target.of("4.3").bits == Fraction(43, 10) and math.isclose(float(Target.of(4.3).bits), 4.3)
+
+
+def _measured(tensors, importance=None):
+    """errors and output energies of real weights, as the quantize job measures them (rtn per candidate)."""
+    errors = {m: dict(zip(CANDS, rtn_errors(w, CANDS, None if importance is None else importance[m])))
+              for m, w in tensors.items()}
+    return errors, {m: output_energy(w, None if importance is None else importance[m]) for m, w in tensors.items()}
+
+
+def test_output_energy_is_the_normaliser_computed_directly():
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(600, 96, generator=g).to(BF16)  # more rows than one chunk
+    imp = torch.rand(96, generator=g) * 5
+    direct = float((w.double().square().sum(0) * imp.double()).sum())
+    assert output_energy(w, imp) == pytest.approx(direct, rel=1e-6)
+    assert output_energy(w) == pytest.approx(float(w.double().square().sum()), rel=1e-6)
+    w32 = w.float()
+    assert output_energy(w32) == output_energy(w32) and torch.equal(w32, w.float())  # a float32 weight is left as it is
+    errors = {"a": {CANDS[0]: 3.0, None: 0.0}, "zero": {CANDS[0]: 0.0}}
+    assert objective(errors, {"a": 6.0, "zero": 0.0}, "relative") == {"a": {CANDS[0]: 0.5, None: 0.0},
+                                                                      "zero": {CANDS[0]: 0.0}}
+    assert objective(errors, {"a": 6.0}, "proxy") == errors
+    with pytest.raises(ValueError, match="not one of"):
+        objective(errors, {}, "output")
+
+
+def test_group_sensitivity_is_each_fused_groups_relative_error():
+    """group: a fused group's members sum to the group's predicted error over its summed energy (counted once,
+    whatever its members); a module alone is its own relative error."""
+    qkv = [f"model.layers.0.self_attn.{p}_proj" for p in "qkv"]
+    errors = {m: {CANDS[0]: e, None: 0.0} for m, e in zip(qkv + ["model.layers.0.self_attn.o_proj"], (1, 2, 3, 4.0))}
+    energies = dict(zip(errors, (10.0, 20.0, 30.0, 8.0)))
+    got = objective(errors, energies, "group")
+    assert sum(got[m][CANDS[0]] for m in qkv) == pytest.approx(6 / 60)
+    assert got["model.layers.0.self_attn.o_proj"][CANDS[0]] == 0.5 == objective(errors, energies, "relative")[
+        "model.layers.0.self_attn.o_proj"][CANDS[0]]
+    assert sum(objective(errors, energies, "relative")[m][CANDS[0]] for m in qkv) == pytest.approx(0.3)  # 3 × 0.1
+    assert DEFAULT_SENSITIVITY == "group"
+
+
+@pytest.mark.parametrize("calibrated", [False, True])
+def test_relative_errors_ignore_a_modules_scale_the_proxy_does_not(calibrated):
+    """A module multiplied by 128 (exact in floating point: its errors grow 128², its energy too) keeps its schemes
+    under `relative` and `group`; the proxy's absolute errors hand it the bits."""
+    weights = _model()
+    g = torch.Generator().manual_seed(5)
+    tensors = {m: (torch.randn(w.shape, generator=g) * torch.rand(w.shape[1], generator=g).pow(3).mul(4).add(0.2))
+               for m, w in weights.items()}
+    importance = {m: torch.rand(w.shape[1], generator=g).pow(2) * 3 for m, w in weights.items()} if calibrated else None
+    weights = {m: Weight(w.shape, torch.float32) for m, w in weights.items()}
+    big = "model.layers.1.self_attn.o_proj"
+    scaled = {**tensors, big: tensors[big] * 128}
+    target = Target.of(4.6)
+    chosen = {}
+    for label, ts in (("as is", tensors), ("scaled", scaled)):
+        errors, energies = _measured(ts, importance)
+        for kind in SENSITIVITIES:
+            chosen[label, kind] = allocate(weights, {}, CANDS, errors, target,
+                                           objective=objective(errors, energies, kind)).specs
+    assert chosen["as is", "relative"] == chosen["scaled", "relative"]
+    assert chosen["as is", "group"] == chosen["scaled", "group"]
+    assert chosen["scaled", "proxy"][big] == CANDS[3] != chosen["as is", "proxy"][big]
+    assert chosen["as is", "proxy"] != chosen["scaled", "proxy"]

@@ -138,6 +138,12 @@ def test_target_bits_is_met_and_every_consumer_reads_the_result(llama, tmp_path)
         want = float((src[f"{m}.weight"].float() - dense[f"{m}.weight"].float()).square().sum(dtype=torch.float64))
         assert rows[f"{m}.weight"]["predicted_error"] == pytest.approx(want, rel=1e-4)
     assert a["predicted_error"] == pytest.approx(sum(rows[f"{m}.weight"]["predicted_error"] for m in modules))
+    # the choice minimised the groups' relative errors: each fused group's predicted errors over its ‖W‖² summed
+    from qtool.arch import fused_groups
+    relative = sum(sum(rows[f"{m}.weight"]["predicted_error"] for m in g.members) /
+                   sum(float(src[f"{m}.weight"].double().square().sum()) for m in g.members)
+                   for g in fused_groups(modules))
+    assert a["sensitivity"] == "group" and a["solver"]["objective"] == pytest.approx(relative, rel=1e-6)
     _consumers_agree(out, dense, spec_of)
 
 
@@ -192,6 +198,8 @@ def test_max_size_is_never_exceeded_and_reruns_give_the_same_bytes(llama, tmp_pa
     (["--scheme", "*.q_proj=int3"], 2, "'int3' is not a SPEC"),
     (["--scheme", "q_proj"], 2, "error: --scheme 'q_proj': is not GLOB=SPEC"),
     (["--candidates", "int4,int8"], 2, "give --target-bits or --max-size too"),
+    (["--sensitivity", "proxy"], 2, "error: --sensitivity: is for an allocation to a budget"),
+    (["--target-bits", "5", "--sensitivity", "output"], 2, "'output' is not one of"),
     (["--max-size", "1.5XB"], 2, "'1.5XB' is not a size"),
     (["--target-bits", "6", "--candidates", "int4:g128,int4:g96"], 2, "'g96' is not one of"),
     (["--scheme", "*.nothing=int8"], 1, "matches no tensor that is quantized"),
@@ -212,11 +220,12 @@ def test_statistics_weigh_the_predicted_errors(llama, tmp_path):
     from safetensors.torch import save_file
     save_file({"input_ids": ids}, tmp_path / "ids.safetensors")
     qtool.calibrate(llama, tmp_path / "ids.safetensors", stats, calib_samples=8, seq_len=12)
-    report = qtool.quantize(llama, tmp_path / "out", calib=stats, target_bits=4.6,
+    report = qtool.quantize(llama, tmp_path / "out", calib=stats, target_bits=4.6, sensitivity="relative",
                             candidates=["int4:g128", "int4:g32", "int8:channel"])
     imp = load_stats(stats)
     src = _tensors(llama)
     from qtool.quant import quantize_weight
+    relative = 0.0  # of each module (sensitivity="relative")
     for row in report["layers"]:
         if "predicted_error" not in row:
             continue
@@ -225,15 +234,30 @@ def test_statistics_weigh_the_predicted_errors(llama, tmp_path):
         w_hat = quantize_weight(w, parse_spec(row["scheme"], method="rtn")).dequantize()
         want = float(((w.float() - w_hat.float()).square().sum(0) * imp[m]).sum(dtype=torch.float64))
         assert row["predicted_error"] == pytest.approx(want, rel=1e-4), m
+        relative += want / float((w.double().square().sum(0) * imp[m].double()).sum())  # over its output energy
     assert report["allocation"]["achieved_bits"] <= 4.6
+    assert report["allocation"]["solver"]["objective"] == pytest.approx(relative, rel=1e-4)
+    proxy = qtool.quantize(llama, tmp_path / "proxy", calib=stats, target_bits=4.6, sensitivity="proxy",
+                           candidates=["int4:g128", "int4:g32", "int8:channel"])["allocation"]
+    assert proxy["sensitivity"] == "proxy" and proxy["solver"]["objective"] == pytest.approx(proxy["predicted_error"])
+    group = qtool.quantize(llama, tmp_path / "group", calib=stats, target_bits=4.6,  # the default sensitivity
+                           candidates=["int4:g128", "int4:g32", "int8:channel"])
+    from qtool.arch import fused_groups
+    pred = {row["name"].removesuffix(".weight"): row["predicted_error"] for row in group["layers"]
+            if "predicted_error" in row}
+    energy = {m: float((src[f"{m}.weight"].double().square().sum(0) * imp[m].double()).sum()) for m in pred}
+    want = sum(sum(pred[m] for m in g.members) / sum(energy[m] for m in g.members) for g in fused_groups(pred))
+    assert group["allocation"]["sensitivity"] == "group"
+    assert group["allocation"]["solver"]["objective"] == pytest.approx(want, rel=1e-4)
     # calibration data instead of the file: the same statistics from one pass of the model, the same bytes
     again = qtool.quantize(llama, tmp_path / "again", calib=tmp_path / "ids.safetensors", calib_samples=8, seq_len=12,
-                           target_bits=4.6, candidates=["int4:g128", "int4:g32", "int8:channel"])
+                           target_bits=4.6, sensitivity="relative", candidates=["int4:g128", "int4:g32", "int8:channel"])
     assert again["allocation"] == {**report["allocation"], "achieved_bytes": again["allocation"]["achieved_bytes"]}
     assert (tmp_path / "again" / "model.safetensors").read_bytes() == (tmp_path / "out" / "model.safetensors").read_bytes()
     # gptq quantizes the allocated schemes in its layer walk
     g = qtool.quantize(llama, tmp_path / "gptq", qtool.QuantSpec(method="gptq"), calib=tmp_path / "ids.safetensors",
-                       calib_samples=8, seq_len=12, target_bits=4.6, candidates=["int4:g128", "int4:g32", "int8:channel"])
+                       calib_samples=8, seq_len=12, target_bits=4.6, candidates=["int4:g128", "int4:g32", "int8:channel"],
+                       sensitivity="relative")
     assert g["allocation"]["by_spec"] == report["allocation"]["by_spec"]
     assert _groups(tmp_path / "gptq") == {k: v for k, v in report["allocation"]["by_spec"].items() if k != "dense"}
     assert {row.get("method") for row in g["layers"] if row["quantized"]} == {"gptq"}
@@ -262,6 +286,10 @@ def test_the_python_api_names_its_own_arguments(llama, tmp_path):
         qtool.quantize(llama, tmp_path / "out", target_bits=5, max_size=10**6)
     with pytest.raises(qtool.ArgumentError, match="'int3' is not a SPEC"):
         qtool.quantize(llama, tmp_path / "out", schemes=["*=int3"])
+    with pytest.raises(qtool.ArgumentError, match="sensitivity: 'output' is not one of 'group', 'relative', 'proxy'"):
+        qtool.quantize(llama, tmp_path / "out", target_bits=5, sensitivity="output")
+    with pytest.raises(qtool.ArgumentError, match="give target_bits or max_size too"):
+        qtool.quantize(llama, tmp_path / "out", sensitivity="relative")
     with pytest.raises(qtool.QtoolError, match="cannot be met") as e:
         qtool.quantize(llama, tmp_path / "out", target_bits=4, candidates="int4:g128,int8:channel")
     assert e.value.path == "target_bits=4" and not (tmp_path / "out").exists()

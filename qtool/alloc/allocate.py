@@ -98,10 +98,14 @@ class Allocation:
 
 def allocate(weights: Mapping[str, Weight], pinned: Mapping[str, QuantSpec | None],
              candidates: Sequence[QuantSpec | None], errors: Mapping[str, Mapping[QuantSpec | None, float]],
-             target: Target, size_of: Callable[[dict], int] | None = None) -> Allocation:
+             target: Target, size_of: Callable[[dict], int] | None = None,
+             objective: Mapping[str, Mapping[QuantSpec | None, float]] | None = None) -> Allocation:
     """The best schemes for `weights` (every candidate module, by name) within `target`. pinned: modules whose
     scheme a rule fixed; errors[module][spec]: predicted errors (each free module under every candidate that fits
-    it, each pinned one under its scheme); size_of({module: spec}) the exact output bytes (for --max-size)."""
+    it, each pinned one under its scheme), what the report gives; objective (same keys, default `errors`): what the
+    choice minimises (qtool.alloc.measure.objective); size_of({module: spec}) the exact output bytes (for
+    --max-size)."""
+    objective = errors if objective is None else objective
     groups = arch.fused_groups(m for m in weights if m not in pinned)
     options, group_costs, group_errors = [], [], []
     for g in groups:
@@ -112,7 +116,7 @@ def allocate(weights: Mapping[str, Weight], pinned: Mapping[str, QuantSpec | Non
                                      f"(e.g. int8:channel) or --exclude it")
         options.append(fitting)
         group_costs.append([sum(_cost(weights[m], s, target, m) for m in g.members) for s in fitting])
-        group_errors.append([sum(errors[m][s] for m in g.members) for s in fitting])
+        group_errors.append([sum(objective[m][s] for m in g.members) for s in fitting])
 
     def assign(picks) -> dict:
         chosen = dict(pinned)
@@ -127,7 +131,7 @@ def allocate(weights: Mapping[str, Weight], pinned: Mapping[str, QuantSpec | Non
     specs = assign(solution.picks)
     predicted = {m: errors[m][specs[m]] for m in weights}
     block = _block(weights, specs, predicted, candidates, target, solution, len(groups),
-                   pinned_error=sum(predicted[m] for m in pinned))
+                   pinned_error=sum(objective[m][specs[m]] for m in pinned))
     return Allocation(specs, predicted, block)
 
 
@@ -185,6 +189,6 @@ def _block(weights, specs, predicted, candidates, target: Target, solution: Solu
         "predicted_error": sum(predicted.values()),
         "by_spec": dict(sorted(by_spec.items())),
         "candidates": [spec_text(s) for s in candidates],
-        "solver": {"groups": groups, "states": solution.states,
-                   "lower_bound": solution.lower_bound + pinned_error},
+        "solver": {"groups": groups, "states": solution.states,  # the bound is on the minimised objective
+                   "objective": solution.error + pinned_error, "lower_bound": solution.lower_bound + pinned_error},
     }

@@ -15,6 +15,7 @@ import os
 import re
 from typing import Callable
 
+from ..alloc.measure import SENSITIVITIES
 from ..errors import ArgumentError, QtoolError
 from ..quant.spec import METHODS
 
@@ -30,12 +31,13 @@ VALUED = {"--include": "include", "--exclude": "exclude", "--group-size": "group
           "--against": "against", "--base": "base", "--revision": "revision", "--top": "top",
           "--lora-rank": "lora_rank", "--out": "out", "--moe-calib": "moe_calib", "--moe-min-tokens": "moe_min_tokens",
           "--scheme": "schemes", "--target-bits": "target_bits", "--max-size": "max_size", "--candidates": "candidates",
+          "--sensitivity": "sensitivity",
           "--ref": "ref", "--data": "data", "--samples": "samples", "--batch-size": "batch_size",
           "--max-kld": "max_kld", "--max-ppl-ratio": "max_ppl_ratio", "--min-top1": "min_top1",
           "--awq-grid": "awq_grid"}
 LISTS = {"--include", "--exclude", "--weight", "--scheme", "--candidates"}  # repeatable options: lists in Python
 CHOICES = {"--method": set(METHODS), "--dtype": {"float16", "bfloat16", "float32"}, "--moe-calib": {"routed", "all"},
-           "--device": {"auto", "cpu", "cuda"}}
+           "--device": {"auto", "cpu", "cuda"}, "--sensitivity": set(SENSITIVITIES)}
 _OPTION = re.compile(r"(?<![\w-])(--[a-z][a-z0-9-]*)(?:([ =])('[^']*'|[A-Za-z0-9_.:+-]+))?")
 _DEVICE = re.compile(r"auto|cpu|cuda(?::\d+)?")
 
@@ -167,6 +169,7 @@ CHECKS: dict[str, Callable] = {
     "device": device, "spec": _spec, "include": _globs, "exclude": _globs,
     "schemes": _globs, "target_bits": lambda v, a: number(v, a, minimum=0, finite=True, above=True),
     "max_size": lambda v, a: integer(v, a, 1), "candidates": lambda v, a: v if isinstance(v, str) else _globs(v, a),
+    "sensitivity": lambda v, a: choice(v, a, SENSITIVITIES),
     "model": path, "ref": path, "data": path, "samples": lambda v, a: integer(v, a, 1),
     "batch_size": lambda v, a: integer(v, a, 1), "max_kld": lambda v, a: number(v, a, minimum=0),
     "max_ppl_ratio": lambda v, a: number(v, a, minimum=0), "min_top1": lambda v, a: number(v, a, minimum=0, maximum=1),

@@ -74,19 +74,21 @@ class Options:
 @checked
 @guarded(inputs=("source", "calib"), outputs={"out": FOLDER, "report_path": REPORT})
 def quantize(source, out, spec: QuantSpec | None = None, *, include=(), exclude=(), schemes=(), target_bits=None,
-             max_size=None, candidates=None, calib=None, calib_samples=128, seq_len=512, damp=0.01, device="auto",
-             moe_calib="routed", moe_min_tokens=None, awq_grid=20, report_path=None, max_rel_error=None,
+             max_size=None, candidates=None, sensitivity=None, calib=None, calib_samples=128, seq_len=512, damp=0.01,
+             device="auto", moe_calib="routed", moe_min_tokens=None, awq_grid=20, report_path=None, max_rel_error=None,
              allow_nonfinite=False, max_shard_bytes=None, overwrite=False, revision=None, progress=None,
              eval_options=None) -> Report:
     """Quantize SOURCE into OUT (compressed-tensors pack-quantized); returns the report (design §7).
 
     schemes: `GLOB=SPEC` rules (first match wins); target_bits / max_size: a budget the schemes of the modules no
-    rule decides are allocated to, from `candidates` (SPECs, a list or one comma-separated string).
+    rule decides are allocated to, from `candidates` (SPECs, a list or one comma-separated string), minimising
+    `sensitivity` ("group", the default: each fused group's predicted error over its output energy; "relative":
+    each module's; "proxy": the predicted errors as they are; qtool.alloc.measure).
     eval_options (jobs.evaluate.EvalOptions): evaluate OUT against SOURCE afterwards, under report["eval"]."""
     start = time.perf_counter()
     spec = spec or QuantSpec()
     progress = progress or NullProgress()
-    mixed = Mixed.of(spec, schemes, target_bits, max_size, candidates)
+    mixed = Mixed.of(spec, schemes, target_bits, max_size, candidates, sensitivity)
     ckpt = _open(source, revision)
     dev = runtime.resolve_device(device)
     plans = {p.name: p for p in plan_quantization(ckpt.tensors.values(), mixed.global_spec(spec), ckpt.config,
