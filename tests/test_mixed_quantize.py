@@ -249,11 +249,18 @@ def test_statistics_weigh_the_predicted_errors(llama, tmp_path):
     want = sum(sum(pred[m] for m in g.members) / sum(energy[m] for m in g.members) for g in fused_groups(pred))
     assert group["allocation"]["sensitivity"] == "group"
     assert group["allocation"]["solver"]["objective"] == pytest.approx(want, rel=1e-4)
-    # calibration data instead of the file: the same statistics from one pass of the model, the same bytes
+    # calibration data instead of the file: the same statistics from one pass of the model, the same allocation;
+    # then mse quantizes in the layer walk, as a run with those schemes as --scheme rules does: the same bytes
     again = qtool.quantize(llama, tmp_path / "again", calib=tmp_path / "ids.safetensors", calib_samples=8, seq_len=12,
                            target_bits=4.6, sensitivity="relative", candidates=["int4:g128", "int4:g32", "int8:channel"])
     assert again["allocation"] == {**report["allocation"], "achieved_bytes": again["allocation"]["achieved_bytes"]}
-    assert (tmp_path / "again" / "model.safetensors").read_bytes() == (tmp_path / "out" / "model.safetensors").read_bytes()
+    rules = [f"{m}={spec}" for spec, mods in report["allocation"]["by_spec"].items() for m in mods]
+    ruled = qtool.quantize(llama, tmp_path / "ruled", calib=tmp_path / "ids.safetensors", calib_samples=8, seq_len=12,
+                           schemes=rules)
+    walked = [r for r in again["layers"] if r.get("output_error_after") is not None]  # measured in the walk
+    assert len(walked) == sum(len(v) for k, v in report["allocation"]["by_spec"].items() if k != "dense")
+    assert (tmp_path / "again" / "model.safetensors").read_bytes() == (tmp_path / "ruled" / "model.safetensors").read_bytes()
+    assert (tmp_path / "again" / "model.safetensors").read_bytes() != (tmp_path / "out" / "model.safetensors").read_bytes()
     # gptq quantizes the allocated schemes in its layer walk
     g = qtool.quantize(llama, tmp_path / "gptq", qtool.QuantSpec(method="gptq"), calib=tmp_path / "ids.safetensors",
                        calib_samples=8, seq_len=12, target_bits=4.6, candidates=["int4:g128", "int4:g32", "int8:channel"],

@@ -99,7 +99,7 @@ def quantize(source, out, spec: QuantSpec | None = None, *, include=(), exclude=
     options = Options(calib_samples, seq_len, damp, _moe(moe_calib, moe_min_tokens)
                       if calibration.data is not None else None, awq_grid)
     if mixed.target is not None:
-        calibration = _sensitivities(ckpt, calibration, spec, options, dev, progress)
+        calibration = _sensitivities(ckpt, calibration, options, dev, progress)
     order = _order(ckpt, plans, calibration)
     plans, allocation = _allocate(ckpt, plans, order, mixed, spec, calibration, dev, max_shard_bytes, progress)
     scheme = _scheme(plans, spec, mixed, ckpt)
@@ -190,11 +190,12 @@ def _allocate(ckpt, plans: dict[str, TensorPlan], order: list[str], mixed: Mixed
         return choose(ckpt, plans, mixed, calibration.importance, rt, progress, size_of)
 
 
-def _sensitivities(ckpt, calibration: Calibration, spec: QuantSpec, options: Options, dev, progress) -> Calibration:
+def _sensitivities(ckpt, calibration: Calibration, options: Options, dev, progress) -> Calibration:
     """An allocation weighs errors by input statistics: from a statistics file as given; from calibration data by
-    one pass of the original model (qtool.calib.layerwise.collect_stats). mse then quantizes streaming with those
-    statistics, so the data goes through the model once; gptq and awq still walk the layers with the data
-    afterwards."""
+    one pass of the original model (qtool.calib.layerwise.collect_stats), and then every calibrated method walks
+    the layers with the data again, mse included: the allocation needs every module's statistics before the first
+    block is quantized, and each block is best quantized with the inputs the already-quantized blocks give it (as a
+    uniform calibrated run does; streaming mse with the original model's statistics lost 0.45 % KLD at g128)."""
     if calibration.data is None:
         return calibration
     from ..calib.layerwise import collect_stats
@@ -202,9 +203,7 @@ def _sensitivities(ckpt, calibration: Calibration, spec: QuantSpec, options: Opt
     stats, _ = collect_stats(ckpt, calibration.data, samples=options.calib_samples, seq_len=options.seq_len,
                              device=dev, progress=progress, moe=options.moe)
     weights = {m: importance(entry) for m, entry in stats.items()}
-    walks = spec.method == "gptq" or spec.awq
-    return Calibration(importance=weights, data=calibration.data if walks else None,
-                       path=calibration.path)
+    return Calibration(importance=weights, data=calibration.data, path=calibration.path)
 
 
 def _output_bytes(ckpt, plans: dict[str, TensorPlan], *, order: list[str], mixed: Mixed, spec: QuantSpec,
