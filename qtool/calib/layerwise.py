@@ -207,7 +207,7 @@ def _block(ckpt, walk, block, todo: dict, damp: float, device, log: AwqLog | Non
     # walk.collect reduces the statistics across a torchrun run's processes onto their owners (LayerWalk.reduce),
     # before any weight of the block is quantized or scaled.
     got = walk.collect(block, names, hessian=True) if names else None
-    scaled, values = _scaled(walk, block, got, todo, block_todo, usable, log)
+    scaled, values = _scaled(walk, block, got, todo, block_todo, usable, log, damp)
     if fold_only:
         yield from _folded_only(ckpt, walk, block, todo, block_todo, scaled)
         return
@@ -244,7 +244,7 @@ def _block(ckpt, walk, block, todo: dict, damp: float, device, log: AwqLog | Non
     walk.run(block, keep=True)
 
 
-def _scaled(walk, block, got, todo: dict, block_todo: list[str], usable: dict, log: AwqLog | None):
+def _scaled(walk, block, got, todo: dict, block_todo: list[str], usable: dict, log: AwqLog | None, damp: float):
     """With AWQ: the block's searched scales, folded (qtool.calib.awq), and the changed tensors' values (under
     torchrun each mapping searched by its statistics' owner, the same scales folded on every process)."""
     if log is None or got is None:
@@ -252,7 +252,7 @@ def _scaled(walk, block, got, todo: dict, block_todo: list[str], usable: dict, l
     from .awq import Spread, scale_walked_block
     specs = {n: todo[n].spec for n in block_todo if n in usable}
     scaled, values = scale_walked_block(walk, block, got.stats, got.groups, specs, log.grid,
-                                        Spread(walk.group, log.trial, got.owners))
+                                        Spread(walk.group, log.trial, got.owners), damp)
     log.add(block, scaled)
     return scaled, values
 
@@ -338,9 +338,11 @@ def _calibrated(ckpt, plan, st, damp: float, device, w=None, s=None, factors: _F
     elif s is None:
         before, after = output_errors(w, [rtn, w_hat], h, den=den)  # tr(W H Wᵀ) at most once for both
     else:
-        # rtn's error on the unscaled layer, whose outputs' energy the forward measured before any fold
-        before = output_errors(w0, [rtn], st.hessian, den=None if energy is None else float(energy))[0]
-        after = output_errors(w, [w_hat], h)[0]
+        # rtn's error on the unscaled layer, whose outputs' energy the forward measured before any fold; the scaled
+        # layer computes the same outputs (X diag(1/s) · (W diag(s))ᵀ), so that energy is its denominator too
+        den = None if energy is None else float(energy)
+        before = output_errors(w0, [rtn], st.hessian, den=den)[0]
+        after = output_errors(w, [w_hat], h, den=den)[0]
     extra = {**qw.info, "calibrated": True, "output_error_before": before, "output_error_after": after}
     return Calibrated(plan.name, qw.cpu(), extra)
 

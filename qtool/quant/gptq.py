@@ -9,7 +9,7 @@ Matrix math is float32 (TF32 off on cuda) and deterministic for a given device.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -130,6 +130,11 @@ class Factor:
     Uj: torch.Tensor | None   # the reversed inverse factor (see _inverse_cholesky); None: quadratic forms only
     lam: float                # the damping added
     L: torch.Tensor           # the lower factor it came from
+
+    def lowered(self, dtype: torch.dtype) -> "Factor":
+        """This factor's quadratic forms with L and A in `dtype` (bfloat16: estimates within ~5e-5 relative of
+        float32 on int4 errors, at a fraction of the time where the hardware multiplies bfloat16 fast)."""
+        return replace(self, L=self.L.to(dtype), Uj=None)
 
     def quadratic(self, a: torch.Tensor, stop: float = math.inf) -> float:
         """tr(A H Aᵀ) of an [out, in] matrix A, from the factor: half the flops of a product with H. With `stop`, the
@@ -281,9 +286,9 @@ def _quadratic(a: torch.Tensor, L: torch.Tensor, perm, lam: float, dead, block: 
     running sum passes `stop` it can only grow: it is returned as it is (a lower bound)."""
     A = a.to(device=L.device, dtype=torch.float32)
     total = -_undamped_part(A, lam, dead)
-    B = (A[:, perm] if perm is not None else A).flip(1)
+    B = (A[:, perm] if perm is not None else A).flip(1).to(L.dtype)
     for j in range(0, L.shape[0], block):
-        total += float((B[:, j:] @ L[j:, j:j + block]).square().sum(dtype=torch.float64))
+        total += float((B[:, j:] @ L[j:, j:j + block]).float().square().sum(dtype=torch.float64))
         if total > stop:
             break
     return total
