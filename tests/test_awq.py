@@ -143,7 +143,8 @@ def test_gptq_judge_keeps_the_scales_only_where_gptq_does_better_with_them():
 
 def test_bfloat16_ranking_makes_the_float32_choice():
     # the grid ranked with bfloat16 products, then the likely winners measured in float32: the same α, scales and
-    # float32 errors as the float32 search; the other candidates' estimates within 1e-3 of their float32 errors
+    # float32 errors as the float32 search (these problems' candidates are far enough apart); the other candidates'
+    # estimates within 1e-3 of their float32 errors
     problems = [(_acts(), 2), (_acts(gain=3.0, seed=4), 3)] + [(_low_rank_acts(seed, 4)[0], 1) for seed in (33, 36)]
     g = torch.Generator().manual_seed(7)
     for x, n_members in problems:
@@ -159,6 +160,12 @@ def test_bfloat16_ranking_makes_the_float32_choice():
             full = [awq.mapped_error(members, h, imp, awq.channel_scales(x_mean, a), form) for a in awq.alphas(11)]
             for got, want in zip(ranked.errors, full):
                 assert got <= want * (1 + 1e-3) and (got >= want * (1 - 1e-3) or got > min(full))
+    # every candidate the same (no salient channel: s = 1 for every α): the tie goes to α = 0, as in float32
+    x = torch.ones(256, 64)
+    h, x_mean, imp = _stats(x)
+    w = torch.randn(32, 64, generator=g)
+    tie = awq.search([(w, awq.mse_quantizer(QuantSpec(bits=4, group_size=32)))], h, x_mean, imp, n_grid=5, rough=True)
+    assert tie.alpha == 0.0 and tie.gain == 1.0
 
 
 def test_no_salient_channel_keeps_alpha_zero_possible():

@@ -85,6 +85,26 @@ def test_awq_before_error_is_rtn_on_the_unscaled_layer(tmp_path):
     _assert_direct_output_errors(model, ids, spec, emitted, ".layers.0.", keys=("output_error_before",))
 
 
+def test_awq_after_error_is_the_scaled_layer_against_the_original(tmp_path):
+    # the scaled weight's stored codes read the folded model's inputs X·diag(1/s): ‖XWᵀ − X diag(1/s) Ŵ_sᵀ‖/‖XWᵀ‖,
+    # recomputed from the original model's captured X (first block), as the report gives it from the search
+    from qtool.quant import awq
+    model = save_tiny("llama", tmp_path)
+    ids = samples(8)
+    spec, _, emitted, _ = _quantize(open_checkpoint(tmp_path), ids, "awq", awq_grid=5)
+    ref = reference_stats(model, ids, with_inputs=True)
+    scaled = [n for n, e in emitted.items() if ".layers.0." in n and e[4].get("awq", {}).get("by") == "s"]
+    assert scaled
+    for name in scaled:
+        w, q, scale, zp, extra = emitted[name]
+        x = torch.cat(ref[name[: -len(".weight")]]["x"])
+        s = awq.channel_scales(x.abs().mean(0), extra["awq"]["alpha"])
+        w_hat = dequantize(q, scale, zp, spec, dtype=torch.float32)
+        want = x @ w.float().T
+        direct = float((want - (x / s) @ w_hat.T).norm() / want.norm())
+        assert direct == pytest.approx(extra["output_error_after"], rel=1e-3), name
+
+
 def _assert_direct_output_errors(model, ids, spec, emitted, first_block: str,
                                  keys=("output_error_after", "output_error_before")):
     """The first block's inputs are those of the original model: ‖XWᵀ − XŴᵀ‖/‖XWᵀ‖ recomputed from the captured X,

@@ -48,6 +48,8 @@ class Scaled:
 
     values: dict[str, torch.Tensor] = field(default_factory=dict)
     scales: dict[str, torch.Tensor] = field(default_factory=dict)
+    errors: dict[str, float] = field(default_factory=dict)  # member → its mapped output's squared error as the grid
+    # measured it with the mse quantizer awq then uses (so the report needs no product with H); not for awq+gptq
     mappings: list[dict] = field(default_factory=list)
     skipped: list[dict] = field(default_factory=list)
     folded: dict[str, dict] = field(default_factory=dict)   # tensor → {"relative_change", "by" (s | 1/s), "mapping", "alpha"}
@@ -273,8 +275,10 @@ def scale_block(view: BlockView, groups, stats: dict, values: dict[str, torch.Te
             out.folded[name] = {"relative_change": change, "by": "s" if path.startswith(member_paths) else "1/s",
                                 "mapping": label, "alpha": res.alpha}
             values[name] = out.values[name] = value
-        for n in m.members if res.alpha > 0 else ():
+        for k, n in enumerate(m.members if res.alpha > 0 else ()):
             out.scales[n] = res.scales
+            if res.judged is None and res.parts:
+                out.errors[n] = res.parts[k]
         out.mappings.append({"feeder": m.feeder, "kind": m.kind, "offset": m.offset,
                              "members": [arch.module_of(n) for n in m.members], "alpha": res.alpha,
                              "error_ratio": res.gain, "error_unscaled": res.unscaled, "error": res.error,

@@ -216,8 +216,9 @@ def _block(ckpt, walk, block, todo: dict, damp: float, device, log: AwqLog | Non
     mine = [n for n in names if n in todo and owner[n] == group.rank]
     factors = _Factors([(got.stats[n], scales.get(n)) for n in mine if todo[n].spec.weight_method == "gptq"],
                        damp, device)
+    searched = scaled.errors if scaled is not None else {}
     owned = {n: _calibrated(ckpt, todo[n], got.stats[n], damp, device, values.get(n), scales.get(n), factors,
-                            got.energy.get(n)) for n in mine}
+                            got.energy.get(n), searched.get(n)) for n in mine}
     w_hats = {}
     for name in block_todo:
         plan = todo.pop(name)
@@ -306,12 +307,13 @@ class _Factors:
 
 
 def _calibrated(ckpt, plan, st, damp: float, device, w=None, s=None, factors: _Factors | None = None,
-                energy=None) -> Calibrated:
+                energy=None, searched: float | None = None) -> Calibrated:
     """One weight quantized with its inputs' statistics (gptq: Hessian; mse: mean square) and its output error on
     the calibration data measured for rtn and for the method. With activation-aware scaling, `w` is its value after
     folding and `s` its column scales: it is quantized with the statistics of the scaled inputs X·diag(1/s) (its
     `after` error is that of the scaled layer's outputs, `before` rtn's on the unscaled layer). `energy`: ‖XWᵀ‖² as
-    the forward computed it (LinearTaps), the errors' denominator without a product with H."""
+    the forward computed it (LinearTaps), the errors' denominator without a product with H; `searched`: with awq,
+    the scaled weight's output error as the scale search measured it for the mse quantizer used here."""
     w0 = ckpt.get(plan.name).to(device)
     w = w0 if w is None else w
     h, imp = st.hessian, st.importance()
@@ -342,7 +344,10 @@ def _calibrated(ckpt, plan, st, damp: float, device, w=None, s=None, factors: _F
         # layer computes the same outputs (X diag(1/s) · (W diag(s))ᵀ), so that energy is its denominator too
         den = None if energy is None else float(energy)
         before = output_errors(w0, [rtn], st.hessian, den=den)[0]
-        after = output_errors(w, [w_hat], h, den=den)[0]
+        if searched is not None and den is not None and spec.method == "mse":
+            after = error_ratio(searched, den)  # against the original layer, as the search measured it
+        else:
+            after = output_errors(w, [w_hat], h, den=den)[0]
     extra = {**qw.info, "calibrated": True, "output_error_before": before, "output_error_after": after}
     return Calibrated(plan.name, qw.cpu(), extra)
 

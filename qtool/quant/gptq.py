@@ -288,7 +288,7 @@ def _quadratic(a: torch.Tensor, L: torch.Tensor, perm, lam: float, dead, block: 
     total = -_undamped_part(A, lam, dead)
     B = (A[:, perm] if perm is not None else A).flip(1).to(L.dtype)
     for j in range(0, L.shape[0], block):
-        total += float((B[:, j:] @ L[j:, j:j + block]).float().square().sum(dtype=torch.float64))
+        total += float((B[:, j:] @ L[j:, j:j + block]).float().square_().sum(dtype=torch.float64))
         if total > stop:
             break
     return total
@@ -297,11 +297,13 @@ def _quadratic(a: torch.Tensor, L: torch.Tensor, perm, lam: float, dead, block: 
 def _undamped_part(d: torch.Tensor, lam: float, dead, rows: int = 256) -> float:
     """λ‖D‖² + ‖D[:, dead]‖²: what the damping and the dead columns' unit diagonal add to tr(D H' Dᵀ) (float64
     sums over row chunks: no float64 copy of D)."""
-    dead = dead.to(d.device)
+    dead = dead.to(d.device) if bool(dead.any()) else None
     total = 0.0
     for r0 in range(0, d.shape[0], rows):
         c = d[r0:r0 + rows]
-        total += lam * float(c.square().sum(dtype=torch.float64)) + float(c[:, dead].square().sum(dtype=torch.float64))
+        total += lam * float(c.square().sum(dtype=torch.float64))
+        if dead is not None:
+            total += float(c[:, dead].square().sum(dtype=torch.float64))
     return total
 
 
