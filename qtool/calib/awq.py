@@ -49,7 +49,7 @@ class Scaled:
     values: dict[str, torch.Tensor] = field(default_factory=dict)
     scales: dict[str, torch.Tensor] = field(default_factory=dict)
     errors: dict[str, float] = field(default_factory=dict)  # member → its mapped output's squared error as the grid
-    # measured it with the mse quantizer awq then uses (so the report needs no product with H); not for awq+gptq
+    # measured it with the mse quantizer (awq then uses the same, so its report needs no product with H)
     mappings: list[dict] = field(default_factory=list)
     skipped: list[dict] = field(default_factory=list)
     folded: dict[str, dict] = field(default_factory=dict)   # tensor → {"relative_change", "by" (s | 1/s), "mapping", "alpha"}
@@ -219,11 +219,11 @@ class Spread:
         return self.group.broadcast_object(compute() if self.group.rank == src else None, src=src)
 
 
-def _search(members: list, st, n_grid: int, cpu: bool, judge: awq.GptqJudge | None) -> awq.Searched:
+def _search(members: list, st, n_grid: int, cpu: bool) -> awq.Searched:
     """One mapping's search on its input statistics; with `cpu`, its scales on the CPU (to broadcast them: a
     pickled CUDA tensor would name this process's device)."""
     count = max(st.count, 1)
-    res = awq.search(members, st.hessian, st.sum_abs / count, st.sum_sq / count, n_grid, judge)
+    res = awq.search(members, st.hessian, st.sum_abs / count, st.sum_sq / count, n_grid)
     return replace(res, scales=res.scales.cpu()) if cpu else res
 
 
@@ -239,14 +239,12 @@ def _ahead(view: BlockView, found: list[Mapping]) -> bool:
 
 
 def scale_block(view: BlockView, groups, stats: dict, values: dict[str, torch.Tensor], quantizer: Callable,
-                n_grid: int, spread: Spread = Spread(), gptq: Callable | None = None, damp: float = 0.01) -> Scaled:
+                n_grid: int, spread: Spread = Spread()) -> Scaled:
     """Search and fold every exact mapping of the block in the order its linears run.
 
     stats: checkpoint weight name → InputStats (with sum_abs and hessian); values: checkpoint name → current tensor
     of every tensor of the block (updated in place as mappings fold); quantizer(name) → that weight's quantizer for
-    the search (quant.awq.mse_quantizer of its spec, or kept_dense for a linear left unquantized); gptq(name) → the
-    GPTQ spec of a weight GPTQ will quantize (awq+gptq), else None: a mapping with one is judged by GPTQ too
-    (quant.awq.GptqJudge, with `damp`)."""
+    the search (quant.awq.mse_quantizer of its spec, or kept_dense for a linear left unquantized)."""
     found, skipped = spread.on(spread.trial, lambda: candidates(view, groups))
     out = Scaled(skipped=skipped)
     params = _Params(view.module, view, values)
@@ -254,9 +252,7 @@ def scale_block(view: BlockView, groups, stats: dict, values: dict[str, torch.Te
 
     def search(k: int) -> awq.Searched:
         members = [(values[n], quantizer(n)) for n in found[k].members]
-        specs = tuple(gptq(n) if gptq is not None else None for n in found[k].members)
-        judge = awq.GptqJudge(specs, damp) if any(specs) else None
-        return _search(members, stats[found[k].members[0]], n_grid, spread.group.parallel, judge)
+        return _search(members, stats[found[k].members[0]], n_grid, spread.group.parallel)
     # unless an earlier fold changes a later mapping's member, every search can run first: under torchrun each owner
     # then runs its searches side by side with the other owners' (the same values, so the same results)
     early = {k: search(k) for k in range(len(found)) if owner[k] == spread.group.rank} if _ahead(view, found) else {}
@@ -277,12 +273,11 @@ def scale_block(view: BlockView, groups, stats: dict, values: dict[str, torch.Te
             values[name] = out.values[name] = value
         for k, n in enumerate(m.members if res.alpha > 0 else ()):
             out.scales[n] = res.scales
-            if res.judged is None and res.parts:
+            if res.parts:
                 out.errors[n] = res.parts[k]
         out.mappings.append({"feeder": m.feeder, "kind": m.kind, "offset": m.offset,
                              "members": [arch.module_of(n) for n in m.members], "alpha": res.alpha,
-                             "error_ratio": res.gain, "error_unscaled": res.unscaled, "error": res.error,
-                             "judged_by": "gptq" if res.judged is not None else "mse"})
+                             "error_ratio": res.gain, "error_unscaled": res.errors[0], "error": min(res.errors)})
     return out
 
 
@@ -311,16 +306,12 @@ def view_of(walk, block) -> BlockView:
 
 
 def scale_walked_block(walk, block, stats: dict, groups, specs: dict[str, QuantSpec], n_grid: int,
-                       spread: Spread = Spread(), damp: float = 0.01) -> tuple[Scaled, dict]:
+                       spread: Spread = Spread()) -> tuple[Scaled, dict]:
     """AWQ on a loaded block of a LayerWalk: (what it did, the current value of every tensor of the block that fills
-    one model parameter, on the walk's device). specs: the quantized weights' schemes (others stay dense); those
-    GPTQ quantizes after scaling (awq+gptq) also judge their mapping's scales by GPTQ, with `damp`."""
+    one model parameter, on the walk's device). specs: the quantized weights' schemes (others stay dense)."""
     view = view_of(walk, block)
     values = {name: walk.ckpt.get(name).to(walk.device) for name in view.params.values()}
 
     def quantizer(name):
         return awq.mse_quantizer(specs[name]) if name in specs else awq.kept_dense
-
-    def gptq(name):
-        return specs[name] if name in specs and specs[name].weight_method == "gptq" else None
-    return scale_block(view, groups, stats, values, quantizer, n_grid, spread, gptq, damp), values
+    return scale_block(view, groups, stats, values, quantizer, n_grid, spread), values

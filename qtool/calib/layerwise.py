@@ -207,7 +207,7 @@ def _block(ckpt, walk, block, todo: dict, damp: float, device, log: AwqLog | Non
     # walk.collect reduces the statistics across a torchrun run's processes onto their owners (LayerWalk.reduce),
     # before any weight of the block is quantized or scaled.
     got = walk.collect(block, names, hessian=True) if names else None
-    scaled, values = _scaled(walk, block, got, todo, block_todo, usable, log, damp)
+    scaled, values = _scaled(walk, block, got, todo, block_todo, usable, log)
     if fold_only:
         yield from _folded_only(ckpt, walk, block, todo, block_todo, scaled)
         return
@@ -245,7 +245,7 @@ def _block(ckpt, walk, block, todo: dict, damp: float, device, log: AwqLog | Non
     walk.run(block, keep=True)
 
 
-def _scaled(walk, block, got, todo: dict, block_todo: list[str], usable: dict, log: AwqLog | None, damp: float):
+def _scaled(walk, block, got, todo: dict, block_todo: list[str], usable: dict, log: AwqLog | None):
     """With AWQ: the block's searched scales, folded (qtool.calib.awq), and the changed tensors' values (under
     torchrun each mapping searched by its statistics' owner, the same scales folded on every process)."""
     if log is None or got is None:
@@ -253,7 +253,7 @@ def _scaled(walk, block, got, todo: dict, block_todo: list[str], usable: dict, l
     from .awq import Spread, scale_walked_block
     specs = {n: todo[n].spec for n in block_todo if n in usable}
     scaled, values = scale_walked_block(walk, block, got.stats, got.groups, specs, log.grid,
-                                        Spread(walk.group, log.trial, got.owners), damp)
+                                        Spread(walk.group, log.trial, got.owners))
     log.add(block, scaled)
     return scaled, values
 

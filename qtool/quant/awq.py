@@ -80,56 +80,19 @@ kept_dense = Quantizer(lambda w_scaled, importance: w_scaled.float())
 class Searched:
     """The outcome of one mapping's search: the winning α and scales, and the mapped outputs' squared error for every
     α of the grid (errors[0] is α = 0, no scaling, always exact; so is the winner's; an α abandoned once its sum
-    passed the best so far has a lower bound above the winner's). `judged`: with a GptqJudge, the errors under GPTQ
-    without scaling and with the grid's winner (the choice between them is `alpha`)."""
+    passed the best so far has a lower bound above the winner's; with the bfloat16 ranking, an α not measured again
+    has its estimate, above the winner's)."""
 
     alpha: float
     scales: torch.Tensor
     errors: list[float]
-    judged: tuple[float, float] | None = None
     parts: tuple[float, ...] = ()   # the winner's error member by member (float32, as measured by the grid)
-
-    @property
-    def unscaled(self) -> float:
-        """The mapped outputs' squared error without scaling, under the quantizer that made the choice."""
-        return self.judged[0] if self.judged is not None else self.errors[0]
-
-    @property
-    def error(self) -> float:
-        """The mapped outputs' squared error with the chosen scales (≤ unscaled)."""
-        return min(self.judged) if self.judged is not None else min(self.errors)
 
     @property
     def gain(self) -> float:
         """Error with the chosen scales relative to no scaling (≤ 1)."""
-        return self.error / self.unscaled if self.unscaled > 0 else 1.0
-
-
-@dataclass(frozen=True)
-class GptqJudge:
-    """awq+gptq: the grid's winner judged again by what the weights will get. The grid judges scales with the mse
-    quantizer, but GPTQ's error compensation removes much of the error the scales were chosen against, so scales
-    that help mse can hurt GPTQ: the winner is kept only if GPTQ on W·diag(s) with the scaled inputs' Hessian
-    H/(s sᵀ) leaves the mapped outputs closer than GPTQ on W itself (α = 0: plain gptq) — per mapping never worse
-    than gptq on the calibration data. specs: each member's GPTQ spec (None: kept dense, no error); damp: GPTQ's."""
-
-    specs: tuple[QuantSpec | None, ...]
-    damp: float
-
-    def error(self, weights: Sequence[torch.Tensor], hessian: torch.Tensor, importance: torch.Tensor,
-              s: torch.Tensor, form: Factor) -> float:
-        """Σ_k tr(D_k H D_kᵀ), D_k = W_k − G_k(W_k diag(s)) diag(1/s), G_k GPTQ as the walk will run it (one
-        factorization of the scaled Hessian for every member)."""
-        h = scaled_hessian(hessian, s)
-        factor = factorize(h, self.damp, True)
-        imp = importance.float() / s.square()
-        total = 0.0
-        for w, spec in zip(weights, self.specs):
-            if spec is not None:
-                q = quantize_weight(scale_columns(w, s), spec.with_method("gptq"), hessian=h, importance=imp,
-                                    damp=self.damp, factor=factor)
-                total += form.quadratic(w.float() - q.dequantize(torch.float32) / s)
-        return total
+        base = self.errors[0]
+        return min(self.errors) / base if base > 0 else 1.0
 
 
 def mapped_error(members: Sequence[tuple[torch.Tensor, Callable]], hessian: torch.Tensor, importance: torch.Tensor,
@@ -161,10 +124,8 @@ def mapped_error(members: Sequence[tuple[torch.Tensor, Callable]], hessian: torc
 
 
 def search(members: Sequence[tuple[torch.Tensor, Callable]], hessian: torch.Tensor, x_mean: torch.Tensor,
-           importance: torch.Tensor, n_grid: int = 20, judge: GptqJudge | None = None,
-           rough: bool | None = None) -> Searched:
-    """The scales of the grid whose quantized mapped outputs are closest to the originals (ties: the smaller α);
-    with `judge`, the winner then kept only if GPTQ does better with it than without scaling (GptqJudge).
+           importance: torch.Tensor, n_grid: int = 20, rough: bool | None = None) -> Searched:
+    """The scales of the grid whose quantized mapped outputs are closest to the originals (ties: the smaller α).
 
     members: each mapped linear's [out, in] weight and its quantizer Q(W·diag(s), importance/s²) → the dequantized
     float32 weight (mse_quantizer, or kept_dense); hessian: XᵀX [in, in] of their shared input; x_mean: mean|x| per
@@ -176,12 +137,7 @@ def search(members: Sequence[tuple[torch.Tensor, Callable]], hessian: torch.Tens
     if rough is None:
         rough = len(grid) > 2 and fast_bfloat16(hessian.device)
     errors, (alpha, s), parts = (_ranked if rough else _measured)(members, hessian, importance, grid, form)
-    if judge is None or alpha == 0 or not any(judge.specs):
-        return Searched(alpha, s, errors, parts=parts)
-    weights = [w for w, _ in members]
-    one = torch.ones_like(s)
-    judged = (judge.error(weights, hessian, importance, one, form), judge.error(weights, hessian, importance, s, form))
-    return Searched(alpha, s, errors, judged) if judged[1] < judged[0] else Searched(0.0, one, errors, judged)
+    return Searched(alpha, s, errors, parts)
 
 
 def _measured(members, hessian, importance, grid, form) -> tuple[list[float], tuple, tuple]:

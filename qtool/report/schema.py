@@ -249,7 +249,6 @@ class AwqMapping(TypedDict):
     error_ratio: float          # mapped outputs' squared error, chosen s ÷ no scaling (≤ 1)
     error_unscaled: float
     error: float
-    judged_by: str              # "mse" (the grid) | "gptq" (awq+gptq: the grid's winner against α = 0 under GPTQ)
 
 
 class AwqSkipped(TypedDict):
