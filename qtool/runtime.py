@@ -75,7 +75,8 @@ def threads_per_worker(workers: int):
 def fast_bfloat16(device) -> bool:
     """Whether bfloat16 matrix products run several times faster than float32 on `device`: a CUDA device with
     bfloat16, or a CPU with AMX tiles (8.6x here; AVX-512's bfloat16 dot products give about 2x, not worth a
-    second pass). Decides speed only, never a result (qtool.quant.awq.search)."""
+    second pass). Decides how qtool.quant.awq.search ranks its grid: the same choice unless more than three
+    candidates are within 1e-3 of each other."""
     import torch
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()

@@ -156,8 +156,8 @@ def _measured(members, hessian, importance, grid, form) -> tuple[list[float], tu
 def _ranked(members, hessian, importance, grid, form) -> tuple[list[float], tuple, tuple]:
     """The grid estimated with bfloat16 products, then in float32 α = 0 and the RANKED best estimates among those
     within what bfloat16 could have misjudged of the least (RANKING_SLACK): the least float32 error of those, which
-    is `_measured`'s choice unless more than RANKED candidates lie within ~1e-4 of each other (then it is within
-    that of it). Never worse than α = 0. errors: float32 where measured (α = 0 always; stopped sums are lower
+    is `_measured`'s choice unless more than RANKED candidates lie within RANKING_SLACK of the least estimate (then
+    it is within that of it). Never worse than α = 0. errors: float32 where measured (α = 0 always; stopped sums are lower
     bounds), estimates elsewhere (above the winner's)."""
     rough = form.lowered(torch.bfloat16)
     estimates, least = [], math.inf

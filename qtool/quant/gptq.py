@@ -132,8 +132,8 @@ class Factor:
     L: torch.Tensor           # the lower factor it came from
 
     def lowered(self, dtype: torch.dtype) -> "Factor":
-        """This factor's quadratic forms with L and A in `dtype` (bfloat16: estimates within ~5e-5 relative of
-        float32 on int4 errors, at a fraction of the time where the hardware multiplies bfloat16 fast)."""
+        """This factor's quadratic forms with L and A in `dtype` (bfloat16: estimates of float32's, see
+        qtool.quant.awq.RANKING_SLACK, at a fraction of the time where the hardware multiplies bfloat16 fast)."""
         return replace(self, L=self.L.to(dtype), Uj=None)
 
     def quadratic(self, a: torch.Tensor, stop: float = math.inf) -> float:
